@@ -1,0 +1,34 @@
+"""sct-convert: Scale Calibrated Training for any timm / torchvision CNN, without source edits.
+
+``sct.convert(model, scales=[224, 192, 128])`` gives every batch norm one branch per scale
+(Scale-Specific BN) and routes each input to the branch of its size.
+"""
+from .bn import FROZEN_BATCH_NORM_TYPES, ScaleSpecificBatchNorm, is_batch_norm
+from .context import ScaleContext
+from .convert import (
+    ConversionError,
+    context_of,
+    convert,
+    extract,
+    find_batch_norms,
+    scale,
+    scale_specific_layers,
+    scales_of,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionError",
+    "FROZEN_BATCH_NORM_TYPES",
+    "ScaleContext",
+    "ScaleSpecificBatchNorm",
+    "context_of",
+    "convert",
+    "extract",
+    "find_batch_norms",
+    "is_batch_norm",
+    "scale",
+    "scale_specific_layers",
+    "scales_of",
+]

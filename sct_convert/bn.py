@@ -1,0 +1,85 @@
+"""Scale-Specific BatchNorm (S-BN): one copy of a batch-norm layer per training scale.
+
+Each branch is a full copy of the original layer (its class, affine parameters, running
+statistics, and for timm's ``BatchNormAct2d`` its activation and drop), so exporting a scale
+is just taking its branch back out. The model's :class:`~sct_convert.context.ScaleContext`
+says which branch runs.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence, Tuple, Type
+
+import torch
+import torch.fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .context import ScaleContext
+
+
+def _frozen_batch_norm_types() -> Tuple[Type[nn.Module], ...]:
+    types = []
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        types.append(FrozenBatchNorm2d)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    try:
+        from timm.layers import FrozenBatchNormAct2d  # timm's FrozenBatchNorm2d is torchvision's
+
+        types.append(FrozenBatchNormAct2d)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return tuple(dict.fromkeys(types))
+
+
+#: Frozen batch norms are converted like any other: every branch is a frozen copy (buffers,
+#: no gradient), so a converted frozen-BN backbone keeps its frozen behaviour per scale and
+#: :func:`sct_convert.calibrate` can still re-estimate each branch's statistics.
+FROZEN_BATCH_NORM_TYPES: Tuple[Type[nn.Module], ...] = _frozen_batch_norm_types()
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """True for every layer S-BN replaces: any ``_BatchNorm`` subclass and the frozen BNs."""
+    return isinstance(module, (_BatchNorm,) + FROZEN_BATCH_NORM_TYPES)
+
+
+def scale_specific_forward(sbn: "ScaleSpecificBatchNorm", x: torch.Tensor) -> torch.Tensor:
+    """Run the branch of the model's active scale. A leaf for FX, so routing survives tracing."""
+    return sbn.branches[sbn.context.active_key](x)
+
+
+# Tracers record this call as one node instead of baking in the branch active at trace time.
+torch.fx.wrap("scale_specific_forward")
+
+
+class ScaleSpecificBatchNorm(nn.Module):
+    """Per-scale copies of one batch-norm layer; the shared ``context`` selects the copy.
+
+    A training forward at scale ``s`` updates only branch ``s``'s running statistics and
+    only its parameters receive gradient, because the other branches are not run.
+    """
+
+    def __init__(self, norm: nn.Module, keys: Sequence[str], context: ScaleContext) -> None:
+        super().__init__()
+        if not is_batch_norm(norm):
+            raise TypeError(f"expected a batch-norm layer, got {type(norm).__name__}")
+        self.branches = nn.ModuleDict({key: copy.deepcopy(norm) for key in keys})
+        # A plain attribute, not a submodule: the context holds no tensors and is shared.
+        self.context = context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return scale_specific_forward(self, x)
+
+    def branch(self, key: str) -> nn.Module:
+        return self.branches[key]
+
+    def extra_repr(self) -> str:
+        first = next(iter(self.branches.values()))
+        return f"{type(first).__name__}, scales=[{', '.join(self.branches.keys())}]"
+
+    def __repr__(self) -> str:
+        # One line instead of M identical branch reprs keeps print(model) readable.
+        return f"{type(self).__name__}({self.extra_repr()})"

@@ -1,0 +1,401 @@
+"""The conversion pass: find every place a batch norm is applied, give it one branch per scale.
+
+Discovery traces the model with torch.fx (batch norms and timm's no-trace modules as leaves)
+to audit every call site, including functional ``F.batch_norm`` on module parameters. The
+rewrite then swaps modules in place on the user's own module tree, by identity, so the model
+keeps its class, attributes, methods and training-mode control flow; no GraphModule is
+returned. A forward pre-hook on the model's entry module (the first layer the input reaches,
+found by a probe forward at every scale) sets the active scale for each input.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .bn import ScaleSpecificBatchNorm, is_batch_norm
+from .context import HW, Scale, ScaleContext, scale_key
+
+CONTEXT_ATTR = "_sct_context"
+
+_FUNCTIONAL_BATCH_NORMS = {F.batch_norm, torch.batch_norm}
+
+
+class ConversionError(ValueError):
+    """A model that cannot be converted; the message names the layer or scale and the fix."""
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` found; kept on the model's context for ``inspect``-style summaries."""
+
+    converted: List[str] = field(default_factory=list)  # qualified names of the S-BN layers
+    call_sites: Dict[str, int] = field(default_factory=dict)  # BN name -> calls per forward
+    inside_leaf_modules: List[str] = field(default_factory=list)
+    functional_owners: List[str] = field(default_factory=list)
+    traced: bool = True
+    trace_error: Optional[str] = None
+    entry: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+
+
+def _timm_notrace() -> Tuple[Tuple[type, ...], Tuple]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(f for f in get_notrace_functions() if callable(f))
+
+
+class BatchNormTracer(torch.fx.Tracer):
+    """torch.fx tracer whose leaves are torch.nn modules, every batch norm and timm's leaves."""
+
+    def __init__(self) -> None:
+        leaf_types, functions = _timm_notrace()
+        super().__init__(autowrap_functions=functions)
+        self._leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            is_batch_norm(m)
+            or isinstance(m, self._leaf_types)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
+
+
+def _module_aliases(model: nn.Module) -> Dict[int, List[str]]:
+    names: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _uses_functional_batch_norm(cls: type) -> bool:
+    if cls.__module__.startswith("torch.nn"):
+        return False
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"\bbatch_norm\s*\(", source) is not None
+
+
+def _audit_graph(model: nn.Module, graph: torch.fx.Graph, report: ConversionReport) -> List[str]:
+    """Record BN call sites from the graph; return owners of functional batch norms."""
+    modules = dict(model.named_modules())
+    owners: Dict[str, Set[str]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            module = modules[node.target]
+            if is_batch_norm(module):
+                report.call_sites[node.target] = report.call_sites.get(node.target, 0) + 1
+            else:
+                for name, sub in module.named_modules():
+                    if name and is_batch_norm(sub):
+                        report.inside_leaf_modules.append(f"{node.target}.{name}")
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_BATCH_NORMS:
+            stack = node.meta.get("nn_module_stack") or {}
+            where = next(reversed(stack.values()))[0] if stack else ""
+            attrs = {a.target for a in node.all_input_nodes if a.op == "get_attr"}
+            if not attrs:
+                continue  # batch statistics only, no module state: nothing scale-specific
+            for attr in attrs:
+                owner = attr.rpartition(".")[0]
+                if owner != where:
+                    raise ConversionError(
+                        f"batch_norm called in '{where or type(model).__name__}' uses state "
+                        f"'{attr}' of another module; S-BN can only branch a module whose own "
+                        "forward applies it. Wrap that state in an nn.BatchNorm layer."
+                    )
+                owners.setdefault(owner, set()).add(attr.rpartition(".")[2])
+    for owner, used in owners.items():
+        module = modules[owner]
+        state = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+        if owner == "" or state - used:
+            raise ConversionError(
+                f"module '{owner or type(model).__name__}' ({type(module).__name__}) applies "
+                f"F.batch_norm to its parameters but also holds {sorted(state - used) or 'the model'}; "
+                "only a module that holds nothing but the batch-norm state can become "
+                "scale-specific. Move the batch norm into its own nn.BatchNorm layer."
+            )
+    return sorted(owners)
+
+
+def _audit_module_tree(model: nn.Module) -> None:
+    """Without a graph, the module tree is complete unless some non-BN module normalizes itself."""
+    for name, module in model.named_modules():
+        if is_batch_norm(module):
+            continue
+        own_buffers = {n for n, _ in module.named_buffers(recurse=False)}
+        if {"running_mean", "running_var"} & own_buffers or _uses_functional_batch_norm(
+            type(module)
+        ):
+            raise ConversionError(
+                f"module '{name}' ({type(module).__name__}) may apply batch norm functionally, "
+                "and torch.fx could not trace the model to check its call sites; wrap the batch "
+                "norm in an nn.BatchNorm layer or make the model traceable"
+            )
+
+
+def find_batch_norms(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], ConversionReport]:
+    """Every batch-norm layer ``convert`` would branch, by first qualified name, and the audit.
+
+    Raises :class:`ConversionError` naming the layer when some batch norm cannot be branched.
+    """
+    report = ConversionReport()
+    try:
+        graph = BatchNormTracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure falls back to the module tree
+        report.traced = False
+        report.trace_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        _audit_module_tree(model)
+    else:
+        report.functional_owners = _audit_graph(model, graph, report)
+    functional = set(report.functional_owners)
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name and (is_batch_norm(m) or name in functional)
+    ]
+    # A batch norm nested in another (timm's BatchNormAct2d holding a BN-like act) is branched
+    # with its parent, not on its own.
+    parents = [n for n, _ in found]
+    found = [(n, m) for n, m in found if not any(n.startswith(p + ".") for p in parents)]
+    for name, module in found:
+        if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ConversionError(
+                f"batch norm '{name}' is lazy and not initialized yet; run one forward pass "
+                "before converting"
+            )
+    return found, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe: can the model run at each scale, and which module sees the input first?
+
+
+def _infer_in_chans(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if size:
+        return int(size[0])
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.in_channels
+    return 3
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _probe_entry(
+    model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale], in_chans: int,
+    batch_norms: Set[int],
+) -> Tuple[str, List[HW]]:
+    """Run the model at every scale; return the entry module's name and its input size per scale."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    seen: List[Dict[str, List[HW]]] = []
+    order: List[str] = []
+    state = {"bn_called": False, "record": None}
+
+    def hook_for(name: str, module: nn.Module):
+        leaf_like = id(module) in batch_norms or not any(True for _ in module.children())
+
+        def hook(_module: nn.Module, args: tuple) -> None:
+            record = state["record"]
+            x = args[0] if args else None
+            if not leaf_like or not isinstance(x, torch.Tensor) or x.dim() < 3:
+                return
+            record.setdefault(name, []).append((int(x.shape[-2]), int(x.shape[-1])))
+            if record is seen[0] and not state["bn_called"] and name not in order:
+                order.append(name)
+            if id(_module) in batch_norms:
+                state["bn_called"] = True
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(hook_for(n, m)) for n, m in model.named_modules() if n
+    ]
+    try:
+        with _eval_mode(model), torch.no_grad():
+            for scale, (h, w) in zip(scales, sizes):
+                state["record"] = {}
+                state["bn_called"] = False
+                seen.append(state["record"])
+                x = torch.randn(1, in_chans, h, w, device=device, dtype=dtype)
+                try:
+                    model(x)
+                except Exception as e:  # noqa: BLE001 - reported with the scale that failed
+                    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise ConversionError(
+                        f"model cannot run at scale {scale!r} (input 1x{in_chans}x{h}x{w}): "
+                        f"{type(e).__name__}: {msg[:300]}; drop that scale or pick sizes the "
+                        "architecture accepts (fixed-size models need their native size)"
+                    ) from e
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in order:
+        calls = [record.get(name, []) for record in seen]
+        if any(len(c) != 1 for c in calls):
+            continue  # called more than once per forward: it would re-route mid-forward
+        per_scale = [c[0] for c in calls]
+        if len(set(per_scale)) == len(per_scale):
+            return name, per_scale
+    raise ConversionError(
+        "cannot route by input size: no layer before the first batch norm sees a different "
+        f"size at each of the scales {list(scales)}; use scales that differ more, or run each "
+        "scale under sct.scale(model, s)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrite
+
+
+def replace_modules(model: nn.Module, replacements: Dict[int, nn.Module]) -> None:
+    """Swap submodules by identity (``id(old) -> new``) under every parent that holds them."""
+    for parent in list(model.modules()):  # snapshot: a new module may contain the old one
+        for name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                parent._modules[name] = replacements[id(child)]
+
+
+def convert(
+    model: nn.Module,
+    scales: Sequence[Scale],
+    unknown_scale: str = "nearest",
+    *,
+    in_chans: Optional[int] = None,
+) -> nn.Module:
+    """Give every batch norm of ``model`` one branch per scale, in place, and return the model.
+
+    Each branch starts as an exact copy of the original layer, so in eval mode the converted
+    model computes what the original did at every scale. Inputs of spatial size (H, W) run
+    the branch of the scale with that size; other sizes follow ``unknown_scale``: ``"nearest"``
+    (by pixel count, warned once per size) or ``"error"``. Raises :class:`ConversionError`
+    (a ``ValueError``) naming the layer or scale when the model cannot be converted, and
+    leaves the model untouched in that case.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if hasattr(model, CONTEXT_ATTR):
+        raise ConversionError(
+            "model is already converted (scales "
+            f"{list(getattr(model, CONTEXT_ATTR).scales)}); use sct.add_scale to add a scale"
+        )
+    if is_batch_norm(model):
+        raise ConversionError("the model itself is a batch-norm layer; convert the model that holds it")
+    context = ScaleContext(scales, unknown_scale)
+    found, report = find_batch_norms(model)
+    if not found:
+        raise ConversionError(
+            f"{type(model).__name__} has no batch-norm layer, so there is nothing to make "
+            "scale-specific; SCT's S-BN needs BatchNorm layers (GroupNorm/LayerNorm models can "
+            "train on several scales without conversion)"
+        )
+    bn_ids = {id(m) for _, m in found}
+    entry_name, entry_sizes = _probe_entry(
+        model, context.sizes, context.scales, in_chans or _infer_in_chans(model), bn_ids
+    )
+
+    keys = context.keys
+    replacements = {id(m): ScaleSpecificBatchNorm(m, keys, context) for _, m in found}
+    entry = model.get_submodule(entry_name)
+    replace_modules(model, replacements)
+    entry = replacements.get(id(entry), entry)
+    handle = entry.register_forward_pre_hook(context.entry_hook)
+
+    report.converted = [n for n, _ in found]
+    report.entry = entry_name
+    context.entry_sizes = entry_sizes
+    context.entry_name = entry_name
+    context.hook_id = handle.id
+    context.report = report
+    setattr(model, CONTEXT_ATTR, context)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries and the scale override
+
+
+def context_of(model: nn.Module) -> ScaleContext:
+    """The :class:`ScaleContext` of a converted model; ``ValueError`` if it is not converted."""
+    module = getattr(model, "module", None)  # DDP / DataParallel wrappers
+    for m in (model, module):
+        ctx = getattr(m, CONTEXT_ATTR, None) if m is not None else None
+        if isinstance(ctx, ScaleContext):
+            return ctx
+    raise ValueError(
+        f"{type(model).__name__} is not a converted model; call sct.convert(model, scales) first"
+    )
+
+
+def scales_of(model: nn.Module) -> Tuple[Scale, ...]:
+    """The model's scales, in the order given to :func:`convert`."""
+    return context_of(model).scales
+
+
+def scale_specific_layers(model: nn.Module) -> Iterator[Tuple[str, ScaleSpecificBatchNorm]]:
+    for name, m in model.named_modules():
+        if isinstance(m, ScaleSpecificBatchNorm):
+            yield name, m
+
+
+@contextlib.contextmanager
+def scale(model: nn.Module, s: Scale) -> Iterator[nn.Module]:
+    """Run every forward inside the block with branch ``s``, whatever the input size."""
+    ctx = context_of(model)
+    index = ctx.index(s)
+    previous = ctx.forced
+    ctx.forced = index
+    ctx.active = index
+    try:
+        yield model
+    finally:
+        ctx.forced = previous
+
+
+def extract(model: nn.Module, s: Scale) -> nn.Module:
+    """A copy of the original architecture (original classes, no S-BN) with branch ``s``'s state."""
+    ctx = context_of(model)
+    key = scale_key(ctx.sizes[ctx.index(s)])
+    layers = list(scale_specific_layers(model))
+    back = {id(sbn.branches[key]): sbn for _, sbn in layers}
+    replace_modules(model, {id(sbn): sbn.branches[key] for _, sbn in layers})
+    try:
+        entry = model.get_submodule(ctx.entry_name)
+        hook = entry._forward_pre_hooks.pop(ctx.hook_id, None)
+        delattr(model, CONTEXT_ATTR)
+        try:
+            plain = copy.deepcopy(model)
+        finally:
+            setattr(model, CONTEXT_ATTR, ctx)
+            if hook is not None:
+                entry._forward_pre_hooks[ctx.hook_id] = hook
+    finally:
+        replace_modules(model, back)
+    return plain
