@@ -1,0 +1,269 @@
+"""Convert every timm and torchvision classification model that has a batch norm; check it.
+
+For each model (random init): convert at three scales (native, ~0.75x, ~0.5x, multiples of 8),
+check eval equivalence against the original at every scale, then give every branch different
+statistics and check that each per-scale export loads with ``strict=True`` into the unmodified
+model and reproduces the converted output at that scale. One CSV row per model.
+
+    python benchmarks/zoo_coverage.py --workers 14 --device cuda --out benchmarks/results/zoo_coverage.csv
+    python benchmarks/zoo_coverage.py --only resnet18,test_efficientnet     # a few, on CPU
+
+Runs in worker processes over shards; rows are appended as they finish, and a rerun skips the
+models already in the CSV (``--deadline`` stops cleanly before a host's time limit).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FIELDS = [
+    "model", "source", "status", "scales", "layers", "equiv_max_rel_diff", "export_max_rel_diff",
+    "traced", "seconds", "reason",
+]
+TOL = 1e-5
+
+
+def round8(v: float) -> int:
+    return max(8, int(round(v / 8.0)) * 8)
+
+
+def model_list():
+    import timm
+    import torchvision
+
+    names = [(n, "timm") for n in timm.list_models()]
+    names += [(n, "torchvision") for n in torchvision.models.list_models(module=torchvision.models)]
+    return names
+
+
+def native_size(model, name, source):
+    if source == "timm":
+        h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+        return int(h), int(w)
+    import torchvision
+
+    try:
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms
+        crop = t.keywords.get("crop_size", 224)
+    except Exception:  # noqa: BLE001
+        crop = 224
+    crop = crop[0] if isinstance(crop, (list, tuple)) else crop
+    return int(crop), int(crop)
+
+
+def flat(out):
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flat(v)]
+    return []
+
+
+def rel_diff(a, b):
+    diffs = []
+    for x, y in zip(flat(a), flat(b)):
+        scale = max(float(x.detach().abs().max()), 1e-12)
+        diffs.append(float((x.detach().float() - y.detach().float()).abs().max()) / scale)
+    return max(diffs) if diffs else float("nan")
+
+
+class Timeout(Exception):
+    pass
+
+
+def check_model(name, source, device, batch):
+    import torch
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    import sct_convert as sct
+    from sct_convert.io import _saveable, plain_state_dict
+    from sct_convert.zoo import create_model
+
+    row = {"model": name, "source": source}
+    model, _ = create_model(name, source)
+    if not any(sct.is_batch_norm(m) for m in model.modules()):
+        row.update(status="no_bn")
+        return row
+    h, w = native_size(model, name, source)
+    sizes = [(h, w), (round8(0.75 * h), round8(0.75 * w)), (round8(0.5 * h), round8(0.5 * w))]
+    scales = [s[0] if s[0] == s[1] else s for s in sizes]
+    scales = list(dict.fromkeys(scales))
+    row["scales"] = " ".join(f"{s[0]}x{s[1]}" if isinstance(s, tuple) else str(s) for s in scales)
+    in_chans = model.pretrained_cfg.get("input_size", (3,))[0] if source == "timm" else 3
+    model = model.to(device).eval()
+    original = copy.deepcopy(model)
+    try:
+        sct.convert(model, scales)
+    except sct.ConversionError as e:
+        row.update(status="refused", reason=" ".join(str(e).split())[:400])
+        return row
+    ctx = sct.context_of(model)
+    row["layers"] = len(ctx.report.converted)
+    row["traced"] = ctx.report.traced
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(batch, in_chans, hh, ww, generator=g).to(device) for hh, ww in ctx.sizes]
+    model.eval()
+    with torch.no_grad():
+        row["equiv_max_rel_diff"] = max(rel_diff(original(x), model(x)) for x in inputs)
+        # Make every branch different, so an export that took the wrong branch is caught.
+        for _, layer in sct.scale_specific_layers(model):
+            for branch in layer.branches.values():
+                for t in list(branch.parameters()) + list(branch.buffers()):
+                    if t.is_floating_point():
+                        t.mul_(1 + 0.05 * torch.rand(t.shape, generator=g).to(t.device))
+        export_diffs = []
+        for s, x in zip(ctx.scales, inputs):
+            blob = st_save(_saveable({k: v.cpu() for k, v in plain_state_dict(model, s).items()}))
+            plain = copy.deepcopy(original)
+            plain.load_state_dict(st_load(blob), strict=True)
+            plain.to(device).eval()
+            export_diffs.append(rel_diff(model(x), plain(x)))
+        row["export_max_rel_diff"] = max(export_diffs)
+    ok = row["equiv_max_rel_diff"] <= TOL and row["export_max_rel_diff"] <= TOL
+    row["status"] = "ok" if ok else "mismatch"
+    return row
+
+
+def run_worker(args, names):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+    def alarm(*_):
+        raise Timeout()
+
+    signal.signal(signal.SIGALRM, alarm)
+    out = Path(args.part)
+    new = not out.exists()
+    with out.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        for name, source in names:
+            if time.time() > args.deadline_at:
+                break
+            t0 = time.time()
+            signal.alarm(args.model_timeout)
+            try:
+                row = check_model(name, source, args.device, args.batch)
+            except Timeout:
+                row = {"model": name, "source": source, "status": "timeout",
+                       "reason": f"over {args.model_timeout}s"}
+            except Exception as e:  # noqa: BLE001 - recorded per model
+                row = {"model": name, "source": source, "status": "error",
+                       "reason": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+            finally:
+                signal.alarm(0)
+            row["seconds"] = f"{time.time() - t0:.1f}"
+            for k in ("equiv_max_rel_diff", "export_max_rel_diff"):
+                if isinstance(row.get(k), float):
+                    row[k] = f"{row[k]:.2e}"
+            writer.writerow(row)
+            f.flush()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+
+def read_rows(path):
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/zoo_coverage.csv")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--only", default=None, help="comma list of model names")
+    p.add_argument("--source", choices=["timm", "torchvision"], default=None)
+    p.add_argument("--model-timeout", type=int, default=240)
+    p.add_argument("--deadline", type=float, default=1e9, help="seconds; stop starting new models after")
+    p.add_argument("--grace", type=float, default=60, help="seconds after --deadline before kill")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--deadline-at", type=float, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    names = model_list()
+    if args.source:
+        names = [n for n in names if n[1] == args.source]
+    if args.only:
+        wanted = set(args.only.split(","))
+        names = [n for n in names if n[0] in wanted]
+    done = {(r["model"], r["source"]) for r in read_rows(args.out)}
+    todo = [n for n in names if n not in done]
+    random.Random(0).shuffle(todo)  # spread the big models over the shards
+
+    if args.worker is not None:
+        run_worker(args, todo[args.worker::args.workers])
+        return
+    deadline_at = time.time() + args.deadline
+    parts = [f"{args.out}.part{i}" for i in range(args.workers)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--out", args.out, "--device", args.device,
+                          "--workers", str(args.workers), "--worker", str(i), "--part", parts[i],
+                          "--threads", str(args.threads), "--batch", str(args.batch),
+                          "--model-timeout", str(args.model_timeout), "--deadline-at",
+                          str(deadline_at)] + (["--only", args.only] if args.only else [])
+                         + (["--source", args.source] if args.source else []), env=env)
+        for i in range(args.workers)
+    ]
+    print(f"{len(todo)} models to check ({len(done)} already in {args.out}), {args.workers} workers",
+          flush=True)
+    for proc in procs:  # models still running at the deadline (+grace) are redone next run
+        try:
+            proc.wait(timeout=max(1.0, deadline_at + args.grace - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    rows = read_rows(args.out)
+    for part in parts:
+        rows += read_rows(part)
+        if Path(part).exists():
+            os.unlink(part)
+    rows.sort(key=lambda r: (r["source"], r["model"]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    summarize(rows, len(names))
+
+
+def summarize(rows, total):
+    from collections import Counter
+
+    with_bn = [r for r in rows if r["status"] != "no_bn"]
+    counts = Counter(r["status"] for r in with_bn)
+    for source in ("timm", "torchvision"):
+        c = Counter(r["status"] for r in with_bn if r["source"] == source)
+        print(f"{source:12s} with BN: {sum(c.values()):4d}  " + "  ".join(f"{k}={v}" for k, v in sorted(c.items())))
+    print(f"checked {len(rows)}/{total} models; with BN {len(with_bn)}: "
+          + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+
+if __name__ == "__main__":
+    main()

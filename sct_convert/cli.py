@@ -1,0 +1,180 @@
+"""The ``sct-convert`` command line. Every error is one line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import click
+
+from .context import Scale, normalize_scales
+
+DEFAULT_SCALES = "224,192,128"
+
+
+def parse_scales(text: str) -> List[Scale]:
+    """``"224,192,128x96"`` -> ``[224, 192, (128, 96)]``; ``ValueError`` on anything else."""
+    scales: List[Scale] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            if "x" in part:
+                h, w = part.split("x")
+                scales.append((int(h), int(w)))
+            else:
+                scales.append(int(part))
+        except ValueError:
+            raise ValueError(
+                f"bad scale {part!r} in --scales {text!r}: use ints or HxW, e.g. 224,192,128x96"
+            ) from None
+    normalize_scales(scales)
+    return scales
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
+
+
+def clean_errors(fn: Callable) -> Callable:
+    """Turn any exception from a command into click's one-line ``Error: ...`` and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the CLI contract is one line, no traceback
+            raise click.ClickException(_one_line(e)) from None
+
+    return wrapper
+
+
+class ModelOrCommand(click.Group):
+    """``sct-convert resnet50 ...`` converts; ``sct-convert inspect ...`` runs a subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["convert"] + list(args)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=ModelOrCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sct-convert")
+def cli() -> None:
+    """Convert timm / torchvision CNNs to Scale-Specific BatchNorm and manage their checkpoints.
+
+    \b
+    sct-convert resnet50 --out model.safetensors [--scales 224,192,128]
+    sct-convert inspect model.safetensors
+    sct-convert export model.safetensors --scale 128 --out resnet50_128.safetensors
+    """
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+@cli.command("convert")
+@click.argument("model_name", metavar="MODEL")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Combined .safetensors to write.")
+@click.option("--scales", default=DEFAULT_SCALES, show_default=True, help="Comma list of ints or HxW.")
+@click.option("--source", type=click.Choice(["timm", "torchvision"]), default=None, help="Library when both have MODEL (default: timm).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Weights to load first (.safetensors or .pth, weights only).")
+@click.option("--pretrained", is_flag=True, help="Use the library's pretrained weights if already cached (never downloads).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size.")
+@click.option("--unknown-scale", type=click.Choice(["nearest", "error"]), default="nearest", show_default=True)
+@click.option("--per-scale", "per_scale", type=click.Path(file_okay=False), default=None, help="Also write one plain checkpoint per scale here.")
+@clean_errors
+def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_classes, unknown_scale, per_scale):
+    """Build MODEL (random init unless weights are given), convert it and write OUT."""
+    from . import io
+    from .convert import convert
+    from .zoo import create_model
+
+    scale_list = parse_scales(scales)
+    out_path = Path(out)
+    if not out_path.parent.is_dir():
+        raise ValueError(f"cannot write {out}: directory {out_path.parent} does not exist")
+    model, source = create_model(model_name, source, pretrained=pretrained, num_classes=num_classes)
+    if checkpoint:
+        io.load_weights(model, checkpoint)
+    model.eval()
+    convert(model, scale_list, unknown_scale)
+    path = io.save(model, out_path, arch=model_name, source=source)
+    layers = len(model._sct_context.report.converted)
+    extra = ""
+    if per_scale:
+        files = io.save_per_scale(model, per_scale, arch=model_name, source=source)
+        extra = f"; {len(files)} per-scale checkpoints in {per_scale}"
+    click.echo(
+        f"converted {source} {model_name}: {layers} batch-norm layers x {len(scale_list)} scales "
+        f"({', '.join(map(_scale_text, scale_list))}); wrote {path} "
+        f"({_human_bytes(path.stat().st_size)}){extra}"
+    )
+
+
+def _scale_text(s: Scale) -> str:
+    return f"{s[0]}x{s[1]}" if isinstance(s, tuple) else str(s)
+
+
+@cli.command("inspect")
+@click.argument("file", type=click.Path(dir_okay=False))
+@clean_errors
+def inspect_cmd(file):
+    """Print a combined file's architecture, scales and per-scale overhead."""
+    from .io import describe
+
+    info = describe(file)
+    click.echo(f"file:            {file}")
+    click.echo(f"architecture:    {info['arch']} ({info['source']})")
+    click.echo(f"scales:          {', '.join(map(_scale_text, info['scales']))}")
+    click.echo(f"unknown scale:   {info['unknown_scale']}")
+    click.echo(f"num classes:     {info['num_classes']}")
+    click.echo(f"S-BN layers:     {info['layers']}")
+    click.echo(f"parameters:      {info['params_total']:,} (all branches)")
+    click.echo(
+        f"per extra scale: +{info['params_per_extra_scale']:,} parameters "
+        f"({100 * info['overhead_per_extra_scale']:.2f}%), "
+        f"+{_human_bytes(info['bytes_per_extra_scale'])} on disk"
+    )
+
+
+@cli.command("export")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--scale", "scale_text", required=True, help="The scale to export, e.g. 128 or 128x96.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Plain .safetensors to write.")
+@click.option("--model", "model_name", default=None, help="Architecture, when the file records none (timm/torchvision name).")
+@clean_errors
+def export_cmd(file, scale_text, out, model_name):
+    """Write one scale of FILE as a plain checkpoint of the original architecture."""
+    from . import io
+    from .zoo import create_model
+
+    (s,) = parse_scales(scale_text)
+    meta = io._checked_metadata(file)
+    if s not in io.file_scales(meta):
+        raise ValueError(
+            f"scale {_scale_text(s)} is not in {file}; it holds "
+            f"{', '.join(map(_scale_text, io.file_scales(meta)))}"
+        )
+    model: Optional[object] = None
+    if model_name:
+        model, _ = create_model(model_name)
+    converted = io.load(file, model=model)
+    path = io.export(converted, s, out, arch=meta.get("arch") or model_name, source=meta.get("source"))
+    click.echo(f"wrote {path}: {meta.get('arch') or model_name} at scale {_scale_text(s)}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    cli.main(args=argv, prog_name="sct-convert")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -1,0 +1,348 @@
+"""Checkpoints as safetensors: the combined multi-scale file and plain per-scale exports.
+
+Every write goes to a temporary file in the target directory and is renamed into place, so a
+failure never leaves a half-written file nor clobbers an existing one. Nothing is unpickled:
+safetensors on load, ``torch.load(weights_only=True)`` for ``.pth`` weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .context import Scale, normalize_scale, scale_key
+from .convert import context_of, convert, scale_specific_layers
+from .zoo import arch_info, create_model
+
+PathLike = Union[str, os.PathLike]
+
+FORMAT = "sct-convert"
+PLAIN_FORMAT = "sct-convert/plain"
+FORMAT_VERSION = "1"
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "U8": 1, "BOOL": 1}
+
+
+def _versions() -> str:
+    import timm
+    import torchvision
+
+    from . import __version__
+
+    return json.dumps(
+        {"sct_convert": __version__, "torch": torch.__version__,
+         "torchvision": torchvision.__version__, "timm": timm.__version__}
+    )
+
+
+def _num_classes(model: nn.Module) -> Optional[int]:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last.out_features if last is not None else None
+
+
+def _in_chans(model: nn.Module) -> Optional[int]:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return int(cfg["input_size"][0])
+    return None
+
+
+def _base_metadata(model: nn.Module, arch: Optional[str], source: Optional[str]) -> Dict[str, str]:
+    info = arch_info(model)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "arch": arch or info.get("arch", ""),
+        "source": source or (info.get("source", "") if not arch else "") or "custom",
+        "versions": _versions(),
+    }
+    n = _num_classes(model)
+    if n is not None:
+        meta["num_classes"] = str(n)
+    c = _in_chans(model)
+    if c is not None:
+        meta["in_chans"] = str(c)
+    return meta
+
+
+def _saveable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Contiguous tensors with no shared storage (safetensors refuses aliasing)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach()
+        ptr = (v.device, v.untyped_storage().data_ptr()) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            v = v.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[k] = v.contiguous()
+    return out
+
+
+def atomic_save(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict[str, str]) -> Path:
+    """Write a safetensors file via a temp file and rename; ``ValueError`` if it cannot be written."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; give a file name")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: directory {parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {parent} is not writable ({e.strerror})") from None
+    os.close(fd)
+    try:
+        save_file(_saveable(tensors), tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+    return path
+
+
+def plain_state_dict(model: nn.Module, s: Scale) -> Dict[str, torch.Tensor]:
+    """Branch ``s``'s view of the model: exactly the original model's ``state_dict`` keys."""
+    ctx = context_of(model)
+    key = scale_key(ctx.sizes[ctx.index(s)])
+    layers = [name for name, _ in scale_specific_layers(model)]
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        for name in layers:
+            prefix = f"{name}.branches."
+            if k.startswith(prefix):
+                branch, _, rest = k[len(prefix):].partition(".")
+                if branch == key:
+                    out[f"{name}.{rest}"] = v
+                break
+        else:
+            out[k] = v
+    return out
+
+
+def save(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    arch: Optional[str] = None,
+    source: Optional[str] = None,
+) -> Path:
+    """Write every branch of a converted model plus the metadata :func:`load` rebuilds it from."""
+    ctx = context_of(model)
+    meta = _base_metadata(model, arch, source)
+    meta.update(
+        format=FORMAT,
+        scales=json.dumps([list(s) if isinstance(s, tuple) else s for s in ctx.scales]),
+        unknown_scale=ctx.unknown_scale,
+        layers=str(sum(1 for _ in scale_specific_layers(model))),
+    )
+    return atomic_save(model.state_dict(), path, meta)
+
+
+def export(
+    model: nn.Module, s: Scale, path: PathLike, *, arch: Optional[str] = None,
+    source: Optional[str] = None,
+) -> Path:
+    """Write scale ``s`` as a plain checkpoint that loads strictly into the unmodified model."""
+    ctx = context_of(model)
+    meta = _base_metadata(model, arch, source)
+    meta.update(format=PLAIN_FORMAT, scale=scale_key(ctx.sizes[ctx.index(s)]))
+    return atomic_save(plain_state_dict(model, s), path, meta)
+
+
+def save_per_scale(
+    model: nn.Module, directory: PathLike, *, arch: Optional[str] = None,
+    source: Optional[str] = None,
+) -> List[Path]:
+    """One plain checkpoint per scale in ``directory``, named ``<arch>_<scale>.safetensors``."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot write per-scale checkpoints to {directory}: not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    name = arch or arch_info(model).get("arch") or type(model).__name__.lower()
+    ctx = context_of(model)
+    return [
+        export(model, s, directory / f"{name}_{scale_key(hw)}.safetensors", arch=arch, source=source)
+        for s, hw in zip(ctx.scales, ctx.sizes)
+    ]
+
+
+def read_metadata(path: PathLike) -> Dict[str, str]:
+    """The string metadata of a safetensors file; ``ValueError`` for a corrupt or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+        ) from None
+
+
+def _checked_metadata(path: PathLike) -> Dict[str, str]:
+    meta = read_metadata(path)
+    fmt = meta.get("format")
+    if fmt == PLAIN_FORMAT:
+        raise ValueError(
+            f"{path} is a per-scale plain checkpoint (scale {meta.get('scale')}); load it with "
+            "model.load_state_dict(safetensors.torch.load_file(path)) into the original model"
+        )
+    if fmt != FORMAT:
+        raise ValueError(
+            f"{path} was not written by sct.save (no sct-convert metadata); for plain weights "
+            "use sct-convert MODEL --checkpoint FILE"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has sct-convert format version {meta.get('format_version')!r}; this "
+            f"version reads {FORMAT_VERSION}: upgrade sct-convert"
+        )
+    return meta
+
+
+def file_scales(meta: Dict[str, str]) -> List[Scale]:
+    return [tuple(s) if isinstance(s, list) else s for s in json.loads(meta["scales"])]
+
+
+def load_state_dict_strict(model: nn.Module, state: Dict[str, torch.Tensor], path: PathLike) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error that says what does not match."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:2]
+        raise ValueError(
+            f"{path} does not match {type(model).__name__}: {'; '.join(first) or e}"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not match {type(model).__name__}: "
+            f"{len(result.missing_keys)} missing keys {result.missing_keys[:3]}, "
+            f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:3]}"
+        )
+
+
+def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = "cpu") -> nn.Module:
+    """Rebuild a converted model from :func:`save`'s file, offline.
+
+    Without ``model`` the timm / torchvision architecture named in the file is built (random
+    init, then the file's weights); pass ``model`` (converted or not) for custom architectures.
+    """
+    meta = _checked_metadata(path)
+    scales = file_scales(meta)
+    if model is None:
+        arch, source = meta.get("arch"), meta.get("source")
+        if not arch or source not in ("timm", "torchvision"):
+            raise ValueError(
+                f"{path} records no timm/torchvision architecture (arch={arch!r}, "
+                f"source={source!r}); pass the model: sct.load(path, model=my_net)"
+            )
+        kwargs = {}
+        if meta.get("num_classes"):
+            kwargs["num_classes"] = int(meta["num_classes"])
+        if source == "timm" and meta.get("in_chans"):
+            kwargs["in_chans"] = int(meta["in_chans"])
+        model, _ = create_model(arch, source, **kwargs)
+        if source == "torchvision":
+            model.sct_arch = {"arch": arch, "source": source}
+    try:
+        ctx = context_of(model)
+    except ValueError:
+        model = convert(model, scales, meta.get("unknown_scale", "nearest"))
+    else:
+        if list(ctx.scales) != scales:
+            raise ValueError(
+                f"{path} holds scales {scales} but the model was converted with "
+                f"{list(ctx.scales)}; pass an unconverted model"
+            )
+    state = load_file(str(path), device=map_location)
+    load_state_dict_strict(model, state, path)
+    return model
+
+
+def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load plain weights (``.safetensors`` or ``.pth``, never unpickling code) strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    if path.suffix == ".safetensors":
+        read_metadata(path)  # clear error for corrupt files
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle errors come in many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"cannot read {path} as a weights-only checkpoint: {first[:200]}"
+            ) from None
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        if state and all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}
+    load_state_dict_strict(model, state, path)
+    return model
+
+
+def describe(path: PathLike) -> Dict[str, object]:
+    """What ``sct-convert inspect`` prints: architecture, scales and the cost of each scale."""
+    meta = _checked_metadata(path)
+    scales = file_scales(meta)
+    first = scale_key(normalize_scale(scales[0]))
+    layers, total, branch_params, branch_bytes = set(), 0, 0, 0
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_slice(k)
+            numel = 1
+            for d in t.get_shape():
+                numel *= d
+            learnable = k.endswith(".weight") or k.endswith(".bias")
+            total += numel if learnable else 0
+            if ".branches." in k:
+                prefix, _, rest = k.partition(".branches.")
+                if rest.split(".")[0] == first:
+                    layers.add(prefix)
+                    branch_params += numel if learnable else 0
+                    branch_bytes += numel * _DTYPE_BYTES.get(t.get_dtype(), 4)
+    shared = total - branch_params * len(scales)
+    return {
+        "arch": meta.get("arch") or "(custom)",
+        "source": meta.get("source"),
+        "scales": scales,
+        "unknown_scale": meta.get("unknown_scale"),
+        "num_classes": meta.get("num_classes"),
+        "layers": len(layers),
+        "params_total": total,
+        "params_per_extra_scale": branch_params,
+        "bytes_per_extra_scale": branch_bytes,
+        "overhead_per_extra_scale": branch_params / max(shared + branch_params, 1),
+        "versions": json.loads(meta.get("versions", "{}")),
+    }
+
+
+__all__ = [
+    "atomic_save", "describe", "export", "file_scales", "load", "load_weights",
+    "plain_state_dict", "read_metadata", "save", "save_per_scale",
+]

@@ -1,0 +1,137 @@
+"""Model names to timm / torchvision models, offline: nothing is downloaded at run time."""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from torch import nn
+
+SOURCES = ("timm", "torchvision")
+
+
+def timm_names() -> List[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def torchvision_names() -> List[str]:
+    """Classification models only: their names are what users mean by 'resnet50'."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _is_timm(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name.split(".")[0]) if name else False
+
+
+def resolve(name: str, source: Optional[str] = None) -> str:
+    """Library that provides ``name`` (timm first when both do); ``ValueError`` with close matches."""
+    if source is not None and source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}: choose timm or torchvision")
+    in_timm = source in (None, "timm") and _is_timm(name)
+    in_tv = source in (None, "torchvision") and name in torchvision_names()
+    if in_timm:
+        return "timm"
+    if in_tv:
+        return "torchvision"
+    pool: List[Tuple[str, str]] = []
+    if source in (None, "timm"):
+        pool += [(n, "timm") for n in timm_names()]
+    if source in (None, "torchvision"):
+        pool += [(n, "torchvision") for n in torchvision_names()]
+    close = difflib.get_close_matches(name, [n for n, _ in pool], n=5, cutoff=0.6)
+    where = f" in {source}" if source else " in timm or torchvision"
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}{where}{hint}")
+
+
+def _cached_torchvision_weights(name: str) -> Optional[str]:
+    import torch.hub
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    return path if os.path.exists(path) else None
+
+
+def _cached_timm_weights(name: str) -> Optional[str]:
+    import timm
+    import torch.hub
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:  # pragma: no cover
+            return None
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in ("open_clip_model.safetensors", "model.safetensors", "pytorch_model.bin"):
+            path = try_to_load_from_cache(repo, filename)
+            if isinstance(path, str) and os.path.exists(path):
+                return path
+    if cfg.url:
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def create_model(
+    name: str,
+    source: Optional[str] = None,
+    *,
+    pretrained: bool = False,
+    num_classes: Optional[int] = None,
+    **kwargs: Any,
+) -> Tuple[nn.Module, str]:
+    """Build ``name`` from timm or torchvision; return ``(model, source)``.
+
+    ``pretrained=True`` uses weights only when they are already in the local cache and raises a
+    ``ValueError`` saying so otherwise.
+    """
+    source = resolve(name, source)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if source == "timm":
+        import timm
+
+        if pretrained:
+            path = _cached_timm_weights(name)
+            if path is None:
+                raise ValueError(
+                    f"pretrained weights for timm model {name!r} are not in the local cache and "
+                    "nothing is downloaded at run time; pass --checkpoint FILE instead"
+                )
+            kwargs["pretrained_cfg_overlay"] = {"file": path}
+        return timm.create_model(name, pretrained=pretrained, **kwargs), source
+    import torchvision
+
+    weights = None
+    if pretrained:
+        if _cached_torchvision_weights(name) is None:
+            raise ValueError(
+                f"pretrained weights for torchvision model {name!r} are not in the local cache "
+                "and nothing is downloaded at run time; pass --checkpoint FILE instead"
+            )
+        weights = "DEFAULT"
+    model = torchvision.models.get_model(name, weights=weights, **kwargs)
+    model.sct_arch = {"arch": name, "source": source}  # torchvision models do not carry it
+    return model, source
+
+
+def arch_info(model: nn.Module) -> Dict[str, str]:
+    """``{"arch", "source"}`` of a model built by timm or :func:`create_model`, else empty."""
+    stamped = getattr(model, "sct_arch", None)
+    if isinstance(stamped, dict):
+        return dict(stamped)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        return {"arch": str(cfg["architecture"]), "source": "timm"}
+    return {}
