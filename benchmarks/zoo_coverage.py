@@ -89,7 +89,7 @@ def check_model(name, source, device, batch):
     from safetensors.torch import save as st_save
 
     import sct_convert as sct
-    from sct_convert.io import _saveable, plain_state_dict
+    from sct_convert.io import _saveable, plain_state_dict, with_module_metadata
     from sct_convert.zoo import create_model
 
     row = {"model": name, "source": source}
@@ -128,7 +128,7 @@ def check_model(name, source, device, batch):
         for s, x in zip(ctx.scales, inputs):
             blob = st_save(_saveable({k: v.cpu() for k, v in plain_state_dict(model, s).items()}))
             plain = copy.deepcopy(original)
-            plain.load_state_dict(st_load(blob), strict=True)
+            plain.load_state_dict(with_module_metadata(st_load(blob), plain), strict=True)
             plain.to(device).eval()
             export_diffs.append(rel_diff(model(x), plain(x)))
         row["export_max_rel_diff"] = max(export_diffs)

@@ -58,14 +58,14 @@ torch.fx.wrap("scale_specific_forward")
 class ScaleSpecificBatchNorm(nn.Module):
     """Per-scale copies of one batch-norm layer; the shared ``context`` selects the copy.
 
-    A training forward at scale ``s`` updates only branch ``s``'s running statistics and
-    only its parameters receive gradient, because the other branches are not run.
+    ``norm`` is a batch-norm layer, or a module that holds nothing but batch-norm state and
+    applies it with ``F.batch_norm`` (the conversion pass checks which). A training forward at
+    scale ``s`` updates only branch ``s``'s running statistics and only its parameters receive
+    gradient, because the other branches are not run.
     """
 
     def __init__(self, norm: nn.Module, keys: Sequence[str], context: ScaleContext) -> None:
         super().__init__()
-        if not is_batch_norm(norm):
-            raise TypeError(f"expected a batch-norm layer, got {type(norm).__name__}")
         self.branches = nn.ModuleDict({key: copy.deepcopy(norm) for key in keys})
         # A plain attribute, not a submodule: the context holds no tensors and is shared.
         self.context = context

@@ -84,6 +84,7 @@ class ScaleContext:
         self.unknown_scale = unknown_scale
         self.entry_sizes: List[HW] = list(self.sizes)
         self.active = 0
+        self.active_key = self.keys[0]  # read by every S-BN call, so kept precomputed
         self.forced: Optional[int] = None
         self.sampling = True
         self._warned: set = set()
@@ -92,9 +93,10 @@ class ScaleContext:
     def keys(self) -> Tuple[str, ...]:
         return tuple(scale_key(hw) for hw in self.sizes)
 
-    @property
-    def active_key(self) -> str:
-        return scale_key(self.sizes[self.active])
+    def select(self, index: int) -> None:
+        """Make branch ``index`` the one every S-BN layer runs."""
+        self.active = index
+        self.active_key = scale_key(self.sizes[index])
 
     def index(self, scale: object) -> int:
         """Position of ``scale`` in this model's scales; ``ValueError`` naming them if absent."""
@@ -136,11 +138,11 @@ class ScaleContext:
     def entry_hook(self, module: torch.nn.Module, args: tuple) -> None:
         """Forward pre-hook on the model's entry module: select the branch for this input."""
         if self.forced is not None:
-            self.active = self.forced
+            self.select(self.forced)
             return
         x = args[0] if args else None
         if isinstance(x, torch.Tensor) and x.dim() >= 3:
-            self.active = self.route((int(x.shape[-2]), int(x.shape[-1])))
+            self.select(self.route((int(x.shape[-2]), int(x.shape[-1]))))
 
     def __repr__(self) -> str:
         return (

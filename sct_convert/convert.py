@@ -185,15 +185,29 @@ def find_batch_norms(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], Con
 # Probe: can the model run at each scale, and which module sees the input first?
 
 
-def _infer_in_chans(model: nn.Module) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if size:
-        return int(size[0])
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return m.in_channels
-    return 3
+def _probe_shape(model: nn.Module, in_chans: Optional[int]) -> Tuple[int, ...]:
+    """Leading dims of a probe input, (N, C) or (N, C, T) for 3-d convs; spatial dims appended."""
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if in_chans is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        in_chans = int(size[0]) if size else (first_conv.in_channels if first_conv else 3)
+    if isinstance(first_conv, (nn.Conv3d, nn.ConvTranspose3d)):
+        return (1, in_chans, 4)
+    return (1, in_chans)
+
+
+def _describe_failure(e: BaseException) -> str:
+    """``Type: first line of message (at file.py:line in fn)`` for the innermost frame."""
+    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = ""
+    if tb is not None:
+        code = tb.tb_frame.f_code
+        where = f" (at {code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name})"
+    return f"{type(e).__name__}: {msg}{where}" if msg else f"{type(e).__name__}{where}"
 
 
 @contextlib.contextmanager
@@ -208,7 +222,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _probe_entry(
-    model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale], in_chans: int,
+    model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale], lead: Tuple[int, ...],
     batch_norms: Set[int],
 ) -> Tuple[str, List[HW]]:
     """Run the model at every scale; return the entry module's name and its input size per scale."""
@@ -244,14 +258,14 @@ def _probe_entry(
                 state["record"] = {}
                 state["bn_called"] = False
                 seen.append(state["record"])
-                x = torch.randn(1, in_chans, h, w, device=device, dtype=dtype)
+                x = torch.randn(*lead, h, w, device=device, dtype=dtype)
                 try:
                     model(x)
                 except Exception as e:  # noqa: BLE001 - reported with the scale that failed
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    shape = "x".join(map(str, x.shape))
                     raise ConversionError(
-                        f"model cannot run at scale {scale!r} (input 1x{in_chans}x{h}x{w}): "
-                        f"{type(e).__name__}: {msg[:300]}; drop that scale or pick sizes the "
+                        f"model cannot run at scale {scale!r} (input {shape}): "
+                        f"{_describe_failure(e)}; drop that scale or pick sizes the "
                         "architecture accepts (fixed-size models need their native size)"
                     ) from e
     finally:
@@ -289,6 +303,7 @@ def convert(
     unknown_scale: str = "nearest",
     *,
     in_chans: Optional[int] = None,
+    example_input: Optional[torch.Tensor] = None,
 ) -> nn.Module:
     """Give every batch norm of ``model`` one branch per scale, in place, and return the model.
 
@@ -298,6 +313,11 @@ def convert(
     (by pixel count, warned once per size) or ``"error"``. Raises :class:`ConversionError`
     (a ``ValueError``) naming the layer or scale when the model cannot be converted, and
     leaves the model untouched in that case.
+
+    Conversion runs the model once per scale (eval, no grad) to check it accepts that size
+    and to find the layer the input reaches first. The probe input is ``(1, C, H, W)`` with
+    ``C`` from ``in_chans``, the timm config or the first conv; for other layouts pass
+    ``example_input``, whose last two dims are replaced by each scale.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -317,9 +337,8 @@ def convert(
             "train on several scales without conversion)"
         )
     bn_ids = {id(m) for _, m in found}
-    entry_name, entry_sizes = _probe_entry(
-        model, context.sizes, context.scales, in_chans or _infer_in_chans(model), bn_ids
-    )
+    lead = tuple(example_input.shape[:-2]) if example_input is not None else _probe_shape(model, in_chans)
+    entry_name, entry_sizes = _probe_entry(model, context.sizes, context.scales, lead, bn_ids)
 
     keys = context.keys
     replacements = {id(m): ScaleSpecificBatchNorm(m, keys, context) for _, m in found}
@@ -372,7 +391,7 @@ def scale(model: nn.Module, s: Scale) -> Iterator[nn.Module]:
     index = ctx.index(s)
     previous = ctx.forced
     ctx.forced = index
-    ctx.active = index
+    ctx.select(index)
     try:
         yield model
     finally:

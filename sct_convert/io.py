@@ -6,6 +6,7 @@ safetensors on load, ``torch.load(weights_only=True)`` for ``.pth`` weights.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
@@ -274,6 +275,25 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
                 f"{list(ctx.scales)}; pass an unconverted model"
             )
     state = load_file(str(path), device=map_location)
+    load_state_dict_strict(model, with_module_metadata(state, model), path)
+    return model
+
+
+def with_module_metadata(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Attach ``model``'s per-module state-dict versions to a plain dict (safetensors drops them).
+
+    A few loaders refuse a state dict without them (torchvision's MNASNet); this is what
+    ``torch.save``/``torch.load`` would have kept.
+    """
+    out = collections.OrderedDict(state)
+    out._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    return out
+
+
+def load_plain(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load a per-scale checkpoint (or any plain safetensors weights) strictly into ``model``."""
+    read_metadata(path)
+    state = with_module_metadata(load_file(str(path)), model)
     load_state_dict_strict(model, state, path)
     return model
 
@@ -284,8 +304,7 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if path.suffix == ".safetensors":
-        read_metadata(path)  # clear error for corrupt files
-        state = load_file(str(path))
+        return load_plain(model, path)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -302,7 +321,7 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
             raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
         if state and all(k.startswith("module.") for k in state):
             state = {k[len("module."):]: v for k, v in state.items()}
-    load_state_dict_strict(model, state, path)
+    load_state_dict_strict(model, with_module_metadata(state, model), path)
     return model
 
 
@@ -343,6 +362,6 @@ def describe(path: PathLike) -> Dict[str, object]:
 
 
 __all__ = [
-    "atomic_save", "describe", "export", "file_scales", "load", "load_weights",
+    "atomic_save", "describe", "export", "file_scales", "load", "load_plain", "load_weights",
     "plain_state_dict", "read_metadata", "save", "save_per_scale",
 ]

@@ -1,0 +1,96 @@
+"""Inference overhead of a converted model: converted / original and extracted / original latency.
+
+Eval mode, no grad, batch 8 by default. Each repeat times the three models back to back in a
+rotating order (paired, interleaved), and the table reports the median of the per-repeat
+ratios, so drifting clocks and background load hit all three alike. Also times convert().
+
+    python benchmarks/overhead.py                       # CPU
+    python benchmarks/overhead.py --device cuda --repeats 200
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import timm
+import torch
+
+import sct_convert as sct
+
+MODELS = ["resnet50", "mobilenetv3_large_100"]
+SCALES = [224, 192, 128]
+
+
+def timer(device: str):
+    if device.startswith("cuda"):
+        def run(fn, x):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn(x)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t
+    else:
+        def run(fn, x):
+            t = time.perf_counter()
+            fn(x)
+            return time.perf_counter() - t
+    return run
+
+
+def convert_seconds(name: str, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        model = timm.create_model(name, pretrained=False)
+        t = time.perf_counter()
+        sct.convert(model, SCALES)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = timer(args.device)
+    print(f"device={args.device} batch={args.batch} repeats={args.repeats} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()}")
+    print(f"{'model':24s} {'scale':>5s} {'orig ms':>9s} {'conv/orig':>9s} {'extr/orig':>9s}")
+    for name in args.models.split(","):
+        torch.manual_seed(0)
+        original = timm.create_model(name, pretrained=False).eval()
+        converted = sct.convert(copy.deepcopy(original), SCALES).eval()
+        original, converted = original.to(args.device), converted.to(args.device)
+        for s in SCALES:
+            extracted = sct.extract(converted, s).eval().to(args.device)
+            x = torch.randn(args.batch, 3, s, s, device=args.device)
+            models = [original, converted, extracted]
+            with torch.inference_mode():
+                for _ in range(args.warmup):
+                    for m in models:
+                        m(x)
+                ratios_c, ratios_e, base = [], [], []
+                for r in range(args.repeats):
+                    order = [(r + i) % 3 for i in range(3)]
+                    t = [0.0, 0.0, 0.0]
+                    for i in order:
+                        t[i] = run(models[i], x)
+                    base.append(t[0])
+                    ratios_c.append(t[1] / t[0])
+                    ratios_e.append(t[2] / t[0])
+            print(f"{name:24s} {s:5d} {1000 * statistics.median(base):9.2f} "
+                  f"{statistics.median(ratios_c):9.3f} {statistics.median(ratios_e):9.3f}", flush=True)
+    for name in args.models.split(","):
+        print(f"convert({name}) at {SCALES}: {convert_seconds(name):.3f} s (median of 3, CPU model)")
+
+
+if __name__ == "__main__":
+    main()

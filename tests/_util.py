@@ -1,0 +1,38 @@
+"""Helpers shared by the tests: comparisons and branch perturbation."""
+import torch
+
+import sct_convert as sct
+
+
+def tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in tensors(v)]
+    return []
+
+
+def assert_equivalent(a, b, rel=1e-5):
+    """Same structure, same dtype, max abs diff <= rel x output magnitude."""
+    ta, tb = tensors(a), tensors(b)
+    assert len(ta) == len(tb) and ta, "outputs differ in structure"
+    for x, y in zip(ta, tb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        scale = float(x.abs().max()) or 1.0
+        assert float((x - y).abs().max()) <= rel * scale
+
+
+def perturb_branches(model, strength=0.2, seed=0):
+    """Give every branch its own statistics and affine parameters (as training would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in sct.scale_specific_layers(model):
+            for branch in layer.branches.values():
+                for name, t in list(branch.named_parameters()) + list(branch.named_buffers()):
+                    if t.is_floating_point():
+                        noise = torch.rand(t.shape, generator=g).to(t)
+                        t.mul_(1 + strength * noise)
+                        if "mean" in name or "bias" in name:
+                            t.add_(strength * (noise - 0.5))
