@@ -18,6 +18,10 @@ from .convert import (
 
 __version__ = "0.1.0"
 
+# io and zoo import the package version, so they come after it.
+from . import zoo  # noqa: E402
+from .io import export, load, load_plain, load_weights, save, save_per_scale  # noqa: E402
+
 __all__ = [
     "ConversionError",
     "FROZEN_BATCH_NORM_TYPES",
@@ -25,10 +29,17 @@ __all__ = [
     "ScaleSpecificBatchNorm",
     "context_of",
     "convert",
+    "export",
     "extract",
     "find_batch_norms",
     "is_batch_norm",
+    "load",
+    "load_plain",
+    "load_weights",
+    "save",
+    "save_per_scale",
     "scale",
     "scale_specific_layers",
     "scales_of",
+    "zoo",
 ]

@@ -1,0 +1,86 @@
+"""The sct-convert CLI: the main job, inspect/export, and one-line errors for bad input."""
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import timm
+from click.testing import CliRunner
+
+from sct_convert.cli import cli
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    return result
+
+
+def assert_one_line_error(result, match):
+    assert result.exit_code != 0
+    text = result.output.strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert text.startswith("Error: ") and match in text, text
+
+
+def test_convert_inspect_export(tmp_path):
+    out = tmp_path / "m.safetensors"
+    r = run("test_resnet", "--out", out, "--scales", "96,64x48", "--num-classes", "5", "--per-scale", tmp_path / "ps")
+    assert r.exit_code == 0, r.output
+    assert "15 batch-norm layers x 2 scales (96, 64x48)" in r.output
+    assert sorted(p.name for p in (tmp_path / "ps").iterdir()) == ["test_resnet_64x48.safetensors", "test_resnet_96.safetensors"]
+    r = run("inspect", out)
+    assert r.exit_code == 0 and "test_resnet (timm)" in r.output and "S-BN layers:     15" in r.output
+    r = run("export", out, "--scale", "64x48", "--out", tmp_path / "e.safetensors")
+    assert r.exit_code == 0, r.output
+    plain = timm.create_model("test_resnet", num_classes=5)
+    plain.load_state_dict(safetensors.torch.load_file(tmp_path / "e.safetensors"), strict=True)
+
+
+def test_checkpoint_and_torchvision_source(tmp_path):
+    import torchvision
+    import torch
+
+    w = tmp_path / "w.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), w)
+    r = run("resnet18", "--source", "torchvision", "--num-classes", "3", "--checkpoint", w,
+            "--scales", "64,32", "--out", tmp_path / "m.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "torchvision resnet18" in r.output
+
+
+@pytest.mark.parametrize("args,match", [
+    (["resnet5O"], "did you mean resnet50"),
+    (["test_resnet", "--scales", "96,96"], "duplicate scale"),
+    (["test_resnet", "--scales", "96,abc"], "bad scale"),
+    (["test_resnet", "--scales", "96,0"], "positive"),
+    (["test_vit"], "no batch-norm layer"),
+    (["test_resnet", "--pretrained"], "not in the local cache"),
+    (["test_maxvit", "--scales", "160,100"], "cannot run at scale 100"),
+    (["test_resnet", "--checkpoint", "missing.pth"], "no such checkpoint"),
+])
+def test_convert_bad_input(tmp_path, args, match):
+    extra = [] if "--out" in args else ["--out", str(tmp_path / "x.safetensors")]
+    assert_one_line_error(run(*args, *extra), match)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_unwritable_output_and_bad_files(tmp_path):
+    assert_one_line_error(run("test_resnet", "--out", tmp_path / "no" / "x.safetensors"), "does not exist")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    assert_one_line_error(run("inspect", bad), "not a readable safetensors")
+    assert_one_line_error(run("inspect", tmp_path / "none.safetensors"), "no such file")
+    good = tmp_path / "m.safetensors"
+    assert run("test_resnet", "--scales", "96,64", "--out", good).exit_code == 0
+    assert_one_line_error(run("export", good, "--scale", "128", "--out", tmp_path / "e.safetensors"),
+                          "scale 128 is not in")
+    assert_one_line_error(run("export", good, "--scale", "big", "--out", tmp_path / "e.safetensors"),
+                          "bad scale")
+
+
+def test_console_script_entry_point_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sct_convert.cli", "nosuchmodel_xyz", "--out",
+                           str(tmp_path / "x.safetensors")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("Error: unknown model 'nosuchmodel_xyz'")
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,112 @@
+"""Input size picks the branch: exact first, nearest by pixel count, or an error; and overrides."""
+import warnings
+
+import pytest
+import torch
+from _util import perturb_branches
+from torch import nn
+
+import sct_convert as sct
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean((2, 3))
+
+
+def routed(model, h, w=None):
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, h, w or h))
+    return model._sct_context.active_key
+
+
+def test_exact_match_including_rectangular_scales():
+    model = sct.convert(Net(), [32, (24, 16), 16])
+    assert sct.scales_of(model) == (32, (24, 16), 16)
+    assert routed(model, 32) == "32"
+    assert routed(model, 24, 16) == "24x16"
+    assert routed(model, 16) == "16"
+
+
+def test_nearest_by_pixel_count_warns_once_per_size():
+    model = sct.convert(Net(), [32, 16])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert routed(model, 28) == "32"   # 784 px: nearer 1024 than 256
+        assert routed(model, 20) == "16"   # 400 px: nearer 256 than 1024
+        assert routed(model, 28) == "32"
+    texts = [str(w.message) for w in caught if "not a trained scale" in str(w.message)]
+    assert len(texts) == 2 and "(28, 28)" in texts[0]
+
+
+def test_unknown_scale_error_policy():
+    model = sct.convert(Net(), [32, 16], unknown_scale="error")
+    assert routed(model, 16) == "16"
+    with pytest.raises(ValueError, match=r"\(20, 20\) matches none.*sct.scale"):
+        routed(model, 20)
+    with pytest.raises(ValueError, match="unknown_scale"):
+        sct.convert(Net(), [32], unknown_scale="closest")
+
+
+def test_scale_context_manager_overrides_and_restores():
+    model = sct.convert(Net(), [32, 16]).eval()
+    perturb_branches(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with sct.scale(model, 16):
+            assert routed(model, 32) == "16"
+            forced = model(x)
+        assert routed(model, 32) == "32"
+        plain16 = sct.extract(model, 16).eval()
+        assert torch.allclose(forced, plain16(x))
+        with sct.scale(model, 16), sct.scale(model, 32):
+            assert routed(model, 16) == "32"
+        assert routed(model, 16) == "16"
+    with pytest.raises(ValueError, match="not one of this model's scales"):
+        with sct.scale(model, 48):
+            pass
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([], "empty"),
+    ([32, 32], "duplicate"),
+    ([32, (32, 32)], "duplicate"),
+    ([32, 0], "positive"),
+    ([32, -8], "positive"),
+    ([32, 16.0], "invalid scale"),
+    ([32, "16"], "invalid scale"),
+    ([32, True], "invalid scale"),
+    ([(32, 16, 8)], "invalid scale"),
+    ("224", "list"),
+    (224, "list"),
+])
+def test_bad_scales_are_value_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        sct.convert(Net(), bad)
+
+
+def test_not_converted_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a converted model"):
+        sct.scales_of(Net())
+
+
+def test_routing_survives_torchvision_and_timm_fx_feature_extraction():
+    import timm
+    from timm.models._features_fx import create_feature_extractor as timm_fx
+    from torchvision.models.feature_extraction import create_feature_extractor as tv_fx
+
+    model = sct.convert(timm.create_model("test_resnet"), [96, 64]).eval()
+    perturb_branches(model)
+    for extractor in (tv_fx(model, ["layer2"]), timm_fx(model, ["layer2"])):
+        for s in (96, 64):
+            x = torch.randn(1, 3, s, s)
+            with torch.no_grad():
+                expected = sct.extract(model, s).eval().forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+                got = extractor(x)["layer2"]
+            assert torch.allclose(got, expected, atol=1e-5)
