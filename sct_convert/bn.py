@@ -47,8 +47,11 @@ def is_batch_norm(module: nn.Module) -> bool:
 
 
 def scale_specific_forward(sbn: "ScaleSpecificBatchNorm", x: torch.Tensor) -> torch.Tensor:
-    """Run the branch of the model's active scale. A leaf for FX, so routing survives tracing."""
-    return sbn.branches[sbn.context.active_key](x)
+    """Route (on the entry layer) and run the active branch. A leaf for FX, so routing survives tracing."""
+    context = sbn.context
+    if sbn.routes:
+        context.route_input(x)
+    return sbn.branches[context.active_key](x)
 
 
 # Tracers record this call as one node instead of baking in the branch active at trace time.
@@ -69,6 +72,7 @@ class ScaleSpecificBatchNorm(nn.Module):
         self.branches = nn.ModuleDict({key: copy.deepcopy(norm) for key in keys})
         # A plain attribute, not a submodule: the context holds no tensors and is shared.
         self.context = context
+        self.routes = False  # True on the model's entry layer: its input picks the branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return scale_specific_forward(self, x)

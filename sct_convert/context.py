@@ -70,9 +70,11 @@ def normalize_scales(scales: Iterable[object]) -> Tuple[Tuple[Scale, ...], Tuple
 class ScaleContext:
     """Which branch every S-BN of one model uses right now, and how input sizes pick it.
 
-    ``entry_sizes[i]`` is the spatial size the model's entry module sees when the image is at
-    scale ``i``; conversion measures it, so a stem that changes resolution (space-to-depth,
-    a strided patch stem) routes as well as one that does not.
+    Routing happens at the model's entry layer: normally the first S-BN in execution order,
+    else (when that layer cannot tell the scales apart) a hook on the first layer that can.
+    ``entry_sizes[i]`` is the spatial size the entry layer sees when the image is at scale
+    ``i``; conversion measures it, so strided stems and space-to-depth route correctly, and
+    "nearest by pixel count" compares sizes at that layer.
     """
 
     def __init__(self, scales: Sequence[object], unknown_scale: str = "nearest") -> None:
@@ -135,14 +137,16 @@ class ScaleContext:
             )
         return best
 
-    def entry_hook(self, module: torch.nn.Module, args: tuple) -> None:
-        """Forward pre-hook on the model's entry module: select the branch for this input."""
+    def route_input(self, x: object) -> None:
+        """Select the branch for the tensor reaching the entry layer (or the forced branch)."""
         if self.forced is not None:
             self.select(self.forced)
-            return
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.dim() >= 3:
+        elif isinstance(x, torch.Tensor) and x.dim() >= 3:
             self.select(self.route((int(x.shape[-2]), int(x.shape[-1]))))
+
+    def entry_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        """Forward pre-hook for an entry layer that is not itself an S-BN."""
+        self.route_input(args[0] if args else None)
 
     def __repr__(self) -> str:
         return (

@@ -4,8 +4,8 @@ Discovery traces the model with torch.fx (batch norms and timm's no-trace module
 to audit every call site, including functional ``F.batch_norm`` on module parameters. The
 rewrite then swaps modules in place on the user's own module tree, by identity, so the model
 keeps its class, attributes, methods and training-mode control flow; no GraphModule is
-returned. A forward pre-hook on the model's entry module (the first layer the input reaches,
-found by a probe forward at every scale) sets the active scale for each input.
+returned. The model's entry layer (normally its first S-BN, found by a probe forward at every
+scale) routes each input to the branch of its size.
 """
 from __future__ import annotations
 
@@ -271,13 +271,19 @@ def _probe_entry(
     finally:
         for handle in handles:
             handle.remove()
-    for name in order:
+    def per_scale_sizes(name: str) -> Optional[List[HW]]:
         calls = [record.get(name, []) for record in seen]
         if any(len(c) != 1 for c in calls):
-            continue  # called more than once per forward: it would re-route mid-forward
-        per_scale = [c[0] for c in calls]
-        if len(set(per_scale)) == len(per_scale):
-            return name, per_scale
+            return None  # called more than once per forward: it would re-route mid-forward
+        sizes = [c[0] for c in calls]
+        return sizes if len(set(sizes)) == len(sizes) else None
+
+    # The first batch norm is the natural entry: its dispatch is already a traced leaf call.
+    first_bn = next((n for n in order if id(model.get_submodule(n)) in batch_norms), None)
+    for name in ([first_bn] if first_bn else []) + order:
+        sizes = per_scale_sizes(name)
+        if sizes is not None:
+            return name, sizes
     raise ConversionError(
         "cannot route by input size: no layer before the first batch norm sees a different "
         f"size at each of the scales {list(scales)}; use scales that differ more, or run each "
@@ -344,14 +350,16 @@ def convert(
     replacements = {id(m): ScaleSpecificBatchNorm(m, keys, context) for _, m in found}
     entry = model.get_submodule(entry_name)
     replace_modules(model, replacements)
-    entry = replacements.get(id(entry), entry)
-    handle = entry.register_forward_pre_hook(context.entry_hook)
+    context.hook_id = None
+    if id(entry) in replacements:
+        replacements[id(entry)].routes = True
+    else:
+        context.hook_id = entry.register_forward_pre_hook(context.entry_hook).id
 
     report.converted = [n for n, _ in found]
     report.entry = entry_name
     context.entry_sizes = entry_sizes
     context.entry_name = entry_name
-    context.hook_id = handle.id
     context.report = report
     setattr(model, CONTEXT_ATTR, context)
     return model
@@ -407,7 +415,7 @@ def extract(model: nn.Module, s: Scale) -> nn.Module:
     replace_modules(model, {id(sbn): sbn.branches[key] for _, sbn in layers})
     try:
         entry = model.get_submodule(ctx.entry_name)
-        hook = entry._forward_pre_hooks.pop(ctx.hook_id, None)
+        hook = entry._forward_pre_hooks.pop(ctx.hook_id, None) if ctx.hook_id is not None else None
         delattr(model, CONTEXT_ATTR)
         try:
             plain = copy.deepcopy(model)

@@ -110,3 +110,24 @@ def test_routing_survives_torchvision_and_timm_fx_feature_extraction():
                 expected = sct.extract(model, s).eval().forward_intermediates(x, indices=[2], intermediates_only=True)[0]
                 got = extractor(x)["layer2"]
             assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_entry_is_the_first_bn_else_a_hook_on_the_first_layer_that_can_tell_scales_apart():
+    model = sct.convert(Net(), [32, 16])
+    assert model._sct_context.entry_name == "bn" and model.bn.routes
+    assert model._sct_context.hook_id is None
+
+    class HeadOnly(nn.Module):  # its only BN sees pooled features: the same size at every scale
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x).mean((2, 3)))
+
+    model = sct.convert(HeadOnly(), [32, 16])
+    assert model._sct_context.entry_name == "conv" and model._sct_context.hook_id is not None
+    assert routed(model, 16) == "16" and routed(model, 32) == "32"
+    plain = sct.extract(model, 16)
+    assert not plain.conv._forward_pre_hooks and model.conv._forward_pre_hooks
