@@ -18,11 +18,29 @@ from .convert import (
 
 __version__ = "0.1.0"
 
+from .sampling import ScaleOutputs, resize_to  # noqa: E402
+from .training import (  # noqa: E402
+    SCTLoss,
+    StepResult,
+    random_scale_subset,
+    sampling_scales,
+    set_sampling,
+    train_step,
+)
+
 # io and zoo import the package version, so they come after it.
 from . import zoo  # noqa: E402
 from .io import export, load, load_plain, load_weights, save, save_per_scale  # noqa: E402
 
 __all__ = [
+    "SCTLoss",
+    "ScaleOutputs",
+    "StepResult",
+    "random_scale_subset",
+    "resize_to",
+    "sampling_scales",
+    "set_sampling",
+    "train_step",
     "ConversionError",
     "FROZEN_BATCH_NORM_TYPES",
     "ScaleContext",

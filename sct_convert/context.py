@@ -16,6 +16,9 @@ HW = Tuple[int, int]
 
 ROUTING_POLICIES = ("nearest", "error")
 
+#: Attribute of a converted model that holds its :class:`ScaleContext`.
+CONTEXT_ATTR = "_sct_context"
+
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -88,12 +91,18 @@ class ScaleContext:
         self.active = 0
         self.active_key = self.keys[0]  # read by every S-BN call, so kept precomputed
         self.forced: Optional[int] = None
-        self.sampling = True
+        self.sampling = True  # train-mode forward runs every scale (SCT's sampling phase)
+        self.antialias = True  # antialias when sampling resizes down
+        self.sample_subset: Optional[List[int]] = None  # indices; None: every scale
         self._warned: set = set()
 
     @property
     def keys(self) -> Tuple[str, ...]:
         return tuple(scale_key(hw) for hw in self.sizes)
+
+    def sample_indices(self) -> List[int]:
+        """Scales a sampling forward runs, in the model's scale order."""
+        return list(self.sample_subset) if self.sample_subset is not None else list(range(len(self.sizes)))
 
     def select(self, index: int) -> None:
         """Make branch ``index`` the one every S-BN layer runs."""

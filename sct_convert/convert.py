@@ -13,6 +13,7 @@ import contextlib
 import copy
 import inspect
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -22,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn import ScaleSpecificBatchNorm, is_batch_norm
-from .context import HW, Scale, ScaleContext, scale_key
-
-CONTEXT_ATTR = "_sct_context"
+from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, scale_key
+from .sampling import sampling_forward
 
 _FUNCTIONAL_BATCH_NORMS = {F.batch_norm, torch.batch_norm}
 
@@ -310,6 +310,8 @@ def convert(
     *,
     in_chans: Optional[int] = None,
     example_input: Optional[torch.Tensor] = None,
+    sampling: bool = True,
+    antialias: bool = True,
 ) -> nn.Module:
     """Give every batch norm of ``model`` one branch per scale, in place, and return the model.
 
@@ -324,6 +326,10 @@ def convert(
     and to find the layer the input reaches first. The probe input is ``(1, C, H, W)`` with
     ``C`` from ``in_chans``, the timm config or the first conv; for other layouts pass
     ``example_input``, whose last two dims are replaced by each scale.
+
+    With ``sampling`` (the default) a train-mode forward is SCT's sampling phase: the batch
+    is resized (bilinear, ``antialias`` when shrinking) to every scale, each resized batch runs
+    with its own branch, and the forward returns :class:`ScaleOutputs`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -331,6 +337,11 @@ def convert(
         raise ConversionError(
             "model is already converted (scales "
             f"{list(getattr(model, CONTEXT_ATTR).scales)}); use sct.add_scale to add a scale"
+        )
+    if "forward" in vars(model):
+        raise ConversionError(
+            "model has an instance-level forward attribute; convert the model before patching "
+            "its forward, or wrap it in a module"
         )
     if is_batch_norm(model):
         raise ConversionError("the model itself is a batch-norm layer; convert the model that holds it")
@@ -361,7 +372,11 @@ def convert(
     context.entry_sizes = entry_sizes
     context.entry_name = entry_name
     context.report = report
+    context.sampling = sampling
+    context.antialias = antialias
     setattr(model, CONTEXT_ATTR, context)
+    # An instance attribute: the class (and what FX traces, type(model).forward) stays as is.
+    model.forward = types.MethodType(sampling_forward, model)
     return model
 
 
@@ -417,10 +432,13 @@ def extract(model: nn.Module, s: Scale) -> nn.Module:
         entry = model.get_submodule(ctx.entry_name)
         hook = entry._forward_pre_hooks.pop(ctx.hook_id, None) if ctx.hook_id is not None else None
         delattr(model, CONTEXT_ATTR)
+        forward = vars(model).pop("forward", None)
         try:
             plain = copy.deepcopy(model)
         finally:
             setattr(model, CONTEXT_ATTR, ctx)
+            if forward is not None:
+                model.forward = forward
             if hook is not None:
                 entry._forward_pre_hooks[ctx.hook_id] = hook
     finally:

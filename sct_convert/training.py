@@ -1,0 +1,257 @@
+"""SCT training: the Eq. 1 loss, sampling switches, and a memory-lean train step.
+
+Drop-in use changes two lines of an existing loop::
+
+    model = sct.convert(model, scales=[224, 192, 128])      # 1
+    criterion = sct.SCTLoss(criterion)                      # 2
+    ...
+    loss = criterion(model(x), y)                           # unchanged: ScaleOutputs in train mode
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .context import Scale
+from .convert import context_of, scale
+from .sampling import ScaleOutputs, resize_to
+
+Weights = Union[None, Sequence[float], Mapping[Any, float]]
+
+DISTILL_MODES = (None, "inplace", "ensemble")
+
+
+def main_logits(output: Any) -> torch.Tensor:
+    """The classification logits of one model output (tensor, or torchvision's aux tuples)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(f"cannot find logits in a {type(output).__name__} output")
+
+
+def _aux_terms(output: Any) -> List[tuple]:
+    """(aux logits, default weight) pairs, as torchvision's GoogLeNet / Inception-v3 train them."""
+    name = type(output).__name__
+    if name == "GoogLeNetOutputs":
+        return [(t, 0.3) for t in (output.aux_logits1, output.aux_logits2) if t is not None]
+    if name == "InceptionOutputs" and output.aux_logits is not None:
+        return [(output.aux_logits, 0.4)]
+    return []
+
+
+def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=-1), F.softmax(teacher / t, dim=-1),
+                    reduction="batchmean") * (t * t)
+
+
+class SCTLoss(nn.Module):
+    """Eq. 1 of the paper: ``sum_i alpha_i * base(f(x^i), y)``, alpha_i = 1/M by default.
+
+    ``weights`` is one weight per output scale (a sequence in the model's scale order, or a
+    mapping ``{scale: weight}``). Targets pass to ``base`` unchanged, so hard labels and soft
+    (mixup / cutmix) targets work alike. torchvision GoogLeNet / Inception-v3 aux logits add
+    ``aux_weight x base(aux)`` per scale (default 0.3 each / 0.4, as their papers train them).
+    A plain model output (eval, sampling off) goes to ``base`` directly.
+
+    ``distill="inplace"`` adds, for every scale but the largest, ``distill_weight x KL`` to the
+    largest scale's detached predictions; ``distill="ensemble"`` distils every scale from the
+    weighted mean of all scales' detached logits. The paper itself uses neither (off by default).
+    ``last_losses`` holds the detached per-scale base losses of the last call, for logging.
+    """
+
+    def __init__(
+        self,
+        base: Callable[..., torch.Tensor],
+        weights: Weights = None,
+        *,
+        aux_weight: Optional[float] = None,
+        distill: Optional[str] = None,
+        distill_weight: float = 1.0,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if distill not in DISTILL_MODES:
+            raise ValueError(f"distill={distill!r}: choose None, 'inplace' or 'ensemble'")
+        self.base = base
+        self.weights = weights
+        self.aux_weight = aux_weight
+        self.distill = distill
+        self.distill_weight = distill_weight
+        self.temperature = temperature
+        self.last_losses: Dict[Scale, torch.Tensor] = {}
+
+    def scale_weights(self, scales: Sequence[Scale]) -> List[float]:
+        """alpha_i for outputs at ``scales``."""
+        if self.weights is None:
+            return [1.0 / len(scales)] * len(scales)
+        if isinstance(self.weights, Mapping):
+            missing = [s for s in scales if s not in self.weights]
+            if missing:
+                raise ValueError(f"SCTLoss weights give no weight for scales {missing}")
+            return [float(self.weights[s]) for s in scales]
+        weights = [float(w) for w in self.weights]
+        if len(weights) != len(scales):
+            raise ValueError(
+                f"SCTLoss has {len(weights)} weights for {len(scales)} output scales {list(scales)}; "
+                "pass a {scale: weight} mapping when training on subsets of scales"
+            )
+        return weights
+
+    def single_loss(self, output: Any, target: Any, teacher: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Loss of one scale's output: base loss, aux heads, and the distillation term."""
+        logits = main_logits(output)
+        loss = self.base(logits, target)
+        for aux, default in _aux_terms(output):
+            loss = loss + (self.aux_weight if self.aux_weight is not None else default) * self.base(aux, target)
+        if teacher is not None:
+            loss = loss + self.distill_weight * _kd(logits, teacher, self.temperature)
+        return loss
+
+    def teacher(self, outputs: ScaleOutputs, weights: Sequence[float]) -> Optional[torch.Tensor]:
+        if self.distill is None or len(outputs) < 2:
+            return None
+        logits = [main_logits(o).detach() for o in outputs]
+        if self.distill == "inplace":
+            return logits[largest_scale_index(outputs.scales)]
+        total = sum(weights)
+        return sum(w * lg.float() for w, lg in zip(weights, logits)) / total
+
+    def forward(self, outputs: Any, target: Any) -> torch.Tensor:
+        if not isinstance(outputs, ScaleOutputs):
+            return self.single_loss(outputs, target)
+        weights = self.scale_weights(outputs.scales)
+        teacher = self.teacher(outputs, weights)
+        teacher_index = largest_scale_index(outputs.scales) if self.distill == "inplace" else None
+        total, per_scale = 0.0, {}
+        for i, (s, out, w) in enumerate(zip(outputs.scales, outputs, weights)):
+            use = None if i == teacher_index else teacher
+            loss = self.single_loss(out, target, use)
+            per_scale[s] = loss.detach()
+            total = total + w * loss
+        self.last_losses = per_scale
+        return total
+
+
+def largest_scale_index(scales: Sequence[Scale]) -> int:
+    def pixels(s: Scale) -> int:
+        return s * s if isinstance(s, int) else s[0] * s[1]
+
+    return max(range(len(scales)), key=lambda i: pixels(scales[i]))
+
+
+def set_sampling(model: nn.Module, enabled: bool = True, scales: Optional[Sequence[Scale]] = None) -> None:
+    """Switch the train-mode scale sampling on or off, or restrict it to some ``scales``.
+
+    With sampling off a train-mode forward returns the model's own output, routed by input
+    size like eval; feed each scale yourself under ``sct.scale(model, s)``.
+    """
+    ctx = context_of(model)
+    ctx.sampling = enabled
+    ctx.sample_subset = None if scales is None else sorted({ctx.index(s) for s in scales})
+
+
+@contextlib.contextmanager
+def sampling_scales(model: nn.Module, scales: Sequence[Scale]):
+    """Train on a subset of scales inside the block (the same subset on every DDP rank!)."""
+    ctx = context_of(model)
+    previous = ctx.sample_subset
+    set_sampling(model, ctx.sampling, scales)
+    try:
+        yield model
+    finally:
+        ctx.sample_subset = previous
+
+
+def random_scale_subset(model: nn.Module, k: int, step: int, seed: int = 0) -> List[Scale]:
+    """``k`` scales drawn from ``(seed, step)`` alone, so every rank draws the same subset."""
+    scales = list(context_of(model).scales)
+    rng = random.Random(seed * 1_000_003 + step)
+    chosen = set(rng.sample(range(len(scales)), k))
+    return [s for i, s in enumerate(scales) if i in chosen]
+
+
+@dataclass
+class StepResult:
+    """What :func:`train_step` did: the Eq. 1 loss and each scale's weighted loss."""
+
+    loss: float
+    per_scale: Dict[Scale, float] = field(default_factory=dict)
+
+
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: Any,
+    criterion: Callable[..., torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: Optional[Any] = None,
+    *,
+    scales: Optional[Sequence[Scale]] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+    clip_grad_norm: Optional[float] = None,
+    zero_grad: bool = True,
+) -> StepResult:
+    """One SCT optimisation step, forward and backward one scale at a time.
+
+    Gradients are those of the drop-in loop (``criterion(model(x), y).backward()``), but only
+    one scale's activations are alive at a time, so peak activation memory is that of the
+    largest scale instead of the sum. ``model`` may be wrapped in DDP: all but the last scale
+    run under ``no_sync``, so gradients are all-reduced once per step (wrap with
+    ``find_unused_parameters=True``: each scale leaves the other branches unused).
+    ``scaler`` is a ``torch.amp.GradScaler``; ``amp_dtype`` runs forwards under autocast.
+    """
+    ctx = context_of(model)
+    loss_fn = criterion if isinstance(criterion, SCTLoss) else SCTLoss(criterion)
+    if loss_fn.distill == "ensemble":
+        raise ValueError(
+            "distill='ensemble' needs every scale's logits before any backward; use the drop-in "
+            "loop (criterion(model(x), y)) or distill='inplace' with train_step"
+        )
+    indices = ctx.sample_indices() if scales is None else sorted({ctx.index(s) for s in scales})
+    chosen = [ctx.scales[i] for i in indices]
+    weights = loss_fn.scale_weights(chosen)
+    order = list(range(len(indices)))
+    teacher_pos = largest_scale_index(chosen) if loss_fn.distill == "inplace" and len(chosen) > 1 else None
+    if teacher_pos is not None:  # the teacher runs first; its detached logits teach the rest
+        order.remove(teacher_pos)
+        order.insert(0, teacher_pos)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    no_sync = getattr(model, "no_sync", None)
+    teacher = None
+    total, per_scale = 0.0, {}
+    for n, pos in enumerate(order):
+        last = n == len(order) - 1
+        sync = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        autocast = (torch.autocast(device_type=x.device.type, dtype=amp_dtype)
+                    if amp_dtype is not None else contextlib.nullcontext())
+        with sync:
+            with scale(model, chosen[pos]), autocast:
+                output = model(resize_to(x, ctx.sizes[indices[pos]], ctx.antialias))
+                loss = weights[pos] * loss_fn.single_loss(output, y, None if pos == teacher_pos else teacher)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if pos == teacher_pos:
+            teacher = main_logits(output).detach()
+        per_scale[chosen[pos]] = float(loss.detach())
+        total += per_scale[chosen[pos]]
+        del output, loss
+    if clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return StepResult(total, per_scale)

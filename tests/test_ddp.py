@@ -1,0 +1,50 @@
+"""DDP on CPU with gloo, 2 ranks: the drop-in loop and train_step keep ranks identical."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+
+
+def _worker(rank, world, init, out, mode):
+    import timm
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import sct_convert as sct
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = sct.convert(timm.create_model("test_resnet", num_classes=4), [64, 32])
+    # DDP's defaults (broadcast_buffers=True); train_step leaves other branches unused per scale
+    ddp = DDP(model, find_unused_parameters=(mode == "train_step"))
+    crit = sct.SCTLoss(torch.nn.CrossEntropyLoss())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for step in range(2):
+        x, y = torch.randn(4, 3, 64, 64, generator=g), torch.randint(0, 4, (4,), generator=g)
+        if mode == "drop_in":
+            opt.zero_grad()
+            crit(ddp(x), y).backward()
+            opt.step()
+        else:
+            sct.train_step(ddp, x, y, crit, opt)
+    ddp.eval()
+    ddp(torch.randn(1, 3, 64, 64))  # DDP broadcasts buffers from rank 0 at a forward's start
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["drop_in", "train_step"])
+def test_two_rank_ddp_keeps_ranks_identical(tmp_path, mode):
+    mp.spawn(_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path), mode), nprocs=2)
+    a, b = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert a.keys() == b.keys()
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert differing == []
+    fresh = __import__("timm").create_model("test_resnet", num_classes=4).state_dict()
+    # training moved both branches, and every branch's buffers agree across ranks
+    assert not torch.equal(a["layer1.0.bn1.branches.32.running_mean"], fresh["layer1.0.bn1.running_mean"])
