@@ -51,7 +51,10 @@ def scale_specific_forward(sbn: "ScaleSpecificBatchNorm", x: torch.Tensor) -> to
     context = sbn.context
     if sbn.routes:
         context.route_input(x)
-    return sbn.branches[context.active_key](x)
+    # The branch's forward, not its __call__: hooks belong on the S-BN layer, and a second
+    # module call per BN is measurable when inference is bound by Python overhead (small GPU
+    # batches).
+    return sbn.branch_modules[context.active_key].forward(x)
 
 
 # Tracers record this call as one node instead of baking in the branch active at trace time.
@@ -70,6 +73,8 @@ class ScaleSpecificBatchNorm(nn.Module):
     def __init__(self, norm: nn.Module, keys: Sequence[str], context: ScaleContext) -> None:
         super().__init__()
         self.branches = nn.ModuleDict({key: copy.deepcopy(norm) for key in keys})
+        # The ModuleDict's own dict, reached without nn.Module.__getattr__ on the hot path.
+        self.branch_modules = self.branches._modules
         # A plain attribute, not a submodule: the context holds no tensors and is shared.
         self.context = context
         self.routes = False  # True on the model's entry layer: its input picks the branch

@@ -181,10 +181,14 @@ def random_scale_subset(model: nn.Module, k: int, step: int, seed: int = 0) -> L
 
 @dataclass
 class StepResult:
-    """What :func:`train_step` did: the Eq. 1 loss and each scale's weighted loss."""
+    """What :func:`train_step` did: the Eq. 1 loss and each scale's weighted loss.
 
-    loss: float
-    per_scale: Dict[Scale, float] = field(default_factory=dict)
+    Detached 0-d tensors on the model's device: reading them (``.item()``) is the caller's
+    choice, so a step never waits for the GPU.
+    """
+
+    loss: torch.Tensor
+    per_scale: Dict[Scale, torch.Tensor] = field(default_factory=dict)
 
 
 def train_step(
@@ -228,7 +232,7 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
     no_sync = getattr(model, "no_sync", None)
     teacher = None
-    total, per_scale = 0.0, {}
+    per_scale: Dict[Scale, torch.Tensor] = {}
     for n, pos in enumerate(order):
         last = n == len(order) - 1
         sync = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
@@ -241,8 +245,7 @@ def train_step(
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if pos == teacher_pos:
             teacher = main_logits(output).detach()
-        per_scale[chosen[pos]] = float(loss.detach())
-        total += per_scale[chosen[pos]]
+        per_scale[chosen[pos]] = loss.detach()
         del output, loss
     if clip_grad_norm is not None:
         if scaler is not None:
@@ -254,4 +257,4 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-    return StepResult(total, per_scale)
+    return StepResult(sum(per_scale.values()), per_scale)
