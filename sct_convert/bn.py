@@ -5,10 +5,9 @@ statistics, and for timm's ``BatchNormAct2d`` its activation and drop), so expor
 is just taking its branch back out. The model's :class:`~sct_convert.context.ScaleContext`
 says which branch runs.
 """
-from __future__ import annotations
 
 import copy
-from typing import Sequence, Tuple, Type
+from typing import List, Sequence, Tuple, Type
 
 import torch
 import torch.fx
@@ -62,6 +61,8 @@ torch.fx.wrap("scale_specific_forward")
 
 
 class ScaleSpecificBatchNorm(nn.Module):
+    entry_sizes: List[List[int]]  # TorchScript needs the element type of the (possibly empty) list
+
     """Per-scale copies of one batch-norm layer; the shared ``context`` selects the copy.
 
     ``norm`` is a batch-norm layer, or a module that holds nothing but batch-norm state and
@@ -78,9 +79,42 @@ class ScaleSpecificBatchNorm(nn.Module):
         # A plain attribute, not a submodule: the context holds no tensors and is shared.
         self.context = context
         self.routes = False  # True on the model's entry layer: its input picks the branch
+        # TorchScript cannot call back into the Python context, so a scripted model routes
+        # with these: the entry layer's sizes per scale, and one index tensor shared by every
+        # S-BN of the model (a plain attribute, so it stays on the CPU under .to(device)).
+        self.entry_sizes = []
+        self.unknown_error = context.unknown_scale == "error"
+        self.script_state = context.script_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(x)
         return scale_specific_forward(self, x)
+
+    def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routes:
+            h, w = x.shape[-2], x.shape[-1]
+            index = -1
+            for i, hw in enumerate(self.entry_sizes):
+                if hw[0] == h and hw[1] == w:
+                    index = i
+            if index < 0:
+                if self.unknown_error:
+                    raise ValueError("sct_convert: input size matches none of the model's scales")
+                best = -1
+                for i, hw in enumerate(self.entry_sizes):
+                    gap = abs(h * w - hw[0] * hw[1])
+                    if best < 0 or gap < best:
+                        best, index = gap, i
+            self.script_state[0] = index
+        active = int(self.script_state[0])
+        out = x
+        i = 0
+        for branch in self.branches.values():
+            if i == active:
+                out = branch(x)
+            i += 1
+        return out
 
     def branch(self, key: str) -> nn.Module:
         return self.branches[key]

@@ -94,6 +94,7 @@ class ScaleContext:
         self.sampling = True  # train-mode forward runs every scale (SCT's sampling phase)
         self.antialias = True  # antialias when sampling resizes down
         self.sample_subset: Optional[List[int]] = None  # indices; None: every scale
+        self.script_state = torch.zeros(1, dtype=torch.long)  # active index for TorchScript
         self._warned: set = set()
 
     @property

@@ -364,6 +364,7 @@ def convert(
     context.hook_id = None
     if id(entry) in replacements:
         replacements[id(entry)].routes = True
+        replacements[id(entry)].entry_sizes = [list(hw) for hw in entry_sizes]
     else:
         context.hook_id = entry.register_forward_pre_hook(context.entry_hook).id
 
@@ -377,7 +378,21 @@ def convert(
     setattr(model, CONTEXT_ATTR, context)
     # An instance attribute: the class (and what FX traces, type(model).forward) stays as is.
     model.forward = types.MethodType(sampling_forward, model)
+    model.__prepare_scriptable__ = types.MethodType(_scriptable_view, model)
     return model
+
+
+def _scriptable_view(model: nn.Module) -> nn.Module:
+    """What torch.jit.script compiles: the model without the Python sampling forward.
+
+    A shallow copy sharing every submodule, parameter and buffer, so scripting leaves the
+    eager model as it was; a scripted model routes by input size (no sampling, no
+    ``sct.scale``; script ``sct.extract(model, s)`` for a fixed scale).
+    """
+    view = copy.copy(model)
+    for name in ("forward", "__prepare_scriptable__", CONTEXT_ATTR):
+        vars(view).pop(name, None)
+    return view
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,14 +446,12 @@ def extract(model: nn.Module, s: Scale) -> nn.Module:
     try:
         entry = model.get_submodule(ctx.entry_name)
         hook = entry._forward_pre_hooks.pop(ctx.hook_id, None) if ctx.hook_id is not None else None
-        delattr(model, CONTEXT_ATTR)
-        forward = vars(model).pop("forward", None)
+        patched = {k: vars(model).pop(k) for k in (CONTEXT_ATTR, "forward", "__prepare_scriptable__")
+                   if k in vars(model)}
         try:
             plain = copy.deepcopy(model)
         finally:
-            setattr(model, CONTEXT_ATTR, ctx)
-            if forward is not None:
-                model.forward = forward
+            vars(model).update(patched)
             if hook is not None:
                 entry._forward_pre_hooks[ctx.hook_id] = hook
     finally:
