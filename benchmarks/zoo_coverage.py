@@ -1,5 +1,8 @@
 """Convert every timm and torchvision classification model that has a batch norm; check it.
 
+With --contract, also: a train-mode sampling step with backward, FX feature extraction that
+routes per scale, and torch.jit.script wherever the original model scripts.
+
 For each model (random init): convert at three scales (native, ~0.75x, ~0.5x, multiples of 8),
 check eval equivalence against the original at every scale, then give every branch different
 statistics and check that each per-scale export loads with ``strict=True`` into the unmodified
@@ -28,6 +31,8 @@ FIELDS = [
     "model", "source", "status", "scales", "layers", "equiv_max_rel_diff", "export_max_rel_diff",
     "traced", "seconds", "reason",
 ]
+# --contract adds the checks timm/torchvision run on their own models
+CONTRACT_FIELDS = ["train_step", "fx_extract", "jit_script"]
 TOL = 1e-5
 
 
@@ -83,7 +88,60 @@ class Timeout(Exception):
     pass
 
 
-def check_model(name, source, device, batch):
+def contract_checks(model, original, ctx, inputs, row):
+    """Train-mode sampling + SCTLoss backward; FX extraction routes; scripts if the original does."""
+    import warnings
+
+    import torch
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    import sct_convert as sct
+
+    def attempt(key, fn):
+        try:
+            row[key] = fn()
+        except Exception as e:  # noqa: BLE001 - recorded per model
+            row[key] = f"fail: {type(e).__name__}: {' '.join(str(e).split())[:120]}"
+
+    def train_step():
+        m = copy.deepcopy(model).train()
+        out = m(inputs[0])
+        logits = [sct.training.main_logits(o) for o in out]
+        sum(lg.float().mean() for lg in logits).backward()
+        ok = all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+        return "ok" if ok and len(out) == len(ctx.scales) else "fail: non-finite grads"
+
+    def fx_extract():
+        plain = sct.extract(model, ctx.scales[0])
+        _, nodes = get_graph_node_names(plain.eval())
+        node = nodes[len(nodes) // 2]
+        fe = create_feature_extractor(model, [node])
+        worst = 0.0
+        for s, x in zip(ctx.scales, inputs):
+            with torch.no_grad():
+                want = create_feature_extractor(sct.extract(model, s).eval(), [node])(x)[node]
+                worst = max(worst, rel_diff(want, fe(x)[node]))
+        return "ok" if worst <= TOL else f"fail: diff {worst:.1e}"
+
+    def jit_script():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                torch.jit.script(copy.deepcopy(original))
+            except Exception:  # noqa: BLE001
+                return "n/a (original does not script)"
+            scripted = torch.jit.script(model)
+        with torch.no_grad():
+            worst = max(rel_diff(model(x), scripted(x)) for x in inputs)
+        return "ok" if worst <= TOL else f"fail: diff {worst:.1e}"
+
+    model.eval()
+    attempt("train_step", train_step)
+    attempt("fx_extract", fx_extract)
+    attempt("jit_script", jit_script)
+
+
+def check_model(name, source, device, batch, contract=False):
     import torch
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
@@ -134,6 +192,8 @@ def check_model(name, source, device, batch):
         row["export_max_rel_diff"] = max(export_diffs)
     ok = row["equiv_max_rel_diff"] <= TOL and row["export_max_rel_diff"] <= TOL
     row["status"] = "ok" if ok else "mismatch"
+    if contract:
+        contract_checks(model, original, ctx, inputs, row)
     return row
 
 
@@ -155,7 +215,7 @@ def run_worker(args, names):
     out = Path(args.part)
     new = not out.exists()
     with out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields(args))
         if new:
             writer.writeheader()
         for name, source in names:
@@ -164,7 +224,7 @@ def run_worker(args, names):
             t0 = time.time()
             signal.alarm(args.model_timeout)
             try:
-                row = check_model(name, source, args.device, args.batch)
+                row = check_model(name, source, args.device, args.batch, args.contract)
             except Timeout:
                 row = {"model": name, "source": source, "status": "timeout",
                        "reason": f"over {args.model_timeout}s"}
@@ -181,6 +241,10 @@ def run_worker(args, names):
             f.flush()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
+
+
+def fields(args):
+    return FIELDS + (CONTRACT_FIELDS if args.contract else [])
 
 
 def read_rows(path):
@@ -201,6 +265,8 @@ def main():
     p.add_argument("--source", choices=["timm", "torchvision"], default=None)
     p.add_argument("--model-timeout", type=int, default=240)
     p.add_argument("--deadline", type=float, default=1e9, help="seconds; stop starting new models after")
+    p.add_argument("--contract", action="store_true",
+                   help="also check train step, FX feature extraction and torch.jit.script")
     p.add_argument("--grace", type=float, default=60, help="seconds after --deadline before kill")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
@@ -229,6 +295,7 @@ def main():
                           "--threads", str(args.threads), "--batch", str(args.batch),
                           "--model-timeout", str(args.model_timeout), "--deadline-at",
                           str(deadline_at)] + (["--only", args.only] if args.only else [])
+                         + (["--contract"] if args.contract else [])
                          + (["--source", args.source] if args.source else []), env=env)
         for i in range(args.workers)
     ]
@@ -247,7 +314,7 @@ def main():
     rows.sort(key=lambda r: (r["source"], r["model"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields(args))
         writer.writeheader()
         writer.writerows(rows)
     summarize(rows, len(names))
@@ -263,6 +330,10 @@ def summarize(rows, total):
         print(f"{source:12s} with BN: {sum(c.values()):4d}  " + "  ".join(f"{k}={v}" for k, v in sorted(c.items())))
     print(f"checked {len(rows)}/{total} models; with BN {len(with_bn)}: "
           + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    for key in CONTRACT_FIELDS:
+        values = Counter(str(r.get(key) or "")[:4] for r in with_bn if r["status"] == "ok")
+        if any(values):
+            print(f"{key:11s}: " + ", ".join(f"{k or '-'}={v}" for k, v in sorted(values.items())))
 
 
 if __name__ == "__main__":

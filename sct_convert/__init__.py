@@ -28,11 +28,18 @@ from .training import (  # noqa: E402
     train_step,
 )
 
+from .calibrate import add_scale, calibrate, remove_scale  # noqa: E402
+from . import diagnostics  # noqa: E402
+
 # io and zoo import the package version, so they come after it.
 from . import zoo  # noqa: E402
 from .io import export, load, load_plain, load_weights, save, save_per_scale  # noqa: E402
 
 __all__ = [
+    "add_scale",
+    "calibrate",
+    "diagnostics",
+    "remove_scale",
     "SCTLoss",
     "ScaleOutputs",
     "StepResult",

@@ -372,6 +372,7 @@ def convert(
     report.entry = entry_name
     context.entry_sizes = entry_sizes
     context.entry_name = entry_name
+    context.probe_lead = lead  # leading input dims, for probing scales added later
     context.report = report
     context.sampling = sampling
     context.antialias = antialias

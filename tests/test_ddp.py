@@ -24,7 +24,7 @@ def _worker(rank, world, init, out, mode):
     crit = sct.SCTLoss(torch.nn.CrossEntropyLoss())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
-    for step in range(2):
+    for _ in range(2):
         x, y = torch.randn(4, 3, 64, 64, generator=g), torch.randint(0, 4, (4,), generator=g)
         if mode == "drop_in":
             opt.zero_grad()

@@ -1,0 +1,242 @@
+"""Per-scale BN calibration without training, and adding or removing a scale later.
+
+``calibrate`` re-estimates every branch's running statistics from unlabeled batches resized to
+that branch's scale: the branch normalizes with batch statistics (as in training) and its
+running statistics become the exact cumulative average over the batches (``momentum=None``),
+with no gradient, no weight touched and no other branch changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .bn import FROZEN_BATCH_NORM_TYPES
+from .context import Scale, normalize_scale, scale_key
+from .convert import ConversionError, context_of, scale, scale_specific_layers
+from .sampling import resize_to
+
+IMAGE_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")
+
+
+def _images(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch: a tensor, the first item of a tuple/list, or a dict entry."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in IMAGE_KEYS:
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    raise TypeError(
+        f"cannot find images in a batch of type {type(batch).__name__}: yield tensors, "
+        f"(images, labels) tuples or dicts with one of the keys {IMAGE_KEYS}"
+    )
+
+
+class _FrozenAsBatchNorm(nn.Module):
+    """Stand-in that lets a frozen BN branch collect statistics like a training BN."""
+
+    def __init__(self, frozen: nn.Module) -> None:
+        super().__init__()
+        self.frozen = frozen
+        c = frozen.weight.shape[0]
+        self.bn = nn.BatchNorm2d(c, eps=getattr(frozen, "eps", 1e-5), momentum=None)
+        self.bn.to(frozen.weight.device)
+        with torch.no_grad():
+            self.bn.weight.copy_(frozen.weight)
+            self.bn.bias.copy_(frozen.bias)
+        self.rest = [m for name, m in frozen.named_children() if name in ("drop", "act")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(x)
+        for m in self.rest:
+            x = m(x)
+        return x
+
+    def write_back(self) -> None:
+        with torch.no_grad():
+            self.frozen.running_mean.copy_(self.bn.running_mean)
+            self.frozen.running_var.copy_(self.bn.running_var)
+
+
+@contextlib.contextmanager
+def _collecting(model: nn.Module, key: str) -> Iterator[List[_BatchNorm]]:
+    """Model in eval, branch ``key`` of every S-BN collecting fresh cumulative statistics."""
+    training = [(m, m.training) for m in model.modules()]
+    saved, stand_ins, collected = [], [], []
+    model.eval()
+    try:
+        for _, layer in scale_specific_layers(model):
+            branch = layer.branch_modules[key]
+            if isinstance(branch, FROZEN_BATCH_NORM_TYPES):
+                stand_in = _FrozenAsBatchNorm(branch).train()
+                layer.branch_modules[key] = stand_in
+                stand_ins.append((layer, stand_in))
+                collected.append(stand_in.bn)
+            elif isinstance(branch, _BatchNorm):
+                saved.append((branch, branch.momentum, branch.track_running_stats))
+                branch.momentum = None  # cumulative average: 1 / num_batches_tracked
+                branch.track_running_stats = True
+                branch.reset_running_stats()
+                branch.train()
+                collected.append(branch)
+        yield collected
+        for _, stand_in in stand_ins:
+            stand_in.write_back()
+    finally:
+        for layer, stand_in in stand_ins:
+            layer.branch_modules[key] = stand_in.frozen
+        for branch, momentum, track in saved:
+            branch.momentum, branch.track_running_stats = momentum, track
+        for m, flag in training:
+            m.training = flag
+
+
+def _reduce_across_ranks(bns: Sequence[_BatchNorm]) -> None:
+    """Average statistics over DDP ranks (equal batch counts per rank make the mean exact)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for bn in bns:
+        for t in (bn.running_mean, bn.running_var):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(dist.get_world_size())
+
+
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    num_batches: int = 100,
+    scales: Optional[Sequence[Scale]] = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Re-estimate the BN statistics of each scale's branch from up to ``num_batches`` batches.
+
+    ``data`` yields tensors, ``(images, ...)`` tuples or dicts with an image key; batches are
+    resized to each scale as training would. Under DDP every rank must call it with its own
+    shard and the same ``num_batches``: statistics are averaged across ranks.
+    Restores every module's train/eval state; returns the model.
+    """
+    ctx = context_of(model)
+    inner = getattr(model, "module", model)
+    chosen = list(ctx.scales) if scales is None else [ctx.scales[ctx.index(s)] for s in scales]
+    if num_batches < 1:
+        raise ValueError("num_batches must be at least 1")
+    batches: List[torch.Tensor] = []
+    device = next((p.device for p in inner.parameters()), torch.device("cpu"))
+    for batch in data:
+        batches.append(_images(batch))
+        if len(batches) >= num_batches:
+            break
+    if not batches:
+        raise ValueError("calibrate got no batches from data")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches) * len(chosen), desc="calibrate", unit="batch")
+    try:
+        for s in chosen:
+            hw = ctx.sizes[ctx.index(s)]
+            with torch.no_grad(), _collecting(inner, scale_key(hw)) as bns, scale(inner, s):
+                for x in batches:
+                    inner(resize_to(x.to(device, non_blocking=True), hw, ctx.antialias))
+                    if bar is not None:
+                        bar.update(1)
+                _reduce_across_ranks(bns)
+    finally:
+        if bar is not None:
+            bar.close()
+    return model
+
+
+def _nearest_index(ctx, hw) -> int:
+    pixels = hw[0] * hw[1]
+    return min(range(len(ctx.sizes)), key=lambda i: abs(ctx.sizes[i][0] * ctx.sizes[i][1] - pixels))
+
+
+def add_scale(model: nn.Module, s: Scale, init_from: Optional[Scale] = None) -> nn.Module:
+    """Add a branch for scale ``s``, copied from ``init_from`` (default: the nearest scale).
+
+    The new scale goes last in ``scales_of``; routing, save/load and export see it. Calibrate it
+    (``sct.calibrate(model, data, scales=[s])``) before use: a copied branch has the
+    statistics of another size.
+    """
+    ctx = context_of(model)
+    inner = getattr(model, "module", model)
+    hw = normalize_scale(s)
+    if hw in ctx.sizes:
+        raise ValueError(f"scale {s!r} is already one of the model's scales {list(ctx.scales)}")
+    source = ctx.index(init_from) if init_from is not None else _nearest_index(ctx, hw)
+    source_key, key = scale_key(ctx.sizes[source]), scale_key(hw)
+    entry = _measure_entry_size(inner, ctx, hw, source)
+    for _, layer in scale_specific_layers(inner):
+        layer.branches[key] = copy.deepcopy(layer.branch_modules[source_key])
+        if layer.routes:
+            layer.entry_sizes.append(list(entry))
+    ctx.scales = ctx.scales + ((s if isinstance(s, int) else tuple(s)),)
+    ctx.sizes = ctx.sizes + (hw,)
+    ctx.entry_sizes.append(entry)
+    return model
+
+
+def _measure_entry_size(model: nn.Module, ctx, hw, source: int):
+    """Spatial size the entry layer sees for an input at ``hw`` (one eval forward)."""
+    entry = model.get_submodule(ctx.entry_name)
+    seen = []
+    handle = entry.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    lead = getattr(ctx, "probe_lead", None) or (1, _in_chans(model))
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), scale(model, ctx.scales[source]):
+            model(torch.zeros(*lead, *hw, device=param.device if param is not None else "cpu",
+                              dtype=param.dtype if param is not None else torch.float32))
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"model cannot run at scale {tuple(hw)}: {type(e).__name__}: {e}") from e
+    finally:
+        handle.remove()
+        for m, flag in flags:
+            m.training = flag
+    size = (int(seen[0][0]), int(seen[0][1]))
+    if size in ctx.entry_sizes:
+        raise ValueError(f"scale {tuple(hw)} reaches the entry layer at the same size as an "
+                         "existing scale; routing could not tell them apart")
+    return size
+
+
+def _in_chans(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.in_channels
+    return 3
+
+
+def remove_scale(model: nn.Module, s: Scale) -> nn.Module:
+    """Drop scale ``s``'s branch from every S-BN layer; the last scale cannot be removed."""
+    ctx = context_of(model)
+    inner = getattr(model, "module", model)
+    index = ctx.index(s)
+    if len(ctx.sizes) == 1:
+        raise ValueError("cannot remove the model's only scale; use sct.extract(model, s) instead")
+    key = scale_key(ctx.sizes[index])
+    for _, layer in scale_specific_layers(inner):
+        del layer.branches[key]
+        if layer.routes:
+            del layer.entry_sizes[index]
+    keep = [i for i in range(len(ctx.sizes)) if i != index]
+    ctx.scales = tuple(ctx.scales[i] for i in keep)
+    ctx.sizes = tuple(ctx.sizes[i] for i in keep)
+    ctx.entry_sizes = [ctx.entry_sizes[i] for i in keep]
+    ctx.sample_subset = None
+    ctx.forced = None
+    ctx.select(0)
+    ctx._warned.clear()
+    return model
