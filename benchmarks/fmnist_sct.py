@@ -55,15 +55,20 @@ def train_arm(scales, args, seed, data):
             opt.step()
             sched.step()
     train_s = time.time() - t0
+    return model, evaluate(model, x_test, y_test, TEST_SIZES), train_s
+
+
+def evaluate(model, x_test, y_test, sizes):
+    """Top-1 accuracy (%) at each test size (bilinear, antialiased resize)."""
     model.eval()
     acc = {}
     with torch.no_grad():
-        for size in TEST_SIZES:
+        for size in sizes:
             x = fashion_mnist.resize(x_test, size)
             correct = sum((model(x[i:i + 2000]).argmax(1) == y_test[i:i + 2000]).sum().item()
                           for i in range(0, len(x), 2000))
             acc[size] = 100.0 * correct / len(x)
-    return acc, train_s
+    return acc
 
 
 def main():
@@ -89,7 +94,7 @@ def main():
     for arm, scales in ARMS.items():
         runs = []
         for seed in seeds:
-            acc, secs = train_arm(scales, args, seed, data)
+            _, acc, secs = train_arm(scales, args, seed, data)
             runs.append({"seed": seed, "acc": acc, "train_seconds": round(secs, 1)})
             print(f"{arm:10s} seed {seed}: " + " ".join(f"{s}:{acc[s]:.2f}" for s in TEST_SIZES)
                   + f"  ({secs:.0f}s)", flush=True)

@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import Scale, normalize_scale, scale_key
-from .convert import ConversionError, context_of, scale, scale_specific_layers
+from .convert import ConversionError, context_of, eval_mode, scale, scale_specific_layers
 from .sampling import resize_to
 
 IMAGE_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")
@@ -124,6 +124,9 @@ def calibrate(
     Restores every module's train/eval state; returns the model.
     """
     ctx = context_of(model)
+    if not ctx.scale_specific_bn:
+        raise ValueError("model was converted with scale_specific_bn=False: its norm layers are "
+                         "shared, so there are no per-scale statistics to calibrate")
     inner = getattr(model, "module", model)
     chosen = list(ctx.scales) if scales is None else [ctx.scales[ctx.index(s)] for s in scales]
     if num_batches < 1:
@@ -193,18 +196,14 @@ def _measure_entry_size(model: nn.Module, ctx, hw, source: int):
     handle = entry.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     lead = getattr(ctx, "probe_lead", None) or (1, _in_chans(model))
-    flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad(), scale(model, ctx.scales[source]):
+        with eval_mode(model), torch.no_grad(), scale(model, ctx.scales[source]):
             model(torch.zeros(*lead, *hw, device=param.device if param is not None else "cpu",
                               dtype=param.dtype if param is not None else torch.float32))
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"model cannot run at scale {tuple(hw)}: {type(e).__name__}: {e}") from e
     finally:
         handle.remove()
-        for m, flag in flags:
-            m.training = flag
     size = (int(seen[0][0]), int(seen[0][1]))
     if size in ctx.entry_sizes:
         raise ValueError(f"scale {tuple(hw)} reaches the entry layer at the same size as an "

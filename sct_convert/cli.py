@@ -70,6 +70,8 @@ def cli() -> None:
     sct-convert resnet50 --out model.safetensors [--scales 224,192,128]
     sct-convert inspect model.safetensors
     sct-convert export model.safetensors --scale 128 --out resnet50_128.safetensors
+    sct-convert calibrate model.safetensors --images DIR --out calibrated.safetensors
+    sct-convert diagnose model.safetensors [--plot divergence.png]
     """
 
 
@@ -158,7 +160,7 @@ def export_cmd(file, scale_text, out, model_name):
     from .zoo import create_model
 
     (s,) = parse_scales(scale_text)
-    meta = io._checked_metadata(file)
+    meta = io.checked_metadata(file)
     if s not in io.file_scales(meta):
         raise ValueError(
             f"scale {_scale_text(s)} is not in {file}; it holds "
@@ -170,6 +172,79 @@ def export_cmd(file, scale_text, out, model_name):
     converted = io.load(file, model=model)
     path = io.export(converted, s, out, arch=meta.get("arch") or model_name, source=meta.get("source"))
     click.echo(f"wrote {path}: {meta.get('arch') or model_name} at scale {_scale_text(s)}")
+
+
+def _preprocessing(model, meta):
+    """The model's own eval transform: timm's data config, or torchvision's weights transform."""
+    if meta.get("source") == "timm":
+        import timm.data
+
+        return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    if meta.get("source") == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model_weights(meta["arch"]).DEFAULT.transforms()
+    raise ValueError(f"{meta.get('arch') or 'this model'} has no known preprocessing; "
+                     "calibrate from Python with sct.calibrate")
+
+
+@cli.command("calibrate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--images", required=True, type=click.Path(file_okay=False), help="ImageFolder-style directory (labels unused).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Calibrated combined .safetensors to write.")
+@click.option("--batches", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--add-scale", "add", default=None, help="Add this scale (e.g. 160 or 160x128) before calibrating.")
+@clean_errors
+def calibrate_cmd(file, images, out, batches, batch_size, add):
+    """Re-estimate every branch's BN statistics from IMAGES (no labels, no training)."""
+    import torch.utils.data
+    import torchvision
+
+    from . import io
+    from .calibrate import add_scale, calibrate
+
+    if not Path(images).is_dir():
+        raise ValueError(f"--images {images} is not a directory")
+    if not Path(out).resolve().parent.is_dir():
+        raise ValueError(f"cannot write {out}: directory {Path(out).parent} does not exist")
+    meta = io.checked_metadata(file)
+    model = io.load(file)
+    if add:
+        (s,) = parse_scales(add)
+        add_scale(model, s)
+    try:
+        dataset = torchvision.datasets.ImageFolder(images, transform=_preprocessing(model, meta))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"cannot read images from {images}: {' '.join(str(e).split())}") from None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    calibrate(model, loader, num_batches=batches, progress=True)
+    path = io.save(model, out, arch=meta.get("arch"), source=meta.get("source"))
+    n = min(batches, len(loader))
+    click.echo(f"calibrated {len(model._sct_context.scales)} scales on {n} batches of {batch_size} "
+               f"from {images}; wrote {path}")
+
+
+@cli.command("diagnose")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write a PNG of divergence against depth.")
+@clean_errors
+def diagnose_cmd(file, plot):
+    """Per BN layer, how far apart the branches' statistics are (symmetric KL)."""
+    from . import io
+    from .diagnostics import branch_divergence
+
+    model = io.load(file)
+    rows = branch_divergence(model, plot=plot)
+    pairs = list(dict.fromkeys(r["pair"] for r in rows))
+    click.echo(f"{'#':>3s} {'layer':40s} " + " ".join(f"{p:>12s}" for p in pairs))
+    by_layer = {}
+    for r in rows:
+        by_layer.setdefault((r["index"], r["layer"]), {})[r["pair"]] = r["divergence"]
+    for (i, name), values in by_layer.items():
+        click.echo(f"{i:3d} {name[-40:]:40s} " + " ".join(f"{values[p]:12.4g}" for p in pairs))
+    if plot:
+        click.echo(f"wrote {plot}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -95,6 +95,7 @@ class ScaleContext:
         self.antialias = True  # antialias when sampling resizes down
         self.sample_subset: Optional[List[int]] = None  # indices; None: every scale
         self.script_state = torch.zeros(1, dtype=torch.long)  # active index for TorchScript
+        self.scale_specific_bn = True  # False: shared norm layers, sampling only
         self._warned: set = set()
 
     @property

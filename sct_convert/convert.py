@@ -211,7 +211,8 @@ def _describe_failure(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; every module's own train/eval flag restored after."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -253,7 +254,7 @@ def _probe_entry(
         m.register_forward_pre_hook(hook_for(n, m)) for n, m in model.named_modules() if n
     ]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for scale, (h, w) in zip(scales, sizes):
                 state["record"] = {}
                 state["bn_called"] = False
@@ -312,6 +313,7 @@ def convert(
     example_input: Optional[torch.Tensor] = None,
     sampling: bool = True,
     antialias: bool = True,
+    scale_specific_bn: bool = True,
 ) -> nn.Module:
     """Give every batch norm of ``model`` one branch per scale, in place, and return the model.
 
@@ -330,6 +332,9 @@ def convert(
     With ``sampling`` (the default) a train-mode forward is SCT's sampling phase: the batch
     is resized (bilinear, ``antialias`` when shrinking) to every scale, each resized batch runs
     with its own branch, and the forward returns :class:`ScaleOutputs`.
+
+    ``scale_specific_bn=False`` keeps every norm layer shared and only adds the sampling
+    forward: the paper's "SCT with shared BN" ablation (any norm layer, or none, is accepted).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -346,6 +351,8 @@ def convert(
     if is_batch_norm(model):
         raise ConversionError("the model itself is a batch-norm layer; convert the model that holds it")
     context = ScaleContext(scales, unknown_scale)
+    if not scale_specific_bn:
+        return _install_sampling_only(model, context, sampling, antialias, example_input, in_chans)
     found, report = find_batch_norms(model)
     if not found:
         raise ConversionError(
@@ -372,6 +379,7 @@ def convert(
     report.entry = entry_name
     context.entry_sizes = entry_sizes
     context.entry_name = entry_name
+    context.scale_specific_bn = True
     context.probe_lead = lead  # leading input dims, for probing scales added later
     context.report = report
     context.sampling = sampling
@@ -381,6 +389,29 @@ def convert(
     model.forward = types.MethodType(sampling_forward, model)
     model.__prepare_scriptable__ = types.MethodType(_scriptable_view, model)
     return model
+
+
+def _install_sampling_only(model, context, sampling, antialias, example_input, in_chans):
+    """Shared norm layers, SCT sampling only: nothing to route, so no probe for an entry."""
+    lead = tuple(example_input.shape[:-2]) if example_input is not None else _probe_shape(model, in_chans)
+    _probe_entry_optional(model, context, lead)
+    context.scale_specific_bn = False
+    context.entry_name, context.hook_id, context.probe_lead = "", None, lead
+    context.report = ConversionReport(traced=False)
+    context.sampling, context.antialias = sampling, antialias
+    setattr(model, CONTEXT_ATTR, context)
+    model.forward = types.MethodType(sampling_forward, model)
+    model.__prepare_scriptable__ = types.MethodType(_scriptable_view, model)
+    return model
+
+
+def _probe_entry_optional(model, context, lead) -> None:
+    """Check the model runs at every scale (the error names the scale); nothing else."""
+    try:
+        _probe_entry(model, context.sizes, context.scales, lead, set())
+    except ConversionError as e:
+        if "cannot route" not in str(e):
+            raise
 
 
 def _scriptable_view(model: nn.Module) -> nn.Module:

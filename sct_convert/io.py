@@ -152,6 +152,7 @@ def save(
         format=FORMAT,
         scales=json.dumps([list(s) if isinstance(s, tuple) else s for s in ctx.scales]),
         unknown_scale=ctx.unknown_scale,
+        scale_specific_bn="1" if ctx.scale_specific_bn else "0",
         layers=str(sum(1 for _ in scale_specific_layers(model))),
     )
     return atomic_save(model.state_dict(), path, meta)
@@ -199,7 +200,8 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
         ) from None
 
 
-def _checked_metadata(path: PathLike) -> Dict[str, str]:
+def checked_metadata(path: PathLike) -> Dict[str, str]:
+    """Metadata of a combined sct-convert file; ``ValueError`` for plain, foreign or newer files."""
     meta = read_metadata(path)
     fmt = meta.get("format")
     if fmt == PLAIN_FORMAT:
@@ -247,7 +249,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
     Without ``model`` the timm / torchvision architecture named in the file is built (random
     init, then the file's weights); pass ``model`` (converted or not) for custom architectures.
     """
-    meta = _checked_metadata(path)
+    meta = checked_metadata(path)
     scales = file_scales(meta)
     if model is None:
         arch, source = meta.get("arch"), meta.get("source")
@@ -267,7 +269,8 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
     try:
         ctx = context_of(model)
     except ValueError:
-        model = convert(model, scales, meta.get("unknown_scale", "nearest"))
+        model = convert(model, scales, meta.get("unknown_scale", "nearest"),
+                        scale_specific_bn=meta.get("scale_specific_bn", "1") == "1")
     else:
         if list(ctx.scales) != scales:
             raise ValueError(
@@ -327,7 +330,7 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
 
 def describe(path: PathLike) -> Dict[str, object]:
     """What ``sct-convert inspect`` prints: architecture, scales and the cost of each scale."""
-    meta = _checked_metadata(path)
+    meta = checked_metadata(path)
     scales = file_scales(meta)
     first = scale_key(normalize_scale(scales[0]))
     layers, total, branch_params, branch_bytes = set(), 0, 0, 0
@@ -362,6 +365,6 @@ def describe(path: PathLike) -> Dict[str, object]:
 
 
 __all__ = [
-    "atomic_save", "describe", "export", "file_scales", "load", "load_plain", "load_weights",
+    "atomic_save", "checked_metadata", "describe", "export", "file_scales", "load", "load_plain", "load_weights",
     "plain_state_dict", "read_metadata", "save", "save_per_scale",
 ]

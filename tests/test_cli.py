@@ -84,3 +84,41 @@ def test_console_script_entry_point_errors_without_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("Error: unknown model 'nosuchmodel_xyz'")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _image_folder(root, n=6, size=40):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(n // 2):
+            Image.new("RGB", (size, size), color=(i * 40, 100, 200 - i * 30)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_calibrate_and_diagnose(tmp_path):
+    from safetensors.torch import load_file
+
+    good = tmp_path / "m.safetensors"
+    assert run("test_resnet", "--scales", "96,64", "--out", good).exit_code == 0
+    images = _image_folder(tmp_path / "imgs")
+    out = tmp_path / "cal.safetensors"
+    r = run("calibrate", good, "--images", images, "--out", out, "--batches", "2", "--batch-size", "3",
+            "--add-scale", "80")
+    assert r.exit_code == 0, r.output
+    assert "calibrated 3 scales on 2 batches" in r.output
+    before, after = load_file(good), load_file(out)
+    assert not torch_equal(before["bn1.branches.64.running_mean"], after["bn1.branches.64.running_mean"])
+    assert "bn1.branches.80.running_mean" in after
+    r = run("diagnose", out, "--plot", tmp_path / "d.png")
+    assert r.exit_code == 0, r.output
+    assert "96-64" in r.output and (tmp_path / "d.png").exists()
+    assert_one_line_error(run("calibrate", good, "--images", tmp_path / "nope", "--out", out), "not a directory")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("calibrate", good, "--images", tmp_path / "empty", "--out", out), "cannot read images")
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)

@@ -223,3 +223,23 @@ def test_torch_compile_eval_per_scale_and_train_step_match_eager():
     assert torch.allclose(le, lc, atol=1e-5)
     ge, gc = _grads(eager), _grads(comp_model)
     assert all(torch.allclose(ge[n], gc[n], atol=1e-4) for n in ge)
+
+
+def test_shared_bn_switch_samples_without_branches():
+    import torch.nn as nn
+
+    base = timm.create_model("test_resnet", num_classes=4)
+    model = sct.convert(copy.deepcopy(base), SCALES, scale_specific_bn=False).train()
+    assert not list(sct.scale_specific_layers(model))
+    assert set(model.state_dict()) == set(base.state_dict())
+    x, y = batch()
+    out = model(x)
+    assert out.scales == tuple(SCALES)
+    sct.SCTLoss(torch.nn.CrossEntropyLoss())(out, y).backward()
+    with pytest.raises(ValueError, match="shared"):
+        sct.calibrate(model, [x], progress=False)
+    # a GroupNorm model (no BN at all) trains with SCT sampling too
+    gn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.AdaptiveAvgPool2d(1),
+                       nn.Flatten(), nn.Linear(8, 4))
+    sct.convert(gn, [32, 16], scale_specific_bn=False).train()
+    assert len(gn(torch.randn(2, 3, 32, 32))) == 2

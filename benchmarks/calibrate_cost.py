@@ -1,0 +1,69 @@
+"""Cost of sct.calibrate against the same number of plain forward passes.
+
+resnet50, 20 batches of 32 random images at {224, 160, 128}: calibrate runs 60 forwards (20 per
+scale, each branch collecting statistics); the reference runs the original model's 60 eval
+forwards, no grad, on the same resized batches. Repeats alternate the two; medians.
+
+    python benchmarks/calibrate_cost.py                  # CPU
+    python benchmarks/calibrate_cost.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import timm
+import torch
+
+import sct_convert as sct
+
+SCALES = [224, 160, 128]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    original = timm.create_model("resnet50").to(args.device).eval()
+    model = sct.convert(copy.deepcopy(original), SCALES)
+    data = [torch.randn(args.batch_size, 3, 224, 224, device=args.device) for _ in range(args.batches)]
+    resized = {s: [sct.resize_to(x, (s, s)) for x in data] for s in SCALES}
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def plain():
+        with torch.no_grad():
+            for s in SCALES:
+                for x in resized[s]:
+                    original(x)
+
+    def calib():
+        sct.calibrate(model, data, num_batches=args.batches, progress=False)
+
+    times = {"plain forwards": [], "calibrate": []}
+    for r in range(args.repeats):
+        for name, fn in ([("plain forwards", plain), ("calibrate", calib)] if r % 2 == 0
+                         else [("calibrate", calib), ("plain forwards", plain)]):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"resnet50, {args.batches} batches of {args.batch_size} at {SCALES}, device {args.device}, "
+          f"repeats {args.repeats}, torch {torch.__version__}")
+    for k, v in med.items():
+        print(f"{k:15s} {v:8.2f} s")
+    print(f"calibrate / plain forwards: {med['calibrate'] / med['plain forwards']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
