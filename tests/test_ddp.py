@@ -48,3 +48,33 @@ def test_two_rank_ddp_keeps_ranks_identical(tmp_path, mode):
     fresh = __import__("timm").create_model("test_resnet", num_classes=4).state_dict()
     # training moved both branches, and every branch's buffers agree across ranks
     assert not torch.equal(a["layer1.0.bn1.branches.32.running_mean"], fresh["layer1.0.bn1.running_mean"])
+
+
+def _calibrate_worker(rank, world, init, out):
+    import sct_convert as sct
+    from torch import nn
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = sct.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), [32, 16])
+    g = torch.Generator().manual_seed(10 + rank)
+    shard = [torch.randn(4, 3, 32, 32, generator=g) + rank for _ in range(2)]  # ranks differ
+    sct.calibrate(model, shard, num_batches=2, progress=False)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, f"c{rank}.pt"))
+    # what this rank alone would have measured
+    alone = sct.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), [32, 16])
+    alone.load_state_dict(model.state_dict())
+    dist.destroy_process_group()
+    sct.calibrate(alone, shard, num_batches=2, progress=False)
+    torch.save({k: v.clone() for k, v in alone.state_dict().items()}, os.path.join(out, f"a{rank}.pt"))
+
+
+def test_calibrate_under_ddp_averages_statistics_across_ranks(tmp_path):
+    mp.spawn(_calibrate_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
+    c0, c1 = torch.load(tmp_path / "c0.pt"), torch.load(tmp_path / "c1.pt")
+    a0, a1 = torch.load(tmp_path / "a0.pt"), torch.load(tmp_path / "a1.pt")
+    for key in ("1.branches.32.running_mean", "1.branches.16.running_var"):
+        assert torch.equal(c0[key], c1[key])
+        assert torch.allclose(c0[key], (a0[key] + a1[key]) / 2, atol=1e-5)
+        assert not torch.allclose(a0[key], a1[key])
