@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import Scale, normalize_scale, scale_key
-from .convert import ConversionError, context_of, eval_mode, scale, scale_specific_layers
+from .convert import ConversionError, _probe_shape, context_of, eval_mode, scale, scale_specific_layers
 from .sampling import resize_to
 
 IMAGE_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")
@@ -195,7 +195,7 @@ def _measure_entry_size(model: nn.Module, ctx, hw, source: int):
     seen = []
     handle = entry.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    lead = getattr(ctx, "probe_lead", None) or (1, _in_chans(model))
+    lead = getattr(ctx, "probe_lead", None) or _probe_shape(model, None)
     try:
         with eval_mode(model), torch.no_grad(), scale(model, ctx.scales[source]):
             model(torch.zeros(*lead, *hw, device=param.device if param is not None else "cpu",
@@ -209,13 +209,6 @@ def _measure_entry_size(model: nn.Module, ctx, hw, source: int):
         raise ValueError(f"scale {tuple(hw)} reaches the entry layer at the same size as an "
                          "existing scale; routing could not tell them apart")
     return size
-
-
-def _in_chans(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return m.in_channels
-    return 3
 
 
 def remove_scale(model: nn.Module, s: Scale) -> nn.Module:
