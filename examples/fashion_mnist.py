@@ -50,9 +50,10 @@ def load(split: str = "train", device: str = "cpu") -> Tuple[torch.Tensor, torch
 def augment(x: torch.Tensor, generator: torch.Generator = None) -> torch.Tensor:
     """Random horizontal flip and random 4-pixel translation per sample (CIFAR-style)."""
     n = x.shape[0]
-    flip = torch.rand(n, generator=generator).to(x.device) < 0.5
+    rng = generator.device if generator is not None else x.device  # draw where the generator lives
+    flip = torch.rand(n, generator=generator, device=rng).to(x.device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    shift = torch.randint(-4, 5, (n, 2), generator=generator).to(x.device).float()
+    shift = torch.randint(-4, 5, (n, 2), generator=generator, device=rng).to(x.device).float()
     theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     theta[:, :, 2] = shift * 2 / x.shape[-1]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Iterable, Iterator, List, Optional, Sequence
+import math
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -164,29 +165,64 @@ def _nearest_index(ctx, hw) -> int:
     return min(range(len(ctx.sizes)), key=lambda i: abs(ctx.sizes[i][0] * ctx.sizes[i][1] - pixels))
 
 
-def add_scale(model: nn.Module, s: Scale, init_from: Optional[Scale] = None) -> nn.Module:
-    """Add a branch for scale ``s``, copied from ``init_from`` (default: the nearest scale).
+def add_scale(model: nn.Module, s: Scale, init_from: Optional[Union[Scale, str]] = None) -> nn.Module:
+    """Add a branch for scale ``s``, initialised from ``init_from`` (default: the nearest scale).
 
-    The new scale goes last in ``scales_of``; routing, save/load and export see it. Calibrate it
-    (``sct.calibrate(model, data, scales=[s])``) before use: a copied branch has the
-    statistics of another size.
+    ``init_from`` is a scale to copy, or ``"interpolate"``: every floating-point parameter and
+    statistic is linearly interpolated, by side length (square root of the pixel count),
+    between the two scales on either side of ``s`` (the nearest one when ``s`` lies outside
+    the trained range). The new scale goes last in ``scales_of``; routing, save/load and export
+    see it. Calibrating it (``sct.calibrate(model, data, scales=[s])``) gives it statistics
+    measured at its own size.
     """
     ctx = context_of(model)
     inner = getattr(model, "module", model)
     hw = normalize_scale(s)
     if hw in ctx.sizes:
         raise ValueError(f"scale {s!r} is already one of the model's scales {list(ctx.scales)}")
-    source = ctx.index(init_from) if init_from is not None else _nearest_index(ctx, hw)
+    mix = _neighbours(ctx, hw) if init_from == "interpolate" else None
+    if init_from is None or init_from == "interpolate":
+        source = _nearest_index(ctx, hw)
+    else:
+        source = ctx.index(init_from)
     source_key, key = scale_key(ctx.sizes[source]), scale_key(hw)
     entry = _measure_entry_size(inner, ctx, hw, source)
     for _, layer in scale_specific_layers(inner):
-        layer.branches[key] = copy.deepcopy(layer.branch_modules[source_key])
+        branch = copy.deepcopy(layer.branch_modules[source_key])
+        if mix is not None:
+            (lo, hi, t) = mix
+            _blend_into(branch, layer.branch_modules[scale_key(ctx.sizes[lo])],
+                        layer.branch_modules[scale_key(ctx.sizes[hi])], t)
+        layer.branches[key] = branch
         if layer.routes:
             layer.entry_sizes.append(list(entry))
     ctx.scales = ctx.scales + ((s if isinstance(s, int) else tuple(s)),)
     ctx.sizes = ctx.sizes + (hw,)
     ctx.entry_sizes.append(entry)
     return model
+
+
+def _neighbours(ctx, hw) -> Optional[Tuple[int, int, float]]:
+    """(index below, index above, weight of the one above) by side length; None outside."""
+    side = math.sqrt(hw[0] * hw[1])
+    sides = [math.sqrt(h * w) for h, w in ctx.sizes]
+    below = [i for i, v in enumerate(sides) if v < side]
+    above = [i for i, v in enumerate(sides) if v > side]
+    if not below or not above:
+        return None
+    lo = max(below, key=lambda i: sides[i])
+    hi = min(above, key=lambda i: sides[i])
+    return lo, hi, (side - sides[lo]) / (sides[hi] - sides[lo])
+
+
+@torch.no_grad()
+def _blend_into(target: nn.Module, low: nn.Module, high: nn.Module, t: float) -> None:
+    """target's floating tensors = (1 - t) * low's + t * high's (counters are left as copied)."""
+    named = lambda m: dict(m.named_parameters()) | dict(m.named_buffers())  # noqa: E731
+    lows, highs = named(low), named(high)
+    for name, tensor in named(target).items():
+        if tensor.is_floating_point():
+            tensor.copy_(torch.lerp(lows[name], highs[name], t))
 
 
 def _measure_entry_size(model: nn.Module, ctx, hw, source: int):
