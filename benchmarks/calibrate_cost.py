@@ -1,8 +1,11 @@
 """Cost of sct.calibrate against the same number of plain forward passes.
 
 resnet50, 20 batches of 32 random images at {224, 160, 128}: calibrate runs 60 forwards (20 per
-scale, each branch collecting statistics); the reference runs the original model's 60 eval
-forwards, no grad, on the same resized batches. Repeats alternate the two; medians.
+scale, each branch collecting statistics). Two references on the same, already resized
+batches, no grad: the original model's 60 eval forwards, and the usual way to re-estimate BN
+statistics without this library (train-mode BN with ``momentum=None``, what
+``torch.optim.swa_utils.update_bn`` does), which pays for batch statistics as calibrate must.
+Repeats rotate the order; medians.
 
     python benchmarks/calibrate_cost.py                  # CPU
     python benchmarks/calibrate_cost.py --device cuda
@@ -18,6 +21,15 @@ import timm
 import torch
 
 import sct_convert as sct
+
+
+def allocator() -> str:
+    """The host allocator in use: CPU timings of big activations depend on it (page faults)."""
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if name in maps), "glibc malloc")
 
 SCALES = [224, 160, 128]
 
@@ -45,13 +57,30 @@ def main():
                 for x in resized[s]:
                     original(x)
 
+    reestimate_model = copy.deepcopy(original)
+    bns = [m for m in reestimate_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def reestimate():  # torch.optim.swa_utils.update_bn, once per scale
+        for bn in bns:
+            bn.momentum = None
+        reestimate_model.train()
+        with torch.no_grad():
+            for s in SCALES:
+                for bn in bns:
+                    bn.reset_running_stats()
+                for x in resized[s]:
+                    reestimate_model(x)
+        reestimate_model.eval()
+
     def calib():
         sct.calibrate(model, data, num_batches=args.batches, progress=False)
 
-    times = {"plain forwards": [], "calibrate": []}
+    variants = {"plain forwards": plain, "BN re-estimation": reestimate, "calibrate": calib}
+    names = list(variants)
+    times = {k: [] for k in names}
     for r in range(args.repeats):
-        for name, fn in ([("plain forwards", plain), ("calibrate", calib)] if r % 2 == 0
-                         else [("calibrate", calib), ("plain forwards", plain)]):
+        for name in names[r % 3:] + names[:r % 3]:
+            fn = variants[name]
             sync()
             t = time.perf_counter()
             fn()
@@ -59,10 +88,12 @@ def main():
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"resnet50, {args.batches} batches of {args.batch_size} at {SCALES}, device {args.device}, "
-          f"repeats {args.repeats}, torch {torch.__version__}")
+          f"repeats {args.repeats}, torch {torch.__version__}, allocator {allocator()}")
     for k, v in med.items():
         print(f"{k:15s} {v:8.2f} s")
     print(f"calibrate / plain forwards: {med['calibrate'] / med['plain forwards']:.3f}")
+    print(f"calibrate / BN re-estimation: {med['calibrate'] / med['BN re-estimation']:.3f}")
+    print(f"BN re-estimation / plain forwards: {med['BN re-estimation'] / med['plain forwards']:.3f}")
 
 
 if __name__ == "__main__":

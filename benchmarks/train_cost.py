@@ -9,6 +9,11 @@ saves for backward (a ``saved_tensors_hooks`` count), i.e. the activation memory
 differs between the variants; weights, gradients and optimizer state are the same for all.
 
     python benchmarks/train_cost.py                               # CPU, batch 16
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/train_cost.py
+
+On CPU, glibc malloc returns every large activation to the kernel and page-faults it back on
+the next step; that system time, not the arithmetic, dominates the spread between variants.
+A caching allocator (jemalloc, tcmalloc: the usual advice for PyTorch on CPU) removes it.
     python benchmarks/train_cost.py --device cuda --batch 64
 """
 from __future__ import annotations
@@ -22,6 +27,15 @@ import timm
 import torch
 
 import sct_convert as sct
+
+
+def allocator() -> str:
+    """The host allocator in use: CPU timings of big activations depend on it (page faults)."""
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if name in maps), "glibc malloc")
 
 SCALES = [224, 192, 128]
 
@@ -102,7 +116,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     total_single = sum(med[f"single@{s}"] for s in SCALES)
     print(f"{args.model} scales={SCALES} batch={args.batch} device={dev} repeats={args.repeats} "
-          f"torch={torch.__version__}")
+          f"torch={torch.__version__} allocator={allocator()}")
     print(f"{'variant':14s} {'step s':>8s} {'/ sum single':>12s}")
     for k in names:
         ratio = f"{med[k] / total_single:12.3f}" if k in ("drop-in", "train_step") else ""

@@ -180,6 +180,8 @@ def add_scale(model: nn.Module, s: Scale, init_from: Optional[Union[Scale, str]]
     hw = normalize_scale(s)
     if hw in ctx.sizes:
         raise ValueError(f"scale {s!r} is already one of the model's scales {list(ctx.scales)}")
+    if isinstance(init_from, str) and init_from != "interpolate":
+        raise ValueError(f"init_from={init_from!r}: give one of the model's scales or 'interpolate'")
     mix = _neighbours(ctx, hw) if init_from == "interpolate" else None
     if init_from is None or init_from == "interpolate":
         source = _nearest_index(ctx, hw)

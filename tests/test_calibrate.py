@@ -123,3 +123,27 @@ def test_symmetric_kl_and_divergence_rows(tmp_path):
     pytest.importorskip("matplotlib")
     branch_divergence(model, plot=str(tmp_path / "div.png"))
     assert (tmp_path / "div.png").stat().st_size > 1000
+
+
+def test_add_scale_interpolates_between_neighbouring_branches():
+    model = sct.convert(Net(), [32, 16, 64])
+    with torch.no_grad():
+        for key, value in (("32", 1.0), ("16", 3.0), ("64", 5.0)):
+            branch = model.bn.branches[key]
+            branch.running_mean.fill_(value)
+            branch.weight.fill_(value * 10)
+    sct.add_scale(model, 24, init_from="interpolate")  # side 24: halfway between 16 and 32
+    new = model.bn.branches["24"]
+    assert torch.allclose(new.running_mean, torch.full((4,), 2.0))
+    assert torch.allclose(new.weight, torch.full((4,), 20.0))
+    assert new.num_batches_tracked == model.bn.branches["16"].num_batches_tracked
+    sct.add_scale(model, (32, 128), init_from="interpolate")  # side 64: equals scale 64's
+    assert torch.allclose(model.bn.branches["32x128"].running_mean, torch.full((4,), 5.0))
+    sct.add_scale(model, 96, init_from="interpolate")  # outside the range: copy of the nearest
+    assert torch.allclose(model.bn.branches["96"].running_mean, torch.full((4,), 5.0))
+    model.eval()
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.allclose(model(x), sct.extract(model, 24).eval()(x))
+    with pytest.raises(ValueError, match="'interpolate'"):
+        sct.add_scale(model, 40, init_from="linear")
