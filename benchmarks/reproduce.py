@@ -67,7 +67,7 @@ SERVING = ["nearest", "interpolated", "calibrated"]
 RECOMMENDED_SERVING = "calibrated"  # what the README recommends for sizes between trained scales
 PRESETS = {
     # CPU: small enough for < 1 h on 2 cores (every job also tests 9 sizes, S-BN arms 4 ways)
-    "cpu": dict(models="resnet20", seeds="0,1", epochs=3, limit=10000, test_limit=2000, calib_batches=10,
+    "cpu": dict(models="resnet20", seeds="0,1", epochs=3, limit=5632, test_limit=1000, calib_batches=10,
                 workers=1),
     "gpu": dict(models="resnet56,resnet20", seeds="0,1,2", epochs=15, limit=None, test_limit=None,
                 calib_batches=40, workers=14),
@@ -148,7 +148,7 @@ def calibration_batches(x_train, n: int, batch_size: int, seed: int):
 def serve(model: nn.Module, size: int, how: str, calib, x_test, y_test) -> float:
     """Accuracy at ``size`` with a temporary branch for it, made the way ``how`` says."""
     model = copy.deepcopy(model)
-    sct.add_scale(model, size, init_from="interpolate" if how == "interpolated" else None)
+    sct.add_scale(model, size)  # the default: interpolated between the neighbouring branches
     if how == "calibrated":
         sct.calibrate(model, calib, num_batches=len(calib), scales=[size], progress=False)
     return accuracy(model, x_test, y_test, size)
@@ -181,7 +181,7 @@ def run_job(job: dict) -> dict:
             acc[how] = {str(size): (acc["nearest"][str(size)] if size in trained else
                                     serve(model, size, how, calib, x_test, y_test)) for size in SIZES}
     return {**{k: job[k] for k in ("model", "arm", "seed")}, "epochs": s["epochs"], "limit": s["limit"],
-            "test_limit": s["test_limit"], "calib_batches": s["calib_batches"],
+            "test_limit": s["test_limit"], "calib_batches": s["calib_batches"], "added_branch_init": "interpolate",
             "schedule": s["schedule"], "accuracy": acc, "train_seconds": round(train_s, 1),
             "eval_seconds": round(time.time() - t0, 1), "device": s["device"],
             "device_name": torch.cuda.get_device_name() if s["device"].startswith("cuda") else "cpu",
@@ -345,6 +345,7 @@ def report(results: list, out_dir: Path, dataset: str) -> None:
                          "calibration": f"{first['calib_batches']} unlabeled batches of 128 training images"},
             "devices": sorted({f"{r['device']} ({r['device_name']}, torch {r['torch']})" for r in rows}),
             "train_seconds_total": round(sum(r["train_seconds"] for r in rows), 1),
+            "train_and_test_seconds_total": round(sum(r["train_seconds"] + r["eval_seconds"] for r in rows), 1),
             "sizes": SIZES, "arms": arms, "serving_vs_best_arm": verdict,
             "recommended_serving": RECOMMENDED_SERVING, "goals": met, "paper_table5": PAPER_TABLE5,
         }

@@ -80,9 +80,10 @@ def test_calibration_gives_each_scale_its_own_statistics():
 def test_add_and_remove_scale_are_seen_everywhere(tmp_path):
     model = sct.convert(timm.create_model("test_resnet", num_classes=3), [96, 64]).eval()
     perturb_branches(model)
-    sct.add_scale(model, 80)
+    sct.add_scale(model, 80)  # side 80: halfway between 64 and 96 (the default interpolates)
     assert sct.scales_of(model) == (96, 64, 80)
-    assert torch.equal(model.bn1.branches["80"].running_mean, model.bn1.branches["64"].running_mean)
+    bn = model.bn1.branches
+    assert torch.allclose(bn["80"].running_mean, (bn["64"].running_mean + bn["96"].running_mean) / 2)
     sct.calibrate(model, batches(3, 96), num_batches=3, scales=[80], progress=False)
     x = torch.randn(1, 3, 80, 80)
     with torch.no_grad():
@@ -132,7 +133,7 @@ def test_add_scale_interpolates_between_neighbouring_branches():
             branch = model.bn.branches[key]
             branch.running_mean.fill_(value)
             branch.weight.fill_(value * 10)
-    sct.add_scale(model, 24, init_from="interpolate")  # side 24: halfway between 16 and 32
+    sct.add_scale(model, 24)  # side 24: halfway between 16 and 32
     new = model.bn.branches["24"]
     assert torch.allclose(new.running_mean, torch.full((4,), 2.0))
     assert torch.allclose(new.weight, torch.full((4,), 20.0))
