@@ -363,7 +363,8 @@ def report(results: list, out_dir: Path, dataset: str) -> None:
         ax.set_xlabel("test size (pixels)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(f"{model}, {dataset}: mean of {len(next(iter(arms.values()))['seeds'])} seeds, "
-                     f"{first['epochs']} epochs")
+                     f"{first['epochs']} epochs x {first['limit'] or 60000} images, "
+                     f"{first['test_limit'] or 10000} test images", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()

@@ -12,8 +12,9 @@ differs between the variants; weights, gradients and optimizer state are the sam
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/train_cost.py
 
 On CPU, glibc malloc returns every large activation to the kernel and page-faults it back on
-the next step; that system time, not the arithmetic, dominates the spread between variants.
-A caching allocator (jemalloc, tcmalloc: the usual advice for PyTorch on CPU) removes it.
+the next step, so a good share of each step is system time, and it varies between runs. The
+allocator in use is printed; with jemalloc preloaded, every variant was slower on our 2-core
+VM and the ratios stayed where they were.
     python benchmarks/train_cost.py --device cuda --batch 64
 """
 from __future__ import annotations
