@@ -347,7 +347,9 @@ def report(results: list, out_dir: Path, dataset: str) -> None:
             "train_seconds_total": round(sum(r["train_seconds"] for r in rows), 1),
             "train_and_test_seconds_total": round(sum(r["train_seconds"] + r["eval_seconds"] for r in rows), 1),
             "sizes": SIZES, "arms": arms, "serving_vs_best_arm": verdict,
-            "recommended_serving": RECOMMENDED_SERVING, "goals": met, "paper_table5": PAPER_TABLE5,
+            "recommended_serving": RECOMMENDED_SERVING,
+            # runs before add_scale interpolated by default started added branches as a copy
+            "added_branch_init": sorted({r.get("added_branch_init", "copy of the nearest branch") for r in rows}), "goals": met, "paper_table5": PAPER_TABLE5,
         }
         stem = f"reproduce_{dataset}_{model}"
         (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=1))
