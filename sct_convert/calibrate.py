@@ -172,7 +172,7 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     statistic of the new branch by linear interpolation, by side length (square root of the
     pixel count), between the two scales on either side of ``s``, or copies the nearest scale
     when ``s`` lies outside them; ``init_from=<scale>`` copies that scale's branch. On
-    Fashion-MNIST this beats the nearest branch at in-between sizes, and calibrating the new
+    Fashion-MNIST this beats the nearest branch at most in-between sizes, and calibrating the new
     branch (``sct.calibrate(model, data, scales=[s])``) beats both
     (``benchmarks/reproduce.py``). The new scale goes last in ``scales_of``; routing,
     save/load and export see it.
