@@ -21,15 +21,8 @@ import timm
 import torch
 
 import sct_convert as sct
+from _host import allocator  # benchmarks/ is on sys.path when a script here runs
 
-
-def allocator() -> str:
-    """The host allocator in use: CPU timings of big activations depend on it (page faults)."""
-    try:
-        maps = open("/proc/self/maps").read()
-    except OSError:
-        return "unknown"
-    return next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if name in maps), "glibc malloc")
 
 SCALES = [224, 160, 128]
 

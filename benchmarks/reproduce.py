@@ -31,6 +31,7 @@ import argparse
 import concurrent.futures as cf
 import copy
 import json
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -46,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE.parent))
 import fashion_mnist  # noqa: E402
+from _host import write_atomic  # noqa: E402
 from cifar_resnet import CifarResNet  # noqa: E402
 
 import sct_convert as sct  # noqa: E402
@@ -93,7 +95,7 @@ def make_schedule(opt, kind: str, total_steps: int):
     warmup = max(1, total_steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: (t + 1) / warmup if t < warmup else
-        0.5 * (1 + torch.cos(torch.tensor((t - warmup) / max(1, total_steps - warmup) * torch.pi)).item()))
+        0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total_steps - warmup))))
 
 
 def train(depth: int, arm: dict, seed: int, s: dict, data) -> tuple:
@@ -251,9 +253,14 @@ def summarise(results: list, model: str) -> dict:
     return out
 
 
+def best_per_size(arms: dict) -> dict:
+    """The best mean accuracy of any arm (default serving) at each size."""
+    return {str(size): max(a["serving"]["nearest"]["mean"][str(size)] for a in arms.values()) for size in SIZES}
+
+
 def serving_verdict(arms: dict) -> dict:
     """For each S-BN arm and serving way: the gap to the best arm (default serving) per size."""
-    best = {str(size): max(a["serving"]["nearest"]["mean"][str(size)] for a in arms.values()) for size in SIZES}
+    best = best_per_size(arms)
     verdict = {"best_arm_at_size": best}
     for arm, a in arms.items():
         if len(a["serving"]) == 1:
@@ -280,9 +287,9 @@ def goals(arms: dict, serving: str) -> dict:
         "s-bn@32/16 at 16 >= plain@32 at 16 + 40": at(sbn, 16) - at("plain@32", 16) - 40,
     }
     if serving in arms[sbn]["serving"]:
-        best = {size: max(a["serving"]["nearest"]["mean"][str(size)] for a in arms.values()) for size in SIZES}
+        best = best_per_size(arms)
         out[f"s-bn@32/16 served '{serving}' >= best arm - 0.3 at every size (worst size)"] = min(
-            at(sbn, size, serving) - best[size] + 0.3 for size in SIZES)
+            at(sbn, size, serving) - best[str(size)] + 0.3 for size in SIZES)
     return {k: {"margin": round(v, 2), "met": v >= 0 if ">=" in k else v > 0} for k, v in out.items()}
 
 
@@ -352,8 +359,8 @@ def report(results: list, out_dir: Path, dataset: str) -> None:
             "added_branch_init": sorted({r.get("added_branch_init", "copy of the nearest branch") for r in rows}), "goals": met, "paper_table5": PAPER_TABLE5,
         }
         stem = f"reproduce_{dataset}_{model}"
-        (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=1))
-        (out_dir / f"{stem}.md").write_text(markdown(model, arms, verdict, met))
+        write_atomic(out_dir / f"{stem}.json", json.dumps(summary, indent=1))
+        write_atomic(out_dir / f"{stem}.md", markdown(model, arms, verdict, met))
         fig, ax = plt.subplots(figsize=(8, 5))
         for arm, a in arms.items():
             m = a["serving"]["nearest"]["mean"]
