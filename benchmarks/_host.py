@@ -6,13 +6,19 @@ import tempfile
 from pathlib import Path
 
 
+ALLOCATOR_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_CONF")
+
+
 def allocator() -> str:
-    """The host allocator in use: CPU timings of big activations depend on it (page faults)."""
+    """The host allocator in use and its settings: CPU timings of big activations depend on
+    them (whether freed activations go back to the kernel and page-fault in again)."""
     try:
         maps = open("/proc/self/maps").read()
     except OSError:
         return "unknown"
-    return next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if name in maps), "glibc malloc")
+    name = next((n for n in ("jemalloc", "tcmalloc", "mimalloc") if n in maps), "glibc malloc")
+    settings = [f"{k}={os.environ[k]}" for k in ALLOCATOR_SETTINGS if k in os.environ]
+    return " ".join([name] + settings)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -9,18 +9,20 @@ saves for backward (a ``saved_tensors_hooks`` count), i.e. the activation memory
 differs between the variants; weights, gradients and optimizer state are the same for all.
 
     python benchmarks/train_cost.py                               # CPU, batch 16
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benchmarks/train_cost.py
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python benchmarks/train_cost.py
 
-On CPU, glibc malloc returns every large activation to the kernel and page-faults it back on
-the next step, so a good share of each step is system time, and it varies between runs. The
-allocator in use is printed; with jemalloc preloaded, every variant was slower on our 2-core
-VM and the ratios stayed where they were.
-    python benchmarks/train_cost.py --device cuda --batch 64
+On CPU, glibc malloc's defaults hand the drop-in loop's freed activations (2.1x those of one
+scale) back to the kernel, and the next step page-faults them in again; the table prints
+system time and minor page faults per step so that cost shows. The allocator and its
+settings are printed with the results.
+
+    python benchmarks/train_cost.py --device cuda --batch 64       # GPU
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 import time
 
@@ -93,11 +95,14 @@ def main() -> None:
     def timed(fn):
         if cuda:
             torch.cuda.synchronize()
+        before = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         fn()
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t
+        wall = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        return wall, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
 
     for _ in range(args.warmup):
         for fn in variants.values():
@@ -107,15 +112,20 @@ def main() -> None:
     for r in range(args.repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
             times[k].append(timed(variants[k]))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
+    # Kernel time and page faults per step: on CPU, where the time a variant loses goes.
+    sys_s = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
+    faults = {k: statistics.median(t[2] for t in v) for k, v in times.items()}
     total_single = sum(med[f"single@{s}"] for s in SCALES)
     print(f"{args.model} scales={SCALES} batch={args.batch} device={dev} repeats={args.repeats} "
           f"torch={torch.__version__} allocator={allocator()}")
-    print(f"{'variant':14s} {'step s':>8s} {'/ sum single':>12s}")
+    print(f"{'variant':14s} {'step s':>8s} {'/ sum single':>12s} {'sys s':>7s} {'page faults':>11s}")
     for k in names:
-        ratio = f"{med[k] / total_single:12.3f}" if k in ("drop-in", "train_step") else ""
-        print(f"{k:14s} {med[k]:8.3f} {ratio}")
-    print(f"{'sum single':14s} {total_single:8.3f}")
+        ratio = f"{med[k] / total_single:.3f}" if k in ("drop-in", "train_step") else ""
+        print(f"{k:14s} {med[k]:8.3f} {ratio:>12s} {sys_s[k]:7.2f} {faults[k]:11.0f}")
+    print(f"{'sum single':14s} {total_single:8.3f} {'':12s} "
+          f"{sum(sys_s[f'single@{s}'] for s in SCALES):7.2f} "
+          f"{sum(faults[f'single@{s}'] for s in SCALES):11.0f}")
 
     # memory
     peaks = {}
