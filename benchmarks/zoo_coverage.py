@@ -10,6 +10,7 @@ model and reproduces the converted output at that scale. One CSV row per model.
 
     python benchmarks/zoo_coverage.py --workers 14 --device cuda --out benchmarks/results/zoo_coverage.csv
     python benchmarks/zoo_coverage.py --only resnet18,test_efficientnet     # a few, on CPU
+    python benchmarks/zoo_coverage.py --contract --only @ok_models.txt --out benchmarks/results/zoo_contract.csv
 
 Runs in worker processes over shards; rows are appended as they finish, and a rerun skips the
 models already in the CSV (``--deadline`` stops cleanly before a host's time limit).
@@ -88,20 +89,23 @@ class Timeout(Exception):
     pass
 
 
-def contract_checks(model, original, ctx, inputs, row):
+def contract_checks(model, original, ctx, inputs, row, source):
     """Train-mode sampling + SCTLoss backward; FX extraction routes; scripts if the original does."""
     import warnings
 
     import torch
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    from timm.models import _features_fx as timm_fx
+    from torchvision.models import feature_extraction as tv_fx
 
     import sct_convert as sct
 
     def attempt(key, fn):
+        model.eval()  # a failed extraction can leave the model in train mode (torchvision)
         try:
             row[key] = fn()
         except Exception as e:  # noqa: BLE001 - recorded per model
             row[key] = f"fail: {type(e).__name__}: {' '.join(str(e).split())[:120]}"
+        model.eval()
 
     def train_step():
         m = copy.deepcopy(model).train()
@@ -112,14 +116,24 @@ def contract_checks(model, original, ctx, inputs, row):
         return "ok" if ok and len(out) == len(ctx.scales) else "fail: non-finite grads"
 
     def fx_extract():
-        plain = sct.extract(model, ctx.scales[0])
-        _, nodes = get_graph_node_names(plain.eval())
+        # timm's extractor knows timm's untraceable leaves; torchvision's is what tv models use
+        fx = timm_fx if source == "timm" else tv_fx
+        make, get_graph_node_names = fx.create_feature_extractor, fx.get_graph_node_names
+        plain = {s: sct.extract(model, s).eval() for s in ctx.scales}
+        try:
+            _, plain_nodes = get_graph_node_names(plain[ctx.scales[0]])
+            make(plain[ctx.scales[0]], [plain_nodes[-1]])
+        except Exception:  # noqa: BLE001 - decides only whether the check applies
+            return "n/a (original does not trace)"
+        # nodes inside a BN layer (e.g. BatchNormAct2d's act) are one routed call once converted
+        _, converted_nodes = get_graph_node_names(model)
+        nodes = [n for n in plain_nodes if n in set(converted_nodes)]
         node = nodes[len(nodes) // 2]
-        fe = create_feature_extractor(model, [node])
+        fe = make(model, [node])
         worst = 0.0
         for s, x in zip(ctx.scales, inputs):
             with torch.no_grad():
-                want = create_feature_extractor(sct.extract(model, s).eval(), [node])(x)[node]
+                want = make(plain[s], [node])(x)[node]
                 worst = max(worst, rel_diff(want, fe(x)[node]))
         return "ok" if worst <= TOL else f"fail: diff {worst:.1e}"
 
@@ -135,7 +149,6 @@ def contract_checks(model, original, ctx, inputs, row):
             worst = max(rel_diff(model(x), scripted(x)) for x in inputs)
         return "ok" if worst <= TOL else f"fail: diff {worst:.1e}"
 
-    model.eval()
     attempt("train_step", train_step)
     attempt("fx_extract", fx_extract)
     attempt("jit_script", jit_script)
@@ -193,7 +206,7 @@ def check_model(name, source, device, batch, contract=False):
     ok = row["equiv_max_rel_diff"] <= TOL and row["export_max_rel_diff"] <= TOL
     row["status"] = "ok" if ok else "mismatch"
     if contract:
-        contract_checks(model, original, ctx, inputs, row)
+        contract_checks(model, original, ctx, inputs, row, source)
     return row
 
 
@@ -261,7 +274,8 @@ def main():
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--only", default=None, help="comma list of model names")
+    p.add_argument("--only", default=None,
+                   help="comma list of model names, or @FILE with one name per line")
     p.add_argument("--source", choices=["timm", "torchvision"], default=None)
     p.add_argument("--model-timeout", type=int, default=240)
     p.add_argument("--deadline", type=float, default=1e9, help="seconds; stop starting new models after")
@@ -276,6 +290,8 @@ def main():
     names = model_list()
     if args.source:
         names = [n for n in names if n[1] == args.source]
+    if args.only and args.only.startswith("@"):
+        args.only = ",".join(Path(args.only[1:]).read_text().split())
     if args.only:
         wanted = set(args.only.split(","))
         names = [n for n in names if n[0] in wanted]
