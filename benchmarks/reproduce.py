@@ -320,6 +320,7 @@ def report(results: list, out_dir: Path, dataset: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     for model in sorted({r["model"] for r in results}):
         arms = summarise(results, model)
         rows = [r for r in results if r["model"] == model]
