@@ -6,6 +6,7 @@ ratios, so drifting clocks and background load hit all three alike. Also times c
 
     python benchmarks/overhead.py                       # CPU
     python benchmarks/overhead.py --device cuda --repeats 200
+    python benchmarks/overhead.py --batch 1 --scales 64,48,32 --threads 1 --repeats 200  # CPU, Python-bound
 """
 from __future__ import annotations
 
@@ -57,7 +58,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--scales", default=",".join(map(str, SCALES)),
+                   help="tiny sizes at batch 1 make a CPU run Python-bound, like small GPU batches")
     args = p.parse_args()
+    scales = [int(v) for v in args.scales.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     run = timer(args.device)
@@ -67,9 +71,9 @@ def main() -> None:
     for name in args.models.split(","):
         torch.manual_seed(0)
         original = timm.create_model(name, pretrained=False).eval()
-        converted = sct.convert(copy.deepcopy(original), SCALES).eval()
+        converted = sct.convert(copy.deepcopy(original), scales).eval()
         original, converted = original.to(args.device), converted.to(args.device)
-        for s in SCALES:
+        for s in scales:
             extracted = sct.extract(converted, s).eval().to(args.device)
             x = torch.randn(args.batch, 3, s, s, device=args.device)
             models = [original, converted, extracted]

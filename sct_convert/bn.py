@@ -7,10 +7,11 @@ says which branch runs.
 """
 
 import copy
-from typing import List, Sequence, Tuple, Type
+from typing import Dict, List, Sequence, Tuple, Type
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -45,15 +46,43 @@ def is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, (_BatchNorm,) + FROZEN_BATCH_NORM_TYPES)
 
 
+def _eval_shortcut_types() -> Dict[Type[nn.Module], Tuple[int, ...]]:
+    types: Dict[Type[nn.Module], Tuple[int, ...]] = {
+        nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+    try:
+        from timm.layers import BatchNormAct2d
+
+        types[BatchNormAct2d] = (4,)
+    except ImportError:  # pragma: no cover - timm is a dependency
+        pass
+    return types
+
+
+#: Exact classes whose eval-mode forward is one ``F.batch_norm`` on their running statistics
+#: (then ``drop`` and ``act`` for timm's BatchNormAct2d), with the input ranks they accept.
+_EVAL_SHORTCUT_TYPES = _eval_shortcut_types()
+
+
 def scale_specific_forward(sbn: "ScaleSpecificBatchNorm", x: torch.Tensor) -> torch.Tensor:
     """Route (on the entry layer) and run the active branch. A leaf for FX, so routing survives tracing."""
     context = sbn.context
     if sbn.routes:
         context.route_input(x)
-    # The branch's forward, not its __call__: hooks belong on the S-BN layer, and a second
-    # module call per BN is measurable when inference is bound by Python overhead (small GPU
-    # batches).
-    return sbn.branch_modules[context.active_key].forward(x)
+    branch = sbn.branch_modules[context.active_key]
+    # Small-batch GPU inference is bound by Python, not kernels: in eval mode, make the one
+    # F.batch_norm call the branch's forward would make, without the Python around it.
+    if not branch.training and x.dim() in _EVAL_SHORTCUT_TYPES.get(type(branch), ()):
+        buffers = branch._buffers
+        mean, var = buffers["running_mean"], buffers["running_var"]
+        if mean is not None and var is not None:
+            params = branch._parameters
+            out = F.batch_norm(x, mean, var, params["weight"], params["bias"], False, 0.0, branch.eps)
+            modules = branch._modules
+            if "act" in modules:  # BatchNormAct2d
+                out = modules["act"](modules["drop"](out))
+            return out
+    # The branch's forward, not its __call__: hooks belong on the S-BN layer.
+    return branch.forward(x)
 
 
 # Tracers record this call as one node instead of baking in the branch active at trace time.

@@ -81,6 +81,50 @@ def test_batchnorm1d_and_3d():
         assert_equivalent(model(x), original(x))
 
 
+@pytest.mark.parametrize("norm", [
+    nn.BatchNorm2d(8),
+    nn.BatchNorm2d(8, affine=False),
+    nn.BatchNorm2d(8, momentum=None),
+    nn.BatchNorm2d(8, track_running_stats=False),
+    BatchNormAct2d(8, act_layer=nn.Hardswish),
+    BatchNormAct2d(8, affine=False),
+], ids=["affine", "no-affine", "momentum-None", "batch-stats", "timm-act", "timm-act-no-affine"])
+def test_eval_shortcut_matches_the_branch_forward_bit_for_bit(norm):
+    # In eval mode S-BN calls F.batch_norm itself for plain BNs (inference is Python-bound on
+    # small GPU batches); it must compute exactly what the branch's own forward does.
+    model = sct.convert(Tiny(norm), [32, 16]).eval()
+    perturb_branches(model)
+    sbn = model.bn
+    for key, s in (("32", 32), ("16", 16)):
+        h = torch.randn(2, 8, s, s)
+        with torch.no_grad(), sct.scale(model, s):
+            sct.context_of(model).route_input(h)
+            assert torch.equal(sbn(h), sbn.branches[key].forward(h))
+    with pytest.raises((ValueError, AssertionError), match="expected 4D input"):
+        sbn(torch.randn(8, 4))
+
+    def branch_forward_called(x):
+        raise AssertionError("branch forward called")
+
+    sbn.branches["32"].forward = branch_forward_called
+    h = torch.randn(2, 8, 32, 32)
+    with torch.no_grad(), sct.scale(model, 32):
+        sct.context_of(model).route_input(h)
+        if norm.track_running_stats:  # the shortcut is taken
+            sbn(h)
+        else:  # batch statistics in eval mode: the branch's own forward
+            with pytest.raises(AssertionError, match="branch forward called"):
+                sbn(h)
+    del sbn.branches["32"].forward
+    # train mode runs the branch's forward: batch statistics, running stats updated
+    model.train()
+    sct.set_sampling(model, False)
+    before = sbn.branches["32"].num_batches_tracked.clone() if norm.track_running_stats else None
+    model(torch.randn(2, 3, 32, 32))
+    if before is not None:
+        assert int(sbn.branches["32"].num_batches_tracked) == int(before) + 1
+
+
 def test_bn_called_at_two_places_is_one_branched_layer():
     class Shared(nn.Module):
         def __init__(self):
