@@ -33,7 +33,7 @@ FIELDS = [
     "traced", "seconds", "reason",
 ]
 # --contract adds the checks timm/torchvision run on their own models
-CONTRACT_FIELDS = ["train_step", "fx_extract", "jit_script"]
+CONTRACT_FIELDS = ["train_step", "fx_extract", "jit_script", "commit"]
 TOL = 1e-5
 
 
@@ -211,8 +211,13 @@ def check_model(name, source, device, batch, contract=False):
 
 
 def run_worker(args, names):
+    import resource
+
     import torch
 
+    if args.max_memory_gb:  # a model too big for the host is an error row, not an OOM kill
+        limit = int(args.max_memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -247,6 +252,8 @@ def run_worker(args, names):
             finally:
                 signal.alarm(0)
             row["seconds"] = f"{time.time() - t0:.1f}"
+            if args.contract:
+                row["commit"] = os.environ.get("SCT_SWEEP_COMMIT", "")
             for k in ("equiv_max_rel_diff", "export_max_rel_diff"):
                 if isinstance(row.get(k), float):
                     row[k] = f"{row[k]:.2e}"
@@ -282,6 +289,8 @@ def main():
     p.add_argument("--contract", action="store_true",
                    help="also check train step, FX feature extraction and torch.jit.script")
     p.add_argument("--grace", type=float, default=60, help="seconds after --deadline before kill")
+    p.add_argument("--max-memory-gb", type=float, default=0,
+                   help="per worker (RLIMIT_DATA); a model over it is recorded as an error")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline-at", type=float, default=None, help=argparse.SUPPRESS)
@@ -304,12 +313,16 @@ def main():
         return
     deadline_at = time.time() + args.deadline
     parts = [f"{args.out}.part{i}" for i in range(args.workers)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # TorchScript re-reads sources at script time: run the sweep from a tree nobody edits
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", SCT_SWEEP_COMMIT=commit)
     procs = [
         subprocess.Popen([sys.executable, __file__, "--out", args.out, "--device", args.device,
                           "--workers", str(args.workers), "--worker", str(i), "--part", parts[i],
                           "--threads", str(args.threads), "--batch", str(args.batch),
-                          "--model-timeout", str(args.model_timeout), "--deadline-at",
+                          "--model-timeout", str(args.model_timeout),
+                          "--max-memory-gb", str(args.max_memory_gb), "--deadline-at",
                           str(deadline_at)] + (["--only", args.only] if args.only else [])
                          + (["--contract"] if args.contract else [])
                          + (["--source", args.source] if args.source else []), env=env)
