@@ -243,3 +243,42 @@ def test_shared_bn_switch_samples_without_branches():
                        nn.Flatten(), nn.Linear(8, 4))
     sct.convert(gn, [32, 16], scale_specific_bn=False).train()
     assert len(gn(torch.randn(2, 3, 32, 32))) == 2
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cuda_autocast_drop_in_and_train_step_with_grad_scaler(dtype):
+    model = make().cuda().train()
+    x, y = (t.cuda() for t in batch())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    crit = sct.SCTLoss(torch.nn.CrossEntropyLoss())
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    with torch.autocast("cuda", dtype=dtype):
+        out = model(x)
+        loss = crit(out, y)
+    assert all(o.dtype == dtype for o in out)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    res = sct.train_step(model, x, y, crit, opt, scaler, amp_dtype=dtype, clip_grad_norm=1.0)
+    assert torch.isfinite(res.loss) and set(res.per_scale) == set(SCALES)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        for s in SCALES:
+            assert model(batch(size=s)[0].cuda()).dtype == dtype
+
+
+@needs_cuda
+def test_cuda_inductor_compile_eval_per_scale_matches_eager():
+    torch._dynamo.reset()
+    model = make().cuda().eval()
+    perturb_branches(model)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for s in SCALES:
+            x = batch(size=s)[0].cuda()
+            assert torch.allclose(compiled(x), model(x), atol=1e-4)
