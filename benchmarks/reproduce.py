@@ -271,26 +271,38 @@ def serving_verdict(arms: dict) -> dict:
 
 
 def goals(arms: dict, serving: str) -> dict:
-    """The issue's figures for S-BN at {32, 16} (mean over seeds), each with its margin."""
+    """The issue's figures for S-BN at {32, 16} (mean over seeds), each with its margin and, for
+    the pairwise ones, the standard error of the per-seed difference (arms with the same seed
+    start from the same weights and see the same batches, so differences pair by seed)."""
     def at(arm, size, how="nearest"):
         return arms[arm]["serving"][how]["mean"][str(size)]
+
+    def paired_se(a, b, size):
+        if arms[a]["seeds"] != arms[b]["seeds"] or len(arms[a]["seeds"]) < 2:
+            return None
+        runs_a, runs_b = arms[a]["serving"]["nearest"]["per_seed"], arms[b]["serving"]["nearest"]["per_seed"]
+        diffs = [ra[str(size)] - rb[str(size)] for ra, rb in zip(runs_a, runs_b)]
+        return statistics.stdev(diffs) / math.sqrt(len(diffs))
 
     need = ("s-bn@32/16", "plain@32", "plain@16", "shared-bn@32/16")
     if not all(a in arms for a in need):
         return {}
     sbn = "s-bn@32/16"
-    out = {
-        "s-bn@32/16 at 32 >= plain@32 at 32": at(sbn, 32) - at("plain@32", 32),
-        "s-bn@32/16 at 16 >= plain@16 at 16": at(sbn, 16) - at("plain@16", 16),
-        "s-bn@32/16 > shared-bn@32/16 at 32": at(sbn, 32) - at("shared-bn@32/16", 32),
-        "s-bn@32/16 > shared-bn@32/16 at 16": at(sbn, 16) - at("shared-bn@32/16", 16),
-        "s-bn@32/16 at 16 >= plain@32 at 16 + 40": at(sbn, 16) - at("plain@32", 16) - 40,
+    pairs = {
+        "s-bn@32/16 at 32 >= plain@32 at 32": ("plain@32", 32, 0),
+        "s-bn@32/16 at 16 >= plain@16 at 16": ("plain@16", 16, 0),
+        "s-bn@32/16 > shared-bn@32/16 at 32": ("shared-bn@32/16", 32, 0),
+        "s-bn@32/16 > shared-bn@32/16 at 16": ("shared-bn@32/16", 16, 0),
+        "s-bn@32/16 at 16 >= plain@32 at 16 + 40": ("plain@32", 16, 40),
     }
+    out = {k: (at(sbn, size) - at(other, size) - offset, paired_se(sbn, other, size))
+           for k, (other, size, offset) in pairs.items()}
     if serving in arms[sbn]["serving"]:
         best = best_per_size(arms)
-        out[f"s-bn@32/16 served '{serving}' >= best arm - 0.3 at every size (worst size)"] = min(
-            at(sbn, size, serving) - best[str(size)] + 0.3 for size in SIZES)
-    return {k: {"margin": round(v, 2), "met": v >= 0 if ">=" in k else v > 0} for k, v in out.items()}
+        out[f"s-bn@32/16 served '{serving}' >= best arm - 0.3 at every size (worst size)"] = (min(
+            at(sbn, size, serving) - best[str(size)] + 0.3 for size in SIZES), None)
+    return {k: {"margin": round(v, 2), "paired_se": None if se is None else round(se, 2),
+                "met": v >= 0 if ">=" in k else v > 0} for k, (v, se) in out.items()}
 
 
 def markdown(model: str, arms: dict, verdict: dict, met: dict) -> str:
@@ -309,8 +321,10 @@ def markdown(model: str, arms: dict, verdict: dict, met: dict) -> str:
         lines += [f"\n{arm}, each serving way minus the best arm at that size (points)\n\n", head("serving")]
         lines += [f"| {how} | " + " | ".join(f"{g[str(s)]:+.2f}" for s in SIZES) + " |\n" for how, g in ways.items()]
     if met:
-        lines.append("\n| goal | margin | met |\n|---|---|---|\n")
-        lines += [f"| {k} | {v['margin']:+.2f} | {'yes' if v['met'] else 'no'} |\n" for k, v in met.items()]
+        lines.append("\n| goal | margin | paired SE | met |\n|---|---|---|---|\n")
+        lines += [f"| {k} | {v['margin']:+.2f} | "
+                  f"{'' if v.get('paired_se') is None else format(v['paired_se'], '.2f')} | "
+                  f"{'yes' if v['met'] else 'no'} |\n" for k, v in met.items()]
     return "".join(lines)
 
 
