@@ -89,6 +89,12 @@ class Timeout(Exception):
     pass
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """The host ran out (or hit --max-memory-gb): says nothing about the model."""
+    return isinstance(e, MemoryError) or "can't allocate memory" in str(e) or (
+        type(e).__name__ == "PanicException" and isinstance(e.__context__, MemoryError))
+
+
 def contract_checks(model, original, ctx, inputs, row, source):
     """Train-mode sampling + SCTLoss backward; FX extraction routes; scripts if the original does."""
     import warnings
@@ -104,7 +110,7 @@ def contract_checks(model, original, ctx, inputs, row, source):
         try:
             row[key] = fn()
         except Exception as e:  # noqa: BLE001 - recorded per model
-            if isinstance(e, MemoryError) or "can't allocate memory" in str(e):
+            if out_of_memory(e):
                 # the host's limit (--max-memory-gb), not a verdict on the model: rerun it bigger
                 row[key] = "skip: over the host's memory limit"
             else:
@@ -250,9 +256,15 @@ def run_worker(args, names):
             except Timeout:
                 row = {"model": name, "source": source, "status": "timeout",
                        "reason": f"over {args.model_timeout}s"}
-            except Exception as e:  # noqa: BLE001 - recorded per model
-                row = {"model": name, "source": source, "status": "error",
-                       "reason": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - recorded per model (pyo3 panics are BaseException)
+                if out_of_memory(e):
+                    row = {"model": name, "source": source, "status": "skip",
+                           "reason": f"over the host's memory limit ({args.max_memory_gb} GB): rerun on a bigger host"}
+                else:
+                    row = {"model": name, "source": source, "status": "error",
+                           "reason": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
             finally:
                 signal.alarm(0)
             row["seconds"] = f"{time.time() - t0:.1f}"
