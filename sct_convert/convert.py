@@ -210,6 +210,11 @@ def _describe_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}{where}" if msg else f"{type(e).__name__}{where}"
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """The host ran out of memory: says nothing about whether the model accepts a size."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode inside the block; every module's own train/eval flag restored after."""
@@ -263,6 +268,8 @@ def _probe_entry(
                 try:
                     model(x)
                 except Exception as e:  # noqa: BLE001 - reported with the scale that failed
+                    if _out_of_memory(e):
+                        raise  # not the architecture's verdict on this scale
                     shape = "x".join(map(str, x.shape))
                     raise ConversionError(
                         f"model cannot run at scale {scale!r} (input {shape}): "

@@ -282,6 +282,24 @@ def test_model_that_cannot_run_at_a_scale_names_it_and_is_untouched():
     assert isinstance(model.bn, nn.BatchNorm2d) and not hasattr(model, "_sct_context")
 
 
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 19200000 bytes"),
+], ids=["cuda", "cpu"])
+def test_out_of_memory_while_probing_is_not_blamed_on_the_scale(error):
+    class Hungry(Tiny):
+        def forward(self, x):
+            if x.shape[-1] == 64:
+                raise error
+            return super().forward(x)
+
+    model = Hungry()
+    with pytest.raises(type(error), match="allocate") as raised:
+        sct.convert(model, [32, 64])
+    assert not isinstance(raised.value, sct.ConversionError)
+    assert isinstance(model.bn, nn.BatchNorm2d) and not hasattr(model, "_sct_context")
+
+
 def test_branch_independence_in_training():
     model = sct.convert(Tiny(), [32, 16])
     perturb_branches(model)
