@@ -89,10 +89,15 @@ class Timeout(Exception):
     pass
 
 
+RESPAWN = 3  # a worker's exit code: start a fresh worker on the rest of its shard
+
+
 def out_of_memory(e: BaseException) -> bool:
     """The host ran out (or hit --max-memory-gb): says nothing about the model."""
+    # safetensors' serializer panics ("PyObject pointer is null") when Python cannot allocate
+    # the bytes it returns
     return isinstance(e, MemoryError) or "can't allocate memory" in str(e) or (
-        type(e).__name__ == "PanicException" and isinstance(e.__context__, MemoryError))
+        type(e).__name__ == "PanicException" and "pointer is null" in str(e))
 
 
 def contract_checks(model, original, ctx, inputs, row, source):
@@ -242,6 +247,8 @@ def run_worker(args, names):
     signal.signal(signal.SIGALRM, alarm)
     out = Path(args.part)
     new = not out.exists()
+    done = {(r["model"], r["source"]) for r in read_rows(out)}  # a respawned worker resumes
+    names = [n for n in names if n not in done]
     with out.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields(args))
         if new:
@@ -275,6 +282,10 @@ def run_worker(args, names):
                     row[k] = f"{row[k]:.2e}"
             writer.writerow(row)
             f.flush()
+            if row["status"] == "skip" or any(str(row.get(k, "")).startswith("skip") for k in CONTRACT_FIELDS):
+                # after a failed big allocation the process can stay too big for the next
+                # model (oneDNN then fails everywhere): exit, and the parent starts a fresh one
+                sys.exit(RESPAWN)
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
@@ -333,24 +344,31 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     env = dict(os.environ, PYTHONUNBUFFERED="1", SCT_SWEEP_COMMIT=commit)
-    procs = [
-        subprocess.Popen([sys.executable, __file__, "--out", args.out, "--device", args.device,
-                          "--workers", str(args.workers), "--worker", str(i), "--part", parts[i],
-                          "--threads", str(args.threads), "--batch", str(args.batch),
-                          "--model-timeout", str(args.model_timeout),
-                          "--max-memory-gb", str(args.max_memory_gb), "--deadline-at",
-                          str(deadline_at)] + (["--only", args.only] if args.only else [])
-                         + (["--contract"] if args.contract else [])
-                         + (["--source", args.source] if args.source else []), env=env)
-        for i in range(args.workers)
-    ]
+
+    def spawn(i):
+        return subprocess.Popen(
+            [sys.executable, __file__, "--out", args.out, "--device", args.device,
+             "--workers", str(args.workers), "--worker", str(i), "--part", parts[i],
+             "--threads", str(args.threads), "--batch", str(args.batch),
+             "--model-timeout", str(args.model_timeout), "--max-memory-gb", str(args.max_memory_gb),
+             "--deadline-at", str(deadline_at)] + (["--only", args.only] if args.only else [])
+            + (["--contract"] if args.contract else []) + (["--source", args.source] if args.source else []),
+            env=env)
+
+    procs = {i: spawn(i) for i in range(args.workers)}
     print(f"{len(todo)} models to check ({len(done)} already in {args.out}), {args.workers} workers",
           flush=True)
-    for proc in procs:  # models still running at the deadline (+grace) are redone next run
-        try:
-            proc.wait(timeout=max(1.0, deadline_at + args.grace - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    while procs:  # models still running at the deadline (+grace) are redone next run
+        time.sleep(1.0)
+        for i, proc in list(procs.items()):
+            if proc.poll() is None:
+                if time.time() > deadline_at + args.grace:
+                    proc.kill()
+                    del procs[i]
+            elif proc.returncode == RESPAWN and time.time() < deadline_at:
+                procs[i] = spawn(i)
+            else:
+                del procs[i]
     rows = read_rows(args.out)
     for part in parts:
         rows += read_rows(part)
