@@ -256,6 +256,8 @@ def run_worker(args, names):
         for name, source in names:
             if time.time() > args.deadline_at:
                 break
+            # the parent reads this if the process dies or hangs outside Python's reach
+            Path(args.part + ".current").write_text(f"{name},{source},{time.time()}")
             t0 = time.time()
             signal.alarm(args.model_timeout)
             try:
@@ -358,17 +360,53 @@ def main():
     procs = {i: spawn(i) for i in range(args.workers)}
     print(f"{len(todo)} models to check ({len(done)} already in {args.out}), {args.workers} workers",
           flush=True)
+    def current(i):
+        marker = Path(parts[i] + ".current")
+        if not marker.exists():
+            return None
+        name, source, started = marker.read_text().split(",")
+        return name, source, float(started)
+
+    def record_lost(i, why):
+        """A worker died or hung on a model (a native abort, a deadlock after a failed
+        allocation): give that model a row so the fresh worker moves past it."""
+        name, source, started = current(i)
+        if any((r["model"], r["source"]) == (name, source) for r in read_rows(parts[i])):
+            return  # it died after writing its row
+        with open(parts[i], "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields(args))
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow({"model": name, "source": source, "status": "skip",
+                             "seconds": f"{time.time() - started:.1f}",
+                             "reason": f"worker {why} on this model (native abort or hang, usually out "
+                                       "of memory): rerun on a bigger host"})
+
+    procs = {i: spawn(i) for i in range(args.workers)}
+    print(f"{len(todo)} models to check ({len(done)} already in {args.out}), {args.workers} workers",
+          flush=True)
     while procs:  # models still running at the deadline (+grace) are redone next run
         time.sleep(1.0)
         for i, proc in list(procs.items()):
+            now = time.time()
             if proc.poll() is None:
-                if time.time() > deadline_at + args.grace:
+                if now > deadline_at + args.grace:
                     proc.kill()
                     del procs[i]
-            elif proc.returncode == RESPAWN and time.time() < deadline_at:
+                elif current(i) and now - current(i)[2] > args.model_timeout + 60:
+                    proc.kill()  # SIGALRM cannot reach a thread stuck in native code
+                    proc.wait()
+                    record_lost(i, "hung")
+                    procs[i] = spawn(i)
+            elif proc.returncode == RESPAWN and now < deadline_at:
+                procs[i] = spawn(i)
+            elif proc.returncode != 0 and now < deadline_at and current(i):
+                record_lost(i, f"died (exit {proc.returncode})")
                 procs[i] = spawn(i)
             else:
                 del procs[i]
+    for part in parts:
+        Path(part + ".current").unlink(missing_ok=True)
     rows = read_rows(args.out)
     for part in parts:
         rows += read_rows(part)
