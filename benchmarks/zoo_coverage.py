@@ -246,7 +246,7 @@ def run_worker(args, names):
 
     signal.signal(signal.SIGALRM, alarm)
     out = Path(args.part)
-    new = not out.exists()
+    new = not out.exists() or out.stat().st_size == 0
     done = {(r["model"], r["source"]) for r in read_rows(out)}  # a respawned worker resumes
     names = [n for n in names if n not in done]
     with out.open("a", newline="") as f:
