@@ -357,9 +357,6 @@ def main():
             + (["--contract"] if args.contract else []) + (["--source", args.source] if args.source else []),
             env=env)
 
-    procs = {i: spawn(i) for i in range(args.workers)}
-    print(f"{len(todo)} models to check ({len(done)} already in {args.out}), {args.workers} workers",
-          flush=True)
     def current(i):
         marker = Path(parts[i] + ".current")
         if not marker.exists():
@@ -412,6 +409,7 @@ def main():
         rows += read_rows(part)
         if Path(part).exists():
             os.unlink(part)
+    rows = list({(r["model"], r["source"]): r for r in reversed(rows)}.values())  # first row per model
     rows.sort(key=lambda r: (r["source"], r["model"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
