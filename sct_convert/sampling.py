@@ -87,8 +87,15 @@ def sampling_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     outputs = []
     for i in indices:
         ctx.forced = i  # the branch of scale i, whatever size the entry layer sees
+        xi = resize_to(x, ctx.sizes[i], ctx.antialias)
         try:
-            outputs.append(forward(self, resize_to(x, ctx.sizes[i], ctx.antialias), *args[1:], **kwargs))
+            outputs.append(forward(self, xi, *args[1:], **kwargs))
+        except Exception as e:
+            # e.g. a train-only aux head too big for a small scale: say which scale it was
+            if hasattr(e, "add_note"):
+                e.add_note(f"sct_convert: raised by the train-mode forward at scale {ctx.scales[i]!r} "
+                           f"(input {'x'.join(map(str, xi.shape))})")
+            raise
         finally:
             ctx.forced = None
     return ScaleOutputs(outputs, [ctx.scales[i] for i in indices])

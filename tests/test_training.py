@@ -282,3 +282,24 @@ def test_cuda_inductor_compile_eval_per_scale_matches_eager():
         for s in SCALES:
             x = batch(size=s)[0].cuda()
             assert torch.allclose(compiled(x), model(x), atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(Exception, "add_note"), reason="exception notes need Python 3.11")
+def test_train_forward_failure_names_the_scale():
+    class TrainOnlyHead(torch.nn.Module):  # like inception_v3's aux head: only runs in train mode
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.aux = torch.nn.Conv2d(4, 4, 9)
+
+        def forward(self, x):
+            x = self.bn(self.conv(x))
+            if self.training:
+                self.aux(x)
+            return x.mean((2, 3))
+
+    model = sct.convert(TrainOnlyHead(), [32, 8])
+    with pytest.raises(RuntimeError) as raised:
+        model.train()(torch.randn(2, 3, 32, 32))
+    assert any("scale 8 (input 2x3x8x8)" in note for note in raised.value.__notes__)
