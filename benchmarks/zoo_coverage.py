@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import os
 import random
 import signal
@@ -27,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _host import write_atomic  # benchmarks/ is on sys.path when a script here runs
 
 FIELDS = [
     "model", "source", "status", "scales", "layers", "equiv_max_rel_diff", "export_max_rel_diff",
@@ -94,10 +97,11 @@ RESPAWN = 3  # a worker's exit code: start a fresh worker on the rest of its sha
 
 def out_of_memory(e: BaseException) -> bool:
     """The host ran out (or hit --max-memory-gb): says nothing about the model."""
+    from sct_convert.convert import _out_of_memory
+
     # safetensors' serializer panics ("PyObject pointer is null") when Python cannot allocate
     # the bytes it returns
-    return isinstance(e, MemoryError) or "can't allocate memory" in str(e) or (
-        type(e).__name__ == "PanicException" and "pointer is null" in str(e))
+    return _out_of_memory(e) or (type(e).__name__ == "PanicException" and "pointer is null" in str(e))
 
 
 def contract_checks(model, original, ctx, inputs, row, source):
@@ -230,7 +234,7 @@ def run_worker(args, names):
 
     import torch
 
-    if args.max_memory_gb:  # a model too big for the host is an error row, not an OOM kill
+    if args.max_memory_gb:  # a model too big for the host is a skip row, not an OOM kill
         limit = int(args.max_memory_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     torch.set_num_threads(args.threads)
@@ -319,7 +323,7 @@ def main():
                    help="also check train step, FX feature extraction and torch.jit.script")
     p.add_argument("--grace", type=float, default=60, help="seconds after --deadline before kill")
     p.add_argument("--max-memory-gb", type=float, default=0,
-                   help="per worker (RLIMIT_DATA); a model over it is recorded as an error")
+                   help="per worker (RLIMIT_DATA); a model over it is recorded as a skip")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline-at", type=float, default=None, help=argparse.SUPPRESS)
@@ -385,19 +389,19 @@ def main():
     while procs:  # models still running at the deadline (+grace) are redone next run
         time.sleep(1.0)
         for i, proc in list(procs.items()):
-            now = time.time()
+            now, running = time.time(), current(i)
             if proc.poll() is None:
                 if now > deadline_at + args.grace:
                     proc.kill()
                     del procs[i]
-                elif current(i) and now - current(i)[2] > args.model_timeout + 60:
+                elif running and now - running[2] > args.model_timeout + 60:
                     proc.kill()  # SIGALRM cannot reach a thread stuck in native code
                     proc.wait()
                     record_lost(i, "hung")
                     procs[i] = spawn(i)
             elif proc.returncode == RESPAWN and now < deadline_at:
                 procs[i] = spawn(i)
-            elif proc.returncode != 0 and now < deadline_at and current(i):
+            elif proc.returncode != 0 and now < deadline_at and running:
                 record_lost(i, f"died (exit {proc.returncode})")
                 procs[i] = spawn(i)
             else:
@@ -412,10 +416,11 @@ def main():
     rows = list({(r["model"], r["source"]): r for r in reversed(rows)}.values())  # first row per model
     rows.sort(key=lambda r: (r["source"], r["model"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields(args))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields(args))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(Path(args.out), text.getvalue())  # the CSV holds every earlier chunk's rows
     summarize(rows, len(names))
 
 
