@@ -19,7 +19,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import Scale, normalize_scale, scale_key
-from .convert import ConversionError, _probe_shape, context_of, eval_mode, scale, scale_specific_layers
+from .convert import (
+    ConversionError, _probe_shape, context_of, _probe_device_dtype, run_mode, scale,
+    scale_specific_layers,
+)
 from .sampling import resize_to
 
 IMAGE_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")
@@ -233,12 +236,11 @@ def _measure_entry_size(model: nn.Module, ctx, hw, source: int):
     entry = model.get_submodule(ctx.entry_name)
     seen = []
     handle = entry.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device, dtype = _probe_device_dtype(model)
     lead = getattr(ctx, "probe_lead", None) or _probe_shape(model, None)
     try:
-        with eval_mode(model), torch.no_grad(), scale(model, ctx.scales[source]):
-            model(torch.zeros(*lead, *hw, device=param.device if param is not None else "cpu",
-                              dtype=param.dtype if param is not None else torch.float32))
+        with run_mode(model), torch.no_grad(), scale(model, ctx.scales[source]):
+            model(torch.zeros(*lead, *hw, device=device, dtype=dtype))
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"model cannot run at scale {tuple(hw)}: {type(e).__name__}: {e}") from e
     finally:

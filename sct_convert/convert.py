@@ -14,6 +14,7 @@ import copy
 import inspect
 import re
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -216,15 +217,89 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every module's own train/eval flag restored after."""
+def run_mode(model: nn.Module, training: bool = False) -> Iterator[None]:
+    """Eval (or with ``training``, train) mode inside the block; every module's flag restored after."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
-        for m, training in flags:
-            m.training = training
+        for m, flag in flags:
+            m.training = flag
+
+
+def _probe_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
+    """Where and in what dtype a probe input goes: the model's first floating-point parameter's."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype
+
+
+@contextlib.contextmanager
+def _rng_kept(model: nn.Module) -> Iterator[None]:
+    """Probe inputs are random; the caller's RNG streams (CPU and the model's GPU) stay as they were."""
+    device, _ = _probe_device_dtype(model)
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def _buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Every buffer (BN statistics, counters) holds its old value after the block."""
+    saved = [(m, k, b, b.detach().clone()) for m in model.modules()
+             for k, b in m._buffers.items() if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, k, b, copy_of_b in saved:
+                m._buffers[k] = b
+                b.copy_(copy_of_b)
+
+
+def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale],
+                      lead: Tuple[int, ...]) -> Optional[str]:
+    """A warning when the train-mode forward fails at the smallest scale but runs at the largest.
+
+    The eval probe cannot see train-only parts (torchvision Inception-v3's aux head needs a
+    larger input than the main path). One no-grad, batch-2 forward at the smallest scale
+    finds them; the model's buffers and mode flags are left as they were. A failure at the
+    largest scale too is not about size (say, a model that wants targets in train mode), so
+    it says nothing.
+    """
+    syncing = torch.distributed.is_available() and torch.distributed.is_initialized() and any(
+        isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    if len(sizes) < 2 or syncing:  # a train-mode SyncBN forward would start collectives
+        return None
+    device, dtype = _probe_device_dtype(model)
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i][0] * sizes[i][1])
+    train_lead = (max(2, lead[0]),) + tuple(lead[1:])  # train-mode BN needs two samples
+
+    def failure(i: int) -> Optional[BaseException]:
+        x = torch.randn(*train_lead, *sizes[i], device=device, dtype=dtype)
+        try:
+            model(x)
+        except Exception as e:  # noqa: BLE001 - reported as a warning below
+            return e
+        return None
+
+    with run_mode(model, training=True), _buffers_kept(model), torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model's own train-mode warnings are not ours
+        smallest = failure(order[0])
+        if smallest is None or _out_of_memory(smallest) or failure(order[-1]) is not None:
+            return None
+    shape = "x".join(map(str, (*train_lead, *sizes[order[0]])))
+    return (
+        f"scale {scales[order[0]]!r}: the model runs at this size in eval mode, but its "
+        f"train-mode forward fails (input {shape}): {_describe_failure(smallest)}; SCT training "
+        "with this scale will fail: drop the scale, or switch off the train-only part that "
+        "fails (for torchvision Inception-v3, aux_logits=False)"
+    )
 
 
 def _probe_entry(
@@ -232,9 +307,7 @@ def _probe_entry(
     batch_norms: Set[int],
 ) -> Tuple[str, List[HW]]:
     """Run the model at every scale; return the entry module's name and its input size per scale."""
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
+    device, dtype = _probe_device_dtype(model)
     seen: List[Dict[str, List[HW]]] = []
     order: List[str] = []
     state = {"bn_called": False, "record": None}
@@ -259,7 +332,7 @@ def _probe_entry(
         m.register_forward_pre_hook(hook_for(n, m)) for n, m in model.named_modules() if n
     ]
     try:
-        with eval_mode(model), torch.no_grad():
+        with run_mode(model), torch.no_grad():
             for scale, (h, w) in zip(scales, sizes):
                 state["record"] = {}
                 state["bn_called"] = False
@@ -332,7 +405,9 @@ def convert(
     leaves the model untouched in that case.
 
     Conversion runs the model once per scale (eval, no grad) to check it accepts that size
-    and to find the layer the input reaches first. The probe input is ``(1, C, H, W)`` with
+    and to find the layer the input reaches first, then once in train mode at the smallest
+    scale (batch 2, no grad; buffers restored), warning when only training fails there. The
+    caller's RNG stream is not advanced. The probe input is ``(1, C, H, W)`` with
     ``C`` from ``in_chans``, the timm config or the first conv; for other layouts pass
     ``example_input``, whose last two dims are replaced by each scale.
 
@@ -369,7 +444,11 @@ def convert(
         )
     bn_ids = {id(m) for _, m in found}
     lead = tuple(example_input.shape[:-2]) if example_input is not None else _probe_shape(model, in_chans)
-    entry_name, entry_sizes = _probe_entry(model, context.sizes, context.scales, lead, bn_ids)
+    with _rng_kept(model):
+        entry_name, entry_sizes = _probe_entry(model, context.sizes, context.scales, lead, bn_ids)
+        training_failure = _training_failure(model, context.sizes, context.scales, lead)
+    if training_failure:
+        warnings.warn(training_failure, UserWarning, stacklevel=2)
 
     keys = context.keys
     replacements = {id(m): ScaleSpecificBatchNorm(m, keys, context) for _, m in found}
@@ -401,7 +480,11 @@ def convert(
 def _install_sampling_only(model, context, sampling, antialias, example_input, in_chans):
     """Shared norm layers, SCT sampling only: nothing to route, so no probe for an entry."""
     lead = tuple(example_input.shape[:-2]) if example_input is not None else _probe_shape(model, in_chans)
-    _probe_entry_optional(model, context, lead)
+    with _rng_kept(model):
+        _probe_entry_optional(model, context, lead)
+        training_failure = _training_failure(model, context.sizes, context.scales, lead)
+    if training_failure:
+        warnings.warn(training_failure, UserWarning, stacklevel=3)
     context.scale_specific_bn = False
     context.entry_name, context.hook_id, context.probe_lead = "", None, lead
     context.report = ConversionReport(traced=False)

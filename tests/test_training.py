@@ -1,5 +1,6 @@
 """SCT training: scale sampling, Eq. 1, train_step gradients, independence, AMP, compile."""
 import copy
+import warnings
 
 import pytest
 import timm
@@ -284,22 +285,57 @@ def test_cuda_inductor_compile_eval_per_scale_matches_eager():
             assert torch.allclose(compiled(x), model(x), atol=1e-4)
 
 
+class TrainOnlyHead(torch.nn.Module):  # like inception_v3's aux head: only runs in train mode
+    def __init__(self, needs_targets: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.aux = torch.nn.Conv2d(4, 4, 9)
+        self.drop = torch.nn.Dropout(0.5)
+        self.needs_targets = needs_targets
+
+    def forward(self, x):
+        x = self.drop(self.bn(self.conv(x)))
+        if self.training:
+            if self.needs_targets:
+                raise ValueError("targets should be passed in training mode")
+            self.aux(x)
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("scale_specific_bn", [True, False], ids=["s-bn", "shared-bn"])
+def test_convert_warns_when_training_fails_at_a_scale_that_evaluates(scale_specific_bn):
+    model = TrainOnlyHead()
+    model.eval().bn.train()  # mixed flags must come back as they were
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"scale 8: .*train-mode forward fails \(input 2x3x8x8\)") as caught:
+        sct.convert(model, [32, 8], scale_specific_bn=scale_specific_bn)
+    assert caught[0].filename == __file__  # points at the caller's convert line
+    # The check's train-mode forwards leave no trace: statistics, flags, RNG stream.
+    assert torch.equal(torch.rand(1), expected_draw)
+    assert [m.training for m in (model, model.conv, model.bn, model.aux)] == [False, False, True, False]
+    bn = model.bn.branches["8"] if scale_specific_bn else model.bn
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn, key), before[f"bn.{key}"])
+
+
 @pytest.mark.skipif(not hasattr(Exception, "add_note"), reason="exception notes need Python 3.11")
 def test_train_forward_failure_names_the_scale():
-    class TrainOnlyHead(torch.nn.Module):  # like inception_v3's aux head: only runs in train mode
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 3)
-            self.bn = torch.nn.BatchNorm2d(4)
-            self.aux = torch.nn.Conv2d(4, 4, 9)
-
-        def forward(self, x):
-            x = self.bn(self.conv(x))
-            if self.training:
-                self.aux(x)
-            return x.mean((2, 3))
-
-    model = sct.convert(TrainOnlyHead(), [32, 8])
+    with pytest.warns(UserWarning, match="scale 8"):
+        model = sct.convert(TrainOnlyHead(), [32, 8])
     with pytest.raises(RuntimeError) as raised:
         model.train()(torch.randn(2, 3, 32, 32))
     assert any("scale 8 (input 2x3x8x8)" in note for note in raised.value.__notes__)
+
+
+@pytest.mark.parametrize("model", [
+    TrainOnlyHead(needs_targets=True),  # fails in train mode at every size: not about the scale
+    timm.create_model("test_resnet.r160_in1k", pretrained=False),
+], ids=["train-mode-needs-targets", "test_resnet"])
+def test_convert_does_not_warn_when_training_at_every_scale_works_or_fails_alike(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sct.convert(model, [32, 16])
