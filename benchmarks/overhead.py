@@ -40,7 +40,7 @@ def timer(device: str):
     return run
 
 
-def convert_seconds(name: str, repeats: int = 3) -> float:
+def convert_seconds(name: str, repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
         model = timm.create_model(name, pretrained=False)
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--scales", default=",".join(map(str, SCALES)),
                    help="tiny sizes at batch 1 make a CPU run Python-bound, like small GPU batches")
+    p.add_argument("--convert-only", action="store_true", help="only time convert()")
     args = p.parse_args()
     scales = [int(v) for v in args.scales.split(",")]
     if args.threads:
@@ -67,8 +68,9 @@ def main() -> None:
     run = timer(args.device)
     print(f"device={args.device} batch={args.batch} repeats={args.repeats} torch={torch.__version__} "
           f"threads={torch.get_num_threads()}")
-    print(f"{'model':24s} {'scale':>5s} {'orig ms':>9s} {'conv/orig':>9s} {'extr/orig':>9s}")
-    for name in args.models.split(","):
+    if not args.convert_only:
+        print(f"{'model':24s} {'scale':>5s} {'orig ms':>9s} {'conv/orig':>9s} {'extr/orig':>9s}")
+    for name in args.models.split(",") if not args.convert_only else []:
         torch.manual_seed(0)
         original = timm.create_model(name, pretrained=False).eval()
         converted = sct.convert(copy.deepcopy(original), scales).eval()
@@ -93,7 +95,7 @@ def main() -> None:
             print(f"{name:24s} {s:5d} {1000 * statistics.median(base):9.2f} "
                   f"{statistics.median(ratios_c):9.3f} {statistics.median(ratios_e):9.3f}", flush=True)
     for name in args.models.split(","):
-        print(f"convert({name}) at {SCALES}: {convert_seconds(name):.3f} s (median of 3, CPU model)")
+        print(f"convert({name}) at {SCALES}: {convert_seconds(name):.3f} s (median of 5, CPU model)")
 
 
 if __name__ == "__main__":
