@@ -114,10 +114,18 @@ def contract_checks(model, original, ctx, inputs, row, source):
 
     import sct_convert as sct
 
+    timed_out = []
+
     def attempt(key, fn):
+        if timed_out:  # the model's time is up: the alarm will not fire again
+            row[key] = "timeout: not run"
+            return
         model.eval()  # a failed extraction can leave the model in train mode (torchvision)
         try:
             row[key] = fn()
+        except Timeout:
+            timed_out.append(key)
+            row[key] = "timeout: over the model's time limit"
         except Exception as e:  # noqa: BLE001 - recorded per model
             if out_of_memory(e):
                 # the host's limit (--max-memory-gb), not a verdict on the model: rerun it bigger
