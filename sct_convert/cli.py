@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -38,13 +39,23 @@ def _one_line(e: BaseException) -> str:
     return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the CLI: ``Warning: ...`` on one stderr line, no source path."""
+    click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
+
+
 def clean_errors(fn: Callable) -> Callable:
-    """Turn any exception from a command into click's one-line ``Error: ...`` and exit 1."""
+    """Turn any exception from a command into click's one-line ``Error: ...`` and exit 1.
+
+    Warnings raised meanwhile (the library's or a model's) print as one ``Warning:`` line each.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except BrokenPipeError:  # output piped into `head`: not an error

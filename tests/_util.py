@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: comparisons and branch perturbation."""
+"""Helpers shared by the tests: comparisons, branch perturbation, a model with a train-only part."""
 import torch
 
 import sct_convert as sct
@@ -36,3 +36,21 @@ def perturb_branches(model, strength=0.2, seed=0):
                         t.mul_(1 + strength * noise)
                         if "mean" in name or "bias" in name:
                             t.add_(strength * (noise - 0.5))
+
+
+class TrainOnlyHead(torch.nn.Module):  # like inception_v3's aux head: only runs in train mode
+    def __init__(self, needs_targets: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.aux = torch.nn.Conv2d(4, 4, 9)
+        self.drop = torch.nn.Dropout(0.5)
+        self.needs_targets = needs_targets
+
+    def forward(self, x):
+        x = self.drop(self.bn(self.conv(x)))
+        if self.training:
+            if self.needs_targets:
+                raise ValueError("targets should be passed in training mode")
+            self.aux(x)
+        return x.mean((2, 3))

@@ -36,6 +36,18 @@ def test_convert_inspect_export(tmp_path):
     plain.load_state_dict(safetensors.torch.load_file(tmp_path / "e.safetensors"), strict=True)
 
 
+def test_warnings_are_one_line_each(tmp_path, monkeypatch):
+    import sct_convert.zoo
+    from _util import TrainOnlyHead
+
+    monkeypatch.setattr(sct_convert.zoo, "create_model", lambda *a, **k: (TrainOnlyHead(), "timm"))
+    r = run("train_only_head", "--scales", "32,8", "--out", tmp_path / "m.safetensors")
+    assert r.exit_code == 0, r.output
+    warning = [line for line in r.stderr.splitlines() if "scale 8" in line]
+    assert len(warning) == 1 and warning[0].startswith("Warning: scale 8: "), r.stderr
+    assert "cli.py" not in r.stderr and "converted timm train_only_head" in r.stdout
+
+
 def test_checkpoint_and_torchvision_source(tmp_path):
     import torchvision
     import torch

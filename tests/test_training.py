@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from _util import perturb_branches
+from _util import TrainOnlyHead, perturb_branches
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
@@ -283,24 +283,6 @@ def test_cuda_inductor_compile_eval_per_scale_matches_eager():
         for s in SCALES:
             x = batch(size=s)[0].cuda()
             assert torch.allclose(compiled(x), model(x), atol=1e-4)
-
-
-class TrainOnlyHead(torch.nn.Module):  # like inception_v3's aux head: only runs in train mode
-    def __init__(self, needs_targets: bool = False):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3)
-        self.bn = torch.nn.BatchNorm2d(4)
-        self.aux = torch.nn.Conv2d(4, 4, 9)
-        self.drop = torch.nn.Dropout(0.5)
-        self.needs_targets = needs_targets
-
-    def forward(self, x):
-        x = self.drop(self.bn(self.conv(x)))
-        if self.training:
-            if self.needs_targets:
-                raise ValueError("targets should be passed in training mode")
-            self.aux(x)
-        return x.mean((2, 3))
 
 
 @pytest.mark.parametrize("scale_specific_bn", [True, False], ids=["s-bn", "shared-bn"])
