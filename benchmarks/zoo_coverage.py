@@ -265,11 +265,11 @@ def run_worker(args, names):
         writer = csv.DictWriter(f, fieldnames=fields(args))
         if new:
             writer.writeheader()
-        for name, source in names:
+        for checked, (name, source) in enumerate(names):
             if time.time() > args.deadline_at:
                 break
             # the parent reads this if the process dies or hangs outside Python's reach
-            Path(args.part + ".current").write_text(f"{name},{source},{time.time()}")
+            Path(args.part + ".current").write_text(f"{name},{source},{time.time()},{checked}")
             t0 = time.time()
             signal.alarm(args.model_timeout)
             try:
@@ -294,9 +294,15 @@ def run_worker(args, names):
             for k in ("equiv_max_rel_diff", "export_max_rel_diff"):
                 if isinstance(row.get(k), float):
                     row[k] = f"{row[k]:.2e}"
+            memory_skip = row["status"] == "skip" or any(
+                str(row.get(k, "")).startswith("skip") for k in CONTRACT_FIELDS)
+            if memory_skip and checked > 0:
+                # earlier models can leave this process too big (allocator, oneDNN caches):
+                # a fresh worker retries the model first, and only its verdict is recorded
+                sys.exit(RESPAWN)
             writer.writerow(row)
             f.flush()
-            if row["status"] == "skip" or any(str(row.get(k, "")).startswith("skip") for k in CONTRACT_FIELDS):
+            if memory_skip:
                 # after a failed big allocation the process can stay too big for the next
                 # model (oneDNN then fails everywhere): exit, and the parent starts a fresh one
                 sys.exit(RESPAWN)
@@ -373,15 +379,18 @@ def main():
         marker = Path(parts[i] + ".current")
         if not marker.exists():
             return None
-        name, source, started = marker.read_text().split(",")
-        return name, source, float(started)
+        name, source, started, checked = marker.read_text().split(",")
+        return name, source, float(started), int(checked)
 
     def record_lost(i, why):
         """A worker died or hung on a model (a native abort, a deadlock after a failed
-        allocation): give that model a row so the fresh worker moves past it."""
-        name, source, started = current(i)
+        allocation): give that model a row so the fresh worker moves past it. If the
+        worker had checked other models first, the fresh worker retries it instead."""
+        name, source, started, checked = current(i)
         if any((r["model"], r["source"]) == (name, source) for r in read_rows(parts[i])):
             return  # it died after writing its row
+        if checked > 0:
+            return
         with open(parts[i], "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields(args))
             if f.tell() == 0:
