@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -20,8 +21,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import Scale, normalize_scale, scale_key
 from .convert import (
-    ConversionError, _probe_shape, context_of, _probe_device_dtype, run_mode, scale,
-    scale_specific_layers,
+    ConversionError, _probe_shape, context_of, _probe_device_dtype, _rng_kept, _training_failure,
+    run_mode, scale, scale_specific_layers,
 )
 from .sampling import resize_to
 
@@ -178,7 +179,8 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     Fashion-MNIST this beats the nearest branch at most in-between sizes, and calibrating the new
     branch (``sct.calibrate(model, data, scales=[s])``) beats both
     (``benchmarks/reproduce.py``). The new scale goes last in ``scales_of``; routing,
-    save/load and export see it.
+    save/load and export see it. Like ``convert``, it warns when the model's train-mode
+    forward fails at ``s`` but runs at the largest other scale.
     """
     ctx = context_of(model)
     inner = getattr(model, "module", model)
@@ -205,7 +207,21 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     ctx.scales = ctx.scales + ((s if isinstance(s, int) else tuple(s)),)
     ctx.sizes = ctx.sizes + (hw,)
     ctx.entry_sizes.append(entry)
+    failure = _training_failure_at(inner, ctx, len(ctx.sizes) - 1)
+    if failure:
+        warnings.warn(failure, UserWarning, stacklevel=2)
     return model
+
+
+def _training_failure_at(model: nn.Module, ctx, index: int) -> Optional[str]:
+    """convert's train-mode check for one scale of a converted model, with sampling held off."""
+    lead = getattr(ctx, "probe_lead", None) or _probe_shape(model, None)
+    sampling, ctx.sampling = ctx.sampling, False  # one plain forward at the input's own size
+    try:
+        with _rng_kept(model):
+            return _training_failure(model, ctx.sizes, ctx.scales, lead, index)
+    finally:
+        ctx.sampling = sampling
 
 
 def _neighbours(ctx, hw) -> Optional[Tuple[int, int, float]]:

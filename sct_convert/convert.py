@@ -262,14 +262,14 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
 
 
 def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale],
-                      lead: Tuple[int, ...]) -> Optional[str]:
-    """A warning when the train-mode forward fails at the smallest scale but runs at the largest.
+                      lead: Tuple[int, ...], index: Optional[int] = None) -> Optional[str]:
+    """A warning when the train-mode forward fails at scale ``index`` but runs at the largest.
 
     The eval probe cannot see train-only parts (torchvision Inception-v3's aux head needs a
-    larger input than the main path). One no-grad, batch-2 forward at the smallest scale
-    finds them; the model's buffers and mode flags are left as they were. A failure at the
-    largest scale too is not about size (say, a model that wants targets in train mode), so
-    it says nothing.
+    larger input than the main path). One no-grad, batch-2 forward at scale ``index`` (by
+    default the smallest) finds them; the model's buffers and mode flags are left as they
+    were. A failure at the largest other scale too is not about size (say, a model that
+    wants targets in train mode), so it says nothing.
     """
     syncing = torch.distributed.is_available() and torch.distributed.is_initialized() and any(
         isinstance(m, nn.SyncBatchNorm) for m in model.modules())
@@ -277,6 +277,8 @@ def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Sc
         return None
     device, dtype = _probe_device_dtype(model)
     order = sorted(range(len(sizes)), key=lambda i: sizes[i][0] * sizes[i][1])
+    probed = order[0] if index is None else index
+    reference = max((i for i in order if i != probed), key=lambda i: sizes[i][0] * sizes[i][1])
     train_lead = (max(2, lead[0]),) + tuple(lead[1:])  # train-mode BN needs two samples
 
     def failure(i: int) -> Optional[BaseException]:
@@ -290,13 +292,13 @@ def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Sc
     with run_mode(model, training=True), _buffers_kept(model), torch.no_grad(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the model's own train-mode warnings are not ours
-        smallest = failure(order[0])
-        if smallest is None or _out_of_memory(smallest) or failure(order[-1]) is not None:
+        failed = failure(probed)
+        if failed is None or _out_of_memory(failed) or failure(reference) is not None:
             return None
-    shape = "x".join(map(str, (*train_lead, *sizes[order[0]])))
+    shape = "x".join(map(str, (*train_lead, *sizes[probed])))
     return (
-        f"scale {scales[order[0]]!r}: the model runs at this size in eval mode, but its "
-        f"train-mode forward fails (input {shape}): {_describe_failure(smallest)}; SCT training "
+        f"scale {scales[probed]!r}: the model runs at this size in eval mode, but its "
+        f"train-mode forward fails (input {shape}): {_describe_failure(failed)}; SCT training "
         "with this scale will fail: drop the scale, or switch off the train-only part that "
         "fails (for torchvision Inception-v3, aux_logits=False)"
     )

@@ -304,6 +304,26 @@ def test_convert_warns_when_training_fails_at_a_scale_that_evaluates(scale_speci
         assert torch.equal(getattr(bn, key), before[f"bn.{key}"])
 
 
+def test_add_scale_warns_when_training_fails_at_the_new_scale():
+    model = sct.convert(TrainOnlyHead(), [32, 24])
+    model.train()
+    sampling = sct.context_of(model).sampling
+    torch.manual_seed(0)
+    expected_draw = torch.rand(1)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"scale 8: .*train-mode forward fails \(input 2x3x8x8\)") as caught:
+        sct.add_scale(model, 8)
+    assert caught[0].filename == __file__
+    assert torch.equal(torch.rand(1), expected_draw)
+    assert model.training and sct.context_of(model).sampling == sampling
+    assert sct.scales_of(model) == (32, 24, 8)
+    branch = model.bn.branches["8"]
+    assert int(branch.num_batches_tracked) == 0  # the probe's train forward left no statistics
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sct.add_scale(model, 16)  # trains at 16: no warning
+
+
 @pytest.mark.skipif(not hasattr(Exception, "add_note"), reason="exception notes need Python 3.11")
 def test_train_forward_failure_names_the_scale():
     with pytest.warns(UserWarning, match="scale 8"):
