@@ -39,12 +39,13 @@ def resolve(name: str, source: Optional[str] = None) -> str:
         return "timm"
     if in_tv:
         return "torchvision"
-    pool: List[Tuple[str, str]] = []
+    names: List[str] = []
     if source in (None, "timm"):
-        pool += [(n, "timm") for n in timm_names()]
+        names += timm_names()
     if source in (None, "torchvision"):
-        pool += [(n, "torchvision") for n in torchvision_names()]
-    close = difflib.get_close_matches(name, [n for n, _ in pool], n=5, cutoff=0.6)
+        seen = set(names)
+        names += [n for n in torchvision_names() if n not in seen]  # a shared name once
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
     where = f" in {source}" if source else " in timm or torchvision"
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown model {name!r}{where}{hint}")

@@ -76,6 +76,12 @@ def test_convert_bad_input(tmp_path, args, match):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_unknown_model_suggests_each_close_name_once(tmp_path):
+    r = run("resnet5O", "--out", tmp_path / "x.safetensors")  # resnet50 is in timm and torchvision
+    suggested = r.output.strip().split("did you mean ")[1].rstrip("?").split(", ")
+    assert "resnet50" in suggested and len(suggested) == len(set(suggested))
+
+
 def test_unwritable_output_and_bad_files(tmp_path):
     assert_one_line_error(run("test_resnet", "--out", tmp_path / "no" / "x.safetensors"), "does not exist")
     bad = tmp_path / "bad.safetensors"
