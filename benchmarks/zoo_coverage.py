@@ -400,7 +400,13 @@ def main():
                              "reason": f"worker {why} on this model (native abort or hang, usually out "
                                        "of memory): rerun on a bigger host"})
 
-    procs = {i: spawn(i) for i in range(args.workers)}
+    def respawn(i):
+        # the old marker's start time would make the watchdog kill the new worker before
+        # it has imported torch and written a marker of its own
+        Path(parts[i] + ".current").unlink(missing_ok=True)
+        return spawn(i)
+
+    procs = {i: respawn(i) for i in range(args.workers)}
     print(f"{len(todo)} models to check ({len(done)} already in {args.out}), {args.workers} workers",
           flush=True)
     while procs:  # models still running at the deadline (+grace) are redone next run
@@ -415,12 +421,12 @@ def main():
                     proc.kill()  # SIGALRM cannot reach a thread stuck in native code
                     proc.wait()
                     record_lost(i, "hung")
-                    procs[i] = spawn(i)
+                    procs[i] = respawn(i)
             elif proc.returncode == RESPAWN and now < deadline_at:
-                procs[i] = spawn(i)
+                procs[i] = respawn(i)
             elif proc.returncode != 0 and now < deadline_at and running:
                 record_lost(i, f"died (exit {proc.returncode})")
-                procs[i] = spawn(i)
+                procs[i] = respawn(i)
             else:
                 del procs[i]
     for part in parts:
