@@ -269,7 +269,7 @@ def run_worker(args, names):
             if time.time() > args.deadline_at:
                 break
             # the parent reads this if the process dies or hangs outside Python's reach
-            Path(args.part + ".current").write_text(f"{name},{source},{time.time()},{checked}")
+            write_atomic(Path(args.part + ".current"), f"{name},{source},{time.time()},{checked}")
             t0 = time.time()
             signal.alarm(args.model_timeout)
             try:
@@ -379,13 +379,18 @@ def main():
         marker = Path(parts[i] + ".current")
         if not marker.exists():
             return None
-        name, source, started, checked = marker.read_text().split(",")
+        fields_ = marker.read_text().split(",")
+        if len(fields_) != 4:  # a marker from an older version of this script
+            return None
+        name, source, started, checked = fields_
         return name, source, float(started), int(checked)
 
     def record_lost(i, why):
         """A worker died or hung on a model (a native abort, a deadlock after a failed
         allocation): give that model a row so the fresh worker moves past it. If the
         worker had checked other models first, the fresh worker retries it instead."""
+        if current(i) is None:
+            return
         name, source, started, checked = current(i)
         if any((r["model"], r["source"]) == (name, source) for r in read_rows(parts[i])):
             return  # it died after writing its row
