@@ -389,9 +389,10 @@ def main():
         """A worker died or hung on a model (a native abort, a deadlock after a failed
         allocation): give that model a row so the fresh worker moves past it. If the
         worker had checked other models first, the fresh worker retries it instead."""
-        if current(i) is None:
+        running = current(i)
+        if running is None:
             return
-        name, source, started, checked = current(i)
+        name, source, started, checked = running
         if any((r["model"], r["source"]) == (name, source) for r in read_rows(parts[i])):
             return  # it died after writing its row
         if checked > 0:

@@ -194,7 +194,8 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     else:
         mix, source = None, ctx.index(init_from)
     source_key, key = scale_key(ctx.sizes[source]), scale_key(hw)
-    entry = _measure_entry_size(inner, ctx, hw, source)
+    lead = getattr(ctx, "probe_lead", None) or _probe_shape(inner, None)
+    entry = _measure_entry_size(inner, ctx, hw, source, lead)
     for _, layer in scale_specific_layers(inner):
         branch = copy.deepcopy(layer.branch_modules[source_key])
         if mix is not None:
@@ -207,15 +208,14 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     ctx.scales = ctx.scales + ((s if isinstance(s, int) else tuple(s)),)
     ctx.sizes = ctx.sizes + (hw,)
     ctx.entry_sizes.append(entry)
-    failure = _training_failure_at(inner, ctx, len(ctx.sizes) - 1)
+    failure = _training_failure_at(inner, ctx, len(ctx.sizes) - 1, lead)
     if failure:
         warnings.warn(failure, UserWarning, stacklevel=2)
     return model
 
 
-def _training_failure_at(model: nn.Module, ctx, index: int) -> Optional[str]:
+def _training_failure_at(model: nn.Module, ctx, index: int, lead) -> Optional[str]:
     """convert's train-mode check for one scale of a converted model, with sampling held off."""
-    lead = getattr(ctx, "probe_lead", None) or _probe_shape(model, None)
     sampling, ctx.sampling = ctx.sampling, False  # one plain forward at the input's own size
     try:
         with _rng_kept(model):
@@ -247,13 +247,12 @@ def _blend_into(target: nn.Module, low: nn.Module, high: nn.Module, t: float) ->
             tensor.copy_(torch.lerp(lows[name], highs[name], t))
 
 
-def _measure_entry_size(model: nn.Module, ctx, hw, source: int):
+def _measure_entry_size(model: nn.Module, ctx, hw, source: int, lead):
     """Spatial size the entry layer sees for an input at ``hw`` (one eval forward)."""
     entry = model.get_submodule(ctx.entry_name)
     seen = []
     handle = entry.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
     device, dtype = _probe_device_dtype(model)
-    lead = getattr(ctx, "probe_lead", None) or _probe_shape(model, None)
     try:
         with run_mode(model), torch.no_grad(), scale(model, ctx.scales[source]):
             model(torch.zeros(*lead, *hw, device=device, dtype=dtype))

@@ -276,9 +276,9 @@ def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Sc
     if len(sizes) < 2 or syncing:  # a train-mode SyncBN forward would start collectives
         return None
     device, dtype = _probe_device_dtype(model)
-    order = sorted(range(len(sizes)), key=lambda i: sizes[i][0] * sizes[i][1])
-    probed = order[0] if index is None else index
-    reference = max((i for i in order if i != probed), key=lambda i: sizes[i][0] * sizes[i][1])
+    pixels = lambda i: sizes[i][0] * sizes[i][1]  # noqa: E731
+    probed = min(range(len(sizes)), key=pixels) if index is None else index
+    reference = max((i for i in range(len(sizes)) if i != probed), key=pixels)
     train_lead = (max(2, lead[0]),) + tuple(lead[1:])  # train-mode BN needs two samples
 
     def failure(i: int) -> Optional[BaseException]:
