@@ -2,12 +2,12 @@
 
 Each branch is a full copy of the original layer (its class, affine parameters, running
 statistics, and for timm's ``BatchNormAct2d`` its activation and drop), so exporting a scale
-is just taking its branch back out. The model's :class:`~sct_convert.context.ScaleContext`
-says which branch runs.
+is just taking its branch back out. Which branch runs is the current call's route
+(:mod:`sct_convert.context`), never state stored on the layer.
 """
 
 import copy
-from typing import Dict, List, Sequence, Tuple, Type
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.fx
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .context import ScaleContext
+from .context import _ROUTES, ScaleContext, set_unpinned_route
 
 
 def _frozen_batch_norm_types() -> Tuple[Type[nn.Module], ...]:
@@ -63,86 +63,128 @@ def _eval_shortcut_types() -> Dict[Type[nn.Module], Tuple[int, ...]]:
 _EVAL_SHORTCUT_TYPES = _eval_shortcut_types()
 
 
-def scale_specific_forward(sbn: "ScaleSpecificBatchNorm", x: torch.Tensor) -> torch.Tensor:
-    """Route (on the entry layer) and run the active branch. A leaf for FX, so routing survives tracing."""
-    context = sbn.context
-    if sbn.routes:
-        context.route_input(x)
-    branch = sbn.branch_modules[context.active_key]
-    # Small-batch GPU inference is bound by Python, not kernels: in eval mode, make the one
-    # F.batch_norm call the branch's forward would make, without the Python around it.
-    if not branch.training and x.dim() in _EVAL_SHORTCUT_TYPES.get(type(branch), ()):
-        buffers = branch._buffers
-        mean, var = buffers["running_mean"], buffers["running_var"]
-        if mean is not None and var is not None:
-            params = branch._parameters
-            out = F.batch_norm(x, mean, var, params["weight"], params["bias"], False, 0.0, branch.eps)
-            modules = branch._modules
-            if "act" in modules:  # BatchNormAct2d
-                out = modules["act"](modules["drop"](out))
-            return out
-    # The branch's forward, not its __call__: hooks belong on the S-BN layer.
-    return branch.forward(x)
+def _graph_routable(branch: nn.Module) -> bool:
+    """Branches whose eval forward is ``F.batch_norm`` on their own state (then drop and act)."""
+    return isinstance(branch, (_BatchNorm,) + FROZEN_BATCH_NORM_TYPES)
 
 
-# Tracers record this call as one node instead of baking in the branch active at trace time.
-torch.fx.wrap("scale_specific_forward")
+def _traced_state(module: nn.Module, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``module.<name>``; under torch.fx a ``get_attr`` node even for buffers, never a constant.
+
+    (Tracers that do not proxy buffers would bake a snapshot of the statistics into the graph.)
+    """
+    value = getattr(module, name, None)
+    if value is None or not isinstance(x, torch.fx.Proxy) or isinstance(value, torch.fx.Proxy):
+        return value
+    path = x.tracer.path_of_module(module)
+    return x.tracer.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
+
+
+def _entry_route(context: ScaleContext, x: torch.Tensor) -> object:
+    """Route a call that reached the entry layer without a pinned route, from ``x``'s size."""
+    index = context.route_shape(x, context.entry_sizes, where=f"at layer '{context.entry_name}'")
+    set_unpinned_route(context, index)
+    return index
+
+
+class EntryRouter:
+    """Forward pre-hook on an entry layer that is not an S-BN (a picklable callable)."""
+
+    def __init__(self, context: ScaleContext) -> None:
+        self.context = context
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        route = _ROUTES.get().get(self.context)
+        x = args[0] if args else None
+        if (route is None or not route.pinned) and isinstance(x, torch.Tensor) and x.dim() >= 3:
+            _entry_route(self.context, x)
 
 
 class ScaleSpecificBatchNorm(nn.Module):
-    entry_sizes: List[List[int]]  # TorchScript needs the element type of the (possibly empty) list
-
-    """Per-scale copies of one batch-norm layer; the shared ``context`` selects the copy.
+    """Per-scale copies of one batch-norm layer; the current call's route selects the copy.
 
     ``norm`` is a batch-norm layer, or a module that holds nothing but batch-norm state and
     applies it with ``F.batch_norm`` (the conversion pass checks which). A training forward at
     scale ``s`` updates only branch ``s``'s running statistics and only its parameters receive
     gradient, because the other branches are not run.
+
+    In eager mode the route is a Python int and the layer calls that branch. Traced with a
+    symbolic input size (``torch.export``, ``torch.compile(dynamic=True)``, FX in eval mode)
+    the route is an index tensor and the layer gathers that branch's statistics and affine
+    parameters in the graph (``index_select`` on the stacked branches, then ``F.batch_norm``),
+    so one graph serves every scale.
     """
 
     def __init__(self, norm: nn.Module, keys: Sequence[str], context: ScaleContext) -> None:
         super().__init__()
         self.branches = nn.ModuleDict({key: copy.deepcopy(norm) for key in keys})
-        # The ModuleDict's own dict, reached without nn.Module.__getattr__ on the hot path.
-        self.branch_modules = self.branches._modules
         # A plain attribute, not a submodule: the context holds no tensors and is shared.
         self.context = context
-        self.routes = False  # True on the model's entry layer: its input picks the branch
-        # TorchScript cannot call back into the Python context, so a scripted model routes
-        # with these: the entry layer's sizes per scale, and one index tensor shared by every
-        # S-BN of the model (a plain attribute, so it stays on the CPU under .to(device)).
-        self.entry_sizes = []
-        self.unknown_error = context.unknown_scale == "error"
-        self.script_state = context.script_state
+        self.routes = False  # True on the model's entry layer: routes calls that bypass forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(x)
-        return scale_specific_forward(self, x)
+            raise RuntimeError("script the converted model, not one ScaleSpecificBatchNorm")
+        context = self.context
+        route = _ROUTES.get().get(context)
+        if route is not None and (route.pinned or not self.routes):
+            index = route.index
+        elif self.routes:
+            index = _entry_route(context, x)
+        else:
+            raise RuntimeError(
+                "sct_convert: a scale-specific batch norm ran outside a call of the converted "
+                "model, so no branch was chosen; call the model itself, or run the part under "
+                "sct.scale(model, s)"
+            )
+        if not isinstance(index, int):
+            return self.graph_forward(x, index)
+        # The ModuleDict's own dict, not nn.Module.__getattr__: this is the hot path.
+        branch = self._modules["branches"]._modules[context.keys[index]]
+        if isinstance(x, torch.fx.Proxy):  # a module call, so FX records the branch, not its internals
+            return branch(x)
+        # Small-batch GPU inference is bound by Python, not kernels: in eval mode, make the one
+        # F.batch_norm call the branch's forward would make, without the Python around it.
+        if not branch.training and x.dim() in _EVAL_SHORTCUT_TYPES.get(type(branch), ()):
+            buffers = branch._buffers
+            mean, var = buffers["running_mean"], buffers["running_var"]
+            if mean is not None and var is not None:
+                params = branch._parameters
+                out = F.batch_norm(x, mean, var, params["weight"], params["bias"], False, 0.0, branch.eps)
+                modules = branch._modules
+                if "act" in modules:  # BatchNormAct2d
+                    out = modules["act"](modules["drop"](out))
+                return out
+        # The branch's forward, not its __call__: hooks belong on the S-BN layer.
+        return branch.forward(x)
 
-    def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.routes:
-            h, w = x.shape[-2], x.shape[-1]
-            index = -1
-            for i, hw in enumerate(self.entry_sizes):
-                if hw[0] == h and hw[1] == w:
-                    index = i
-            if index < 0:
-                if self.unknown_error:
-                    raise ValueError("sct_convert: input size matches none of the model's scales")
-                best = -1
-                for i, hw in enumerate(self.entry_sizes):
-                    gap = abs(h * w - hw[0] * hw[1])
-                    if best < 0 or gap < best:
-                        best, index = gap, i
-            self.script_state[0] = index
-        active = int(self.script_state[0])
-        out = x
-        i = 0
-        for branch in self.branches.values():
-            if i == active:
-                out = branch(x)
-            i += 1
+    def graph_forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The branch picked by a 0-d index tensor, with no Python branching (traced eval)."""
+        branches = [self.branches[k] for k in self.context.keys]
+        first = branches[0]
+        if first.training:
+            raise RuntimeError(
+                "sct_convert: routing by a symbolic input size works in eval mode only; in train "
+                "mode trace with concrete sizes, or run each scale under sct.scale(model, s)"
+            )
+        if not all(type(b) is type(first) and _graph_routable(b) for b in branches):
+            raise RuntimeError(
+                f"sct_convert: a {type(first).__name__} branch cannot be picked inside a graph; "
+                "export one scale (sct.extract(model, s)) instead"
+            )
+        row = index.reshape(1)
+
+        def pick(name: str) -> Optional[torch.Tensor]:
+            tensors = [_traced_state(b, name, x) for b in branches]
+            if tensors[0] is None:
+                return None
+            return torch.stack(tensors).index_select(0, row).squeeze(0)
+
+        mean, var = pick("running_mean"), pick("running_var")
+        out = F.batch_norm(x, mean, var, pick("weight"), pick("bias"), mean is None, 0.0, first.eps)
+        drop, act = getattr(first, "drop", None), getattr(first, "act", None)
+        if isinstance(drop, nn.Module) and isinstance(act, nn.Module):  # BatchNormAct2d
+            out = act(drop(out))
         return out
 
     def branch(self, key: str) -> nn.Module:
@@ -155,3 +197,4 @@ class ScaleSpecificBatchNorm(nn.Module):
     def __repr__(self) -> str:
         # One line instead of M identical branch reprs keeps print(model) readable.
         return f"{type(self).__name__}({self.extra_repr()})"
+

@@ -22,7 +22,7 @@ from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import Scale, normalize_scale, scale_key
 from .convert import (
     ConversionError, _probe_shape, context_of, _probe_device_dtype, _rng_kept, _training_failure,
-    run_mode, scale, scale_specific_layers,
+    run_mode, scale, scale_specific_layers, unwrap,
 )
 from .sampling import resize_to
 
@@ -79,13 +79,14 @@ def _collecting(model: nn.Module, key: str) -> Iterator[List[_BatchNorm]]:
     model.eval()
     try:
         for _, layer in scale_specific_layers(model):
-            branch = layer.branch_modules[key]
+            branch = layer.branches[key]
             if isinstance(branch, FROZEN_BATCH_NORM_TYPES):
                 stand_in = _FrozenAsBatchNorm(branch).train()
-                layer.branch_modules[key] = stand_in
+                layer.branches[key] = stand_in
                 stand_ins.append((layer, stand_in))
                 collected.append(stand_in.bn)
-            elif isinstance(branch, _BatchNorm):
+            elif isinstance(branch, _BatchNorm) and branch.running_mean is not None:
+                # (track_running_stats=False keeps no statistics: nothing to calibrate)
                 saved.append((branch, branch.momentum, branch.track_running_stats))
                 branch.momentum = None  # cumulative average: 1 / num_batches_tracked
                 branch.track_running_stats = True
@@ -97,7 +98,7 @@ def _collecting(model: nn.Module, key: str) -> Iterator[List[_BatchNorm]]:
             stand_in.write_back()
     finally:
         for layer, stand_in in stand_ins:
-            layer.branch_modules[key] = stand_in.frozen
+            layer.branches[key] = stand_in.frozen
         for branch, momentum, track in saved:
             branch.momentum, branch.track_running_stats = momentum, track
         for m, flag in training:
@@ -132,7 +133,7 @@ def calibrate(
     if not ctx.scale_specific_bn:
         raise ValueError("model was converted with scale_specific_bn=False: its norm layers are "
                          "shared, so there are no per-scale statistics to calibrate")
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     chosen = list(ctx.scales) if scales is None else [ctx.scales[ctx.index(s)] for s in scales]
     if num_batches < 1:
         raise ValueError("num_batches must be at least 1")
@@ -183,7 +184,7 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     forward fails at ``s`` but runs at the largest other scale.
     """
     ctx = context_of(model)
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     hw = normalize_scale(s)
     if hw in ctx.sizes:
         raise ValueError(f"scale {s!r} is already one of the model's scales {list(ctx.scales)}")
@@ -197,16 +198,13 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     lead = getattr(ctx, "probe_lead", None) or _probe_shape(inner, None)
     entry = _measure_entry_size(inner, ctx, hw, source, lead)
     for _, layer in scale_specific_layers(inner):
-        branch = copy.deepcopy(layer.branch_modules[source_key])
+        branch = copy.deepcopy(layer.branches[source_key])
         if mix is not None:
             (lo, hi, t) = mix
-            _blend_into(branch, layer.branch_modules[scale_key(ctx.sizes[lo])],
-                        layer.branch_modules[scale_key(ctx.sizes[hi])], t)
+            _blend_into(branch, layer.branches[scale_key(ctx.sizes[lo])],
+                        layer.branches[scale_key(ctx.sizes[hi])], t)
         layer.branches[key] = branch
-        if layer.routes:
-            layer.entry_sizes.append(list(entry))
-    ctx.scales = ctx.scales + ((s if isinstance(s, int) else tuple(s)),)
-    ctx.sizes = ctx.sizes + (hw,)
+    ctx.set_scales(ctx.scales + ((s if isinstance(s, int) else tuple(s)),), ctx.sizes + (hw,))
     ctx.entry_sizes.append(entry)
     failure = _training_failure_at(inner, ctx, len(ctx.sizes) - 1, lead)
     if failure:
@@ -270,21 +268,15 @@ def _measure_entry_size(model: nn.Module, ctx, hw, source: int, lead):
 def remove_scale(model: nn.Module, s: Scale) -> nn.Module:
     """Drop scale ``s``'s branch from every S-BN layer; the last scale cannot be removed."""
     ctx = context_of(model)
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     index = ctx.index(s)
     if len(ctx.sizes) == 1:
         raise ValueError("cannot remove the model's only scale; use sct.extract(model, s) instead")
     key = scale_key(ctx.sizes[index])
     for _, layer in scale_specific_layers(inner):
         del layer.branches[key]
-        if layer.routes:
-            del layer.entry_sizes[index]
     keep = [i for i in range(len(ctx.sizes)) if i != index]
-    ctx.scales = tuple(ctx.scales[i] for i in keep)
-    ctx.sizes = tuple(ctx.sizes[i] for i in keep)
+    ctx.set_scales(tuple(ctx.scales[i] for i in keep), tuple(ctx.sizes[i] for i in keep))
     ctx.entry_sizes = [ctx.entry_sizes[i] for i in keep]
     ctx.sample_subset = None
-    ctx.forced = None
-    ctx.select(0)
-    ctx._warned.clear()
     return model

@@ -1,15 +1,23 @@
-"""Scale state shared by one converted model: its scales, the active branch and routing.
+"""A converted model's scales and routing policy, and the per-call choice of branch.
 
-A :class:`ScaleContext` is a plain object (not a module, so it never enters ``state_dict``).
-The converted model, every S-BN layer and the entry hook hold the same instance; a
-``copy.deepcopy`` of the model (EMA, model soups) copies it once and keeps that sharing.
+A :class:`ScaleContext` is a plain object (not a module, so it never enters ``state_dict``)
+holding what does not change from call to call: the scales, the routing policy, sampling
+settings. The converted model and every S-BN layer hold the same instance; a
+``copy.deepcopy`` or pickle of the model copies it once and keeps that sharing.
+
+Which branch a call runs is *not* stored on the model. It lives in a
+:class:`contextvars.ContextVar` that the model's forward sets for the duration of the call
+and resets after: every thread (and asyncio task) sees only its own calls, so one model can
+serve several sizes from many threads, and ``nn.DataParallel`` replicas, which share the
+model's attributes, route independently.
 """
-from __future__ import annotations
-
+import contextlib
+import contextvars
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 
 Scale = Union[int, Tuple[int, int]]
 HW = Tuple[int, int]
@@ -70,14 +78,59 @@ def normalize_scales(scales: Iterable[object]) -> Tuple[Tuple[Scale, ...], Tuple
     return as_given, tuple(pairs)
 
 
-class ScaleContext:
-    """Which branch every S-BN of one model uses right now, and how input sizes pick it.
+class Route(NamedTuple):
+    """One call's branch: an ``int`` in eager mode, a 0-d ``long`` tensor when traced.
 
-    Routing happens at the model's entry layer: normally the first S-BN in execution order,
-    else (when that layer cannot tell the scales apart) a hook on the first layer that can.
-    ``entry_sizes[i]`` is the spatial size the entry layer sees when the image is at scale
-    ``i``; conversion measures it, so strided stems and space-to-depth route correctly, and
-    "nearest by pixel count" compares sizes at that layer.
+    ``pinned`` routes hold for the whole call (set by the model's forward, ``sct.scale`` or
+    a sampling step); an unpinned route is the entry layer's own guess for a call that did
+    not come through the model's forward (``model.forward_features(x)``) and is replaced by
+    the next such call.
+    """
+
+    index: object
+    pinned: bool
+
+
+_ROUTES: contextvars.ContextVar[Dict["ScaleContext", Route]] = contextvars.ContextVar(
+    "sct_convert_routes", default={})
+
+
+def current_route(context: "ScaleContext") -> Optional[Route]:
+    """The route this thread's current call of the model holds, if any."""
+    return _ROUTES.get().get(context)
+
+
+@contextlib.contextmanager
+def routed(context: "ScaleContext", index: object) -> Iterator[None]:
+    """Pin branch ``index`` for every S-BN of ``context``'s model inside the block (this thread)."""
+    token = _ROUTES.set({**_ROUTES.get(), context: Route(index, True)})
+    try:
+        yield
+    finally:
+        _ROUTES.reset(token)
+
+
+def set_unpinned_route(context: "ScaleContext", index: object) -> None:
+    """The entry layer's route for a call that did not come through the model's forward."""
+    _ROUTES.set({**_ROUTES.get(), context: Route(index, False)})
+
+
+def _is_traced(v: object) -> bool:
+    """A size that is not a plain int: a SymInt (compile/export) or an FX Proxy."""
+    return not isinstance(v, int)
+
+
+class ScaleContext:
+    """A converted model's scales, how input sizes pick a branch, and its sampling settings.
+
+    Routing normally happens in the model's forward, on the image's own (H, W). A call that
+    bypasses that forward (``model.forward_features(x)``, a graph traced from a submodule)
+    is routed by the model's entry layer: its first S-BN, else (when that layer cannot tell
+    the scales apart) a hook on the first layer that can. ``entry_sizes[i]`` is the spatial
+    size the entry layer sees for an image at scale ``i``; conversion measures it, so
+    strided stems and space-to-depth route correctly there too.
+
+    Nothing here changes during a forward: the per-call branch is in :data:`_ROUTES`.
     """
 
     def __init__(self, scales: Sequence[object], unknown_scale: str = "nearest") -> None:
@@ -85,31 +138,24 @@ class ScaleContext:
             raise ValueError(
                 f"unknown_scale={unknown_scale!r}: choose one of {', '.join(ROUTING_POLICIES)}"
             )
-        self.scales, self.sizes = normalize_scales(scales)
         self.unknown_scale = unknown_scale
+        self.set_scales(*normalize_scales(scales))
         self.entry_sizes: List[HW] = list(self.sizes)
-        self.active = 0
-        self.active_key = self.keys[0]  # read by every S-BN call, so kept precomputed
-        self.forced: Optional[int] = None
         self.sampling = True  # train-mode forward runs every scale (SCT's sampling phase)
         self.antialias = True  # antialias when sampling resizes down
         self.sample_subset: Optional[List[int]] = None  # indices; None: every scale
-        self.script_state = torch.zeros(1, dtype=torch.long)  # active index for TorchScript
         self.scale_specific_bn = True  # False: shared norm layers, sampling only
         self._warned: set = set()
 
-    @property
-    def keys(self) -> Tuple[str, ...]:
-        return tuple(scale_key(hw) for hw in self.sizes)
+    def set_scales(self, scales: Tuple[Scale, ...], sizes: Tuple[HW, ...]) -> None:
+        """Replace the scales (as given, and as ``(h, w)``); keys are kept precomputed for S-BN."""
+        self.scales, self.sizes = tuple(scales), tuple(sizes)
+        self.keys: Tuple[str, ...] = tuple(scale_key(hw) for hw in self.sizes)
+        self._warned = set()
 
     def sample_indices(self) -> List[int]:
         """Scales a sampling forward runs, in the model's scale order."""
         return list(self.sample_subset) if self.sample_subset is not None else list(range(len(self.sizes)))
-
-    def select(self, index: int) -> None:
-        """Make branch ``index`` the one every S-BN layer runs."""
-        self.active = index
-        self.active_key = scale_key(self.sizes[index])
 
     def index(self, scale: object) -> int:
         """Position of ``scale`` in this model's scales; ``ValueError`` naming them if absent."""
@@ -122,45 +168,67 @@ class ScaleContext:
                 "add it with sct.add_scale or pick one of those"
             ) from None
 
-    def route(self, entry_hw: HW) -> int:
-        """Branch index for an entry tensor of spatial size ``entry_hw`` (exact, then nearest)."""
-        for i, hw in enumerate(self.entry_sizes):
-            if hw == entry_hw:
+    def route(self, hw: HW, table: Optional[Sequence[HW]] = None, where: str = "input") -> int:
+        """Branch index for spatial size ``hw``: exact match, else nearest by pixel count.
+
+        ``table`` holds each scale's size at the layer that routes (the image sizes by
+        default, ``entry_sizes`` for the entry layer). Warns once per size under
+        ``unknown_scale="nearest"``; ``ValueError`` under ``"error"``.
+        """
+        table = self.sizes if table is None else table
+        for i, size in enumerate(table):
+            if size == hw:
                 return i
+        what = "input size" if where == "input" else f"size {where}"
         if self.unknown_scale == "error":
             raise ValueError(
-                f"input size {entry_hw} matches none of the model's scales {list(self.scales)} "
+                f"{what} {tuple(hw)} matches none of the model's scales {list(self.scales)} "
                 "and unknown_scale='error'; resize the input, force a branch with "
                 "sct.scale(model, s), or convert with unknown_scale='nearest'"
             )
-        pixels = entry_hw[0] * entry_hw[1]
-        best = min(
-            range(len(self.entry_sizes)),
-            key=lambda i: abs(pixels - self.entry_sizes[i][0] * self.entry_sizes[i][1]),
-        )
-        if entry_hw not in self._warned:
-            self._warned.add(entry_hw)
+        pixels = hw[0] * hw[1]
+        best = min(range(len(table)), key=lambda i: abs(pixels - table[i][0] * table[i][1]))
+        if (hw, where) not in self._warned:
+            self._warned.add((hw, where))
             warnings.warn(
-                f"sct_convert: input size {entry_hw} is not a trained scale; using the nearest "
+                f"sct_convert: {what} {tuple(hw)} is not a trained scale; using the nearest "
                 f"branch {self.scales[best]!r} (by pixel count). Pass unknown_scale='error' to "
                 "refuse such inputs.",
-                stacklevel=3,
+                stacklevel=4,
             )
         return best
 
-    def route_input(self, x: object) -> None:
-        """Select the branch for the tensor reaching the entry layer (or the forced branch)."""
-        if self.forced is not None:
-            self.select(self.forced)
-        elif isinstance(x, torch.Tensor) and x.dim() >= 3:
-            self.select(self.route((int(x.shape[-2]), int(x.shape[-1]))))
+    def route_shape(self, x: torch.Tensor, table: Optional[Sequence[HW]] = None,
+                    where: str = "input") -> object:
+        """:meth:`route` for ``x``'s concrete size; an in-graph index tensor for a symbolic one.
 
-    def entry_hook(self, module: torch.nn.Module, args: tuple) -> None:
-        """Forward pre-hook for an entry layer that is not itself an S-BN."""
-        self.route_input(args[0] if args else None)
+        Under ``torch.compile``/``torch.export`` with dynamic H and W the branch is computed
+        in the graph (exact match first, else nearest by pixel count, as in eager), so one
+        graph serves every size. An in-graph route cannot refuse or warn: a traced model
+        always takes the nearest branch.
+        """
+        h, w = x.shape[-2], x.shape[-1]
+        if not (_is_traced(h) or _is_traced(w)):
+            return self.route((h, w), table, where)
+        return route_index(x, [list(hw) for hw in (self.sizes if table is None else table)])
 
     def __repr__(self) -> str:
-        return (
-            f"ScaleContext(scales={list(self.scales)}, active={self.scales[self.active]!r}, "
-            f"unknown_scale={self.unknown_scale!r})"
-        )
+        return f"ScaleContext(scales={list(self.scales)}, unknown_scale={self.unknown_scale!r})"
+
+
+def route_index(x: torch.Tensor, table: List[List[int]]) -> torch.Tensor:
+    """Branch index (0-d ``long`` tensor) for ``x``'s size, with no Python branching.
+
+    Exact ``(h, w)`` match first, else nearest by pixel count; ``table`` is each scale's size.
+    Traceable by torch.export / dynamo with symbolic sizes, one node under torch.fx, and
+    scriptable, so a traced graph scripts.
+    """
+    sizes = torch.tensor(table, dtype=torch.long, device=x.device)
+    h = torch.full([1], x.shape[-2], dtype=torch.long, device=x.device)
+    w = torch.full([1], x.shape[-1], dtype=torch.long, device=x.device)
+    exact = (sizes[:, 0] == h) & (sizes[:, 1] == w)
+    gap = (sizes[:, 0] * sizes[:, 1] - h * w).abs()
+    return torch.where(exact, torch.full_like(gap, -1), gap).argmin()
+
+
+torch.fx.wrap("route_index")

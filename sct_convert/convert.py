@@ -4,28 +4,31 @@ Discovery traces the model with torch.fx (batch norms and timm's no-trace module
 to audit every call site, including functional ``F.batch_norm`` on module parameters. The
 rewrite then swaps modules in place on the user's own module tree, by identity, so the model
 keeps its class, attributes, methods and training-mode control flow; no GraphModule is
-returned. The model's entry layer (normally its first S-BN, found by a probe forward at every
-scale) routes each input to the branch of its size.
+returned. The model's class becomes a generated subclass (same name) whose ``forward`` routes
+each call by the image's size or samples every scale in train mode; the model's entry layer
+(normally its first S-BN, found by a probe forward at every scale) routes calls that bypass
+that forward.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import re
-import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Type
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .bn import ScaleSpecificBatchNorm, is_batch_norm
-from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, scale_key
-from .sampling import sampling_forward
+from .bn import EntryRouter, ScaleSpecificBatchNorm, is_batch_norm
+from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, normalize_scale, routed, scale_key
+from .sampling import converted_forward, image_parameter
+from .scripting import ScriptedRouter
 
 _FUNCTIONAL_BATCH_NORMS = {F.batch_norm, torch.batch_norm}
 
@@ -186,16 +189,59 @@ def find_batch_norms(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], Con
 # Probe: can the model run at each scale, and which module sees the input first?
 
 
+def stem_conv(model: nn.Module) -> Optional[nn.Module]:
+    """The conv the image reaches first: timm's ``pretrained_cfg["first_conv"]``, else the first conv."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    name = cfg.get("first_conv") if isinstance(cfg, dict) else None
+    if isinstance(name, str):
+        try:
+            named = model.get_submodule(name)
+        except AttributeError:
+            named = None
+        if isinstance(named, nn.modules.conv._ConvNd):
+            return named
+    return next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+
+
+def _channel_candidates(model: nn.Module, in_chans: Optional[int]) -> List[int]:
+    """Image channel counts to probe with, most likely first.
+
+    The stem conv's own ``in_channels`` comes before timm's ``pretrained_cfg["input_size"]``,
+    which keeps saying 3 for a model created with ``in_chans=1``; the config and 3 follow for
+    stems that reshape the image before their first conv (space-to-depth: 3 -> 48).
+    """
+    if in_chans is not None:
+        return [in_chans]
+    conv = stem_conv(model)
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    candidates = [conv.in_channels if conv is not None else None, int(size[0]) if size else None, 3]
+    return list(dict.fromkeys(c for c in candidates if c is not None))
+
+
+def _probe_leads(model: nn.Module, in_chans: Optional[int],
+                 example_input: Optional[torch.Tensor]) -> List[Tuple[int, ...]]:
+    """Leading dims of probe inputs to try, (N, C) or (N, C, T) for 3-d convs; spatial dims appended."""
+    if example_input is not None:
+        return [tuple(example_input.shape[:-2])]
+    volumetric = isinstance(stem_conv(model), (nn.Conv3d, nn.ConvTranspose3d))
+    return [(1, c, 4) if volumetric else (1, c) for c in _channel_candidates(model, in_chans)]
+
+
 def _probe_shape(model: nn.Module, in_chans: Optional[int]) -> Tuple[int, ...]:
-    """Leading dims of a probe input, (N, C) or (N, C, T) for 3-d convs; spatial dims appended."""
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if in_chans is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = cfg.get("input_size") if isinstance(cfg, dict) else None
-        in_chans = int(size[0]) if size else (first_conv.in_channels if first_conv else 3)
-    if isinstance(first_conv, (nn.Conv3d, nn.ConvTranspose3d)):
-        return (1, in_chans, 4)
-    return (1, in_chans)
+    """The most likely probe lead (for callers that cannot retry)."""
+    return _probe_leads(model, in_chans, None)[0]
+
+
+def _first_lead_that_runs(model, leads, probe):
+    """``(lead, probe(lead))`` for the first lead the model accepts; else the first lead's error."""
+    first_error = None
+    for lead in leads:
+        try:
+            return lead, probe(lead)
+        except ConversionError as e:
+            first_error = first_error or e
+    raise first_error
 
 
 def _describe_failure(e: BaseException) -> str:
@@ -432,6 +478,8 @@ def convert(
             "model has an instance-level forward attribute; convert the model before patching "
             "its forward, or wrap it in a module"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ConversionError("model is a TorchScript module; convert the eager model, then script it")
     if is_batch_norm(model):
         raise ConversionError("the model itself is a batch-norm layer; convert the model that holds it")
     context = ScaleContext(scales, unknown_scale)
@@ -445,9 +493,10 @@ def convert(
             "train on several scales without conversion)"
         )
     bn_ids = {id(m) for _, m in found}
-    lead = tuple(example_input.shape[:-2]) if example_input is not None else _probe_shape(model, in_chans)
     with _rng_kept(model):
-        entry_name, entry_sizes = _probe_entry(model, context.sizes, context.scales, lead, bn_ids)
+        lead, (entry_name, entry_sizes) = _first_lead_that_runs(
+            model, _probe_leads(model, in_chans, example_input),
+            lambda lead: _probe_entry(model, context.sizes, context.scales, lead, bn_ids))
         training_failure = _training_failure(model, context.sizes, context.scales, lead)
     if training_failure:
         warnings.warn(training_failure, UserWarning, stacklevel=2)
@@ -459,9 +508,8 @@ def convert(
     context.hook_id = None
     if id(entry) in replacements:
         replacements[id(entry)].routes = True
-        replacements[id(entry)].entry_sizes = [list(hw) for hw in entry_sizes]
     else:
-        context.hook_id = entry.register_forward_pre_hook(context.entry_hook).id
+        context.hook_id = entry.register_forward_pre_hook(EntryRouter(context)).id
 
     report.converted = [n for n, _ in found]
     report.entry = entry_name
@@ -472,18 +520,15 @@ def convert(
     context.report = report
     context.sampling = sampling
     context.antialias = antialias
-    setattr(model, CONTEXT_ATTR, context)
-    # An instance attribute: the class (and what FX traces, type(model).forward) stays as is.
-    model.forward = types.MethodType(sampling_forward, model)
-    model.__prepare_scriptable__ = types.MethodType(_scriptable_view, model)
+    _install(model, context)
     return model
 
 
 def _install_sampling_only(model, context, sampling, antialias, example_input, in_chans):
     """Shared norm layers, SCT sampling only: nothing to route, so no probe for an entry."""
-    lead = tuple(example_input.shape[:-2]) if example_input is not None else _probe_shape(model, in_chans)
     with _rng_kept(model):
-        _probe_entry_optional(model, context, lead)
+        lead, _ = _first_lead_that_runs(model, _probe_leads(model, in_chans, example_input),
+                                        lambda lead: _probe_entry_optional(model, context, lead))
         training_failure = _training_failure(model, context.sizes, context.scales, lead)
     if training_failure:
         warnings.warn(training_failure, UserWarning, stacklevel=3)
@@ -491,9 +536,7 @@ def _install_sampling_only(model, context, sampling, antialias, example_input, i
     context.entry_name, context.hook_id, context.probe_lead = "", None, lead
     context.report = ConversionReport(traced=False)
     context.sampling, context.antialias = sampling, antialias
-    setattr(model, CONTEXT_ATTR, context)
-    model.forward = types.MethodType(sampling_forward, model)
-    model.__prepare_scriptable__ = types.MethodType(_scriptable_view, model)
+    _install(model, context)
     return model
 
 
@@ -506,30 +549,83 @@ def _probe_entry_optional(model, context, lead) -> None:
             raise
 
 
-def _scriptable_view(model: nn.Module) -> nn.Module:
-    """What torch.jit.script compiles: the model without the Python sampling forward.
+# ---------------------------------------------------------------------------------------------
+# The converted class: a generated subclass, the way torch.nn.utils.parametrize does it
 
-    A shallow copy sharing every submodule, parameter and buffer, so scripting leaves the
-    eager model as it was; a scripted model routes by input size (no sampling, no
-    ``sct.scale``; script ``sct.extract(model, s)`` for a fixed scale).
+_CONVERTED_CLASSES: Dict[type, type] = {}
+
+
+def converted_class(cls: Type[nn.Module]) -> Type[nn.Module]:
+    """The subclass of ``cls`` a converted model has: same name, ``forward`` routes and samples.
+
+    One class per original class, so pickling, ``copy.deepcopy`` and ``nn.DataParallel``
+    replicas rebuild the same type. ``forward`` keeps the original's signature
+    (``inspect.signature``, ``torch.export``'s ``dynamic_shapes`` matching).
     """
-    view = copy.copy(model)
-    for name in ("forward", "__prepare_scriptable__", CONTEXT_ATTR):
-        vars(view).pop(name, None)
-    return view
+    if cls not in _CONVERTED_CLASSES:
+        original = cls.forward
+
+        @functools.wraps(original)
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return converted_forward(self, *args, **kwargs)
+
+        _CONVERTED_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "forward": forward,
+            "__prepare_scriptable__": _scriptable_router,
+            "__reduce_ex__": _reduce_converted,
+            "_sct_original_class": cls,
+            "_sct_original_forward": original,
+            "_sct_image_parameter": image_parameter(original),
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        })
+    return _CONVERTED_CLASSES[cls]
+
+
+def original_class(model: nn.Module) -> Type[nn.Module]:
+    """The class ``model`` had before :func:`convert`."""
+    return getattr(type(model), "_sct_original_class", type(model))
+
+
+def _reduce_converted(self: nn.Module, protocol: int) -> tuple:
+    # The generated class cannot be found by name; rebuild it from the original class.
+    return (_new_converted, (self._sct_original_class,), self.__dict__)
+
+
+def _new_converted(cls: Type[nn.Module]) -> nn.Module:
+    sub = converted_class(cls)
+    return sub.__new__(sub)
+
+
+def _install(model: nn.Module, context: ScaleContext) -> None:
+    setattr(model, CONTEXT_ATTR, context)
+    model.__class__ = converted_class(type(model))
+
+
+def _scriptable_router(model: nn.Module) -> nn.Module:
+    ctx = context_of(model)
+    views = [_plain_copy(model, s, share_tensors=True) for s in ctx.scales]
+    return ScriptedRouter(views, ctx.sizes, ctx.unknown_scale == "error").train(model.training)
 
 
 # ---------------------------------------------------------------------------------------------
 # Queries and the scale override
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP / DataParallel / ``torch.compile`` wrapper (itself otherwise)."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and isinstance(getattr(inner, CONTEXT_ATTR, None), ScaleContext):
+            return inner
+    return model
+
+
 def context_of(model: nn.Module) -> ScaleContext:
     """The :class:`ScaleContext` of a converted model; ``ValueError`` if it is not converted."""
-    module = getattr(model, "module", None)  # DDP / DataParallel wrappers
-    for m in (model, module):
-        ctx = getattr(m, CONTEXT_ATTR, None) if m is not None else None
-        if isinstance(ctx, ScaleContext):
-            return ctx
+    ctx = getattr(unwrap(model), CONTEXT_ATTR, None)
+    if isinstance(ctx, ScaleContext):
+        return ctx
     raise ValueError(
         f"{type(model).__name__} is not a converted model; call sct.convert(model, scales) first"
     )
@@ -540,6 +636,22 @@ def scales_of(model: nn.Module) -> Tuple[Scale, ...]:
     return context_of(model).scales
 
 
+def route(model: nn.Module, size: Any) -> Scale:
+    """The scale whose branch serves an input of ``size``, by the model's routing policy.
+
+    Args:
+        model: a converted model.
+        size: an image batch (its last two dims are read), an ``(h, w)`` pair or an int side.
+
+    Returns:
+        One of ``scales_of(model)``. Raises ``ValueError`` for an untrained size under
+        ``unknown_scale="error"``; warns once per size under ``"nearest"``, as a forward does.
+    """
+    ctx = context_of(model)
+    hw = (int(size.shape[-2]), int(size.shape[-1])) if isinstance(size, torch.Tensor) else normalize_scale(size)
+    return ctx.scales[ctx.route(hw)]
+
+
 def scale_specific_layers(model: nn.Module) -> Iterator[Tuple[str, ScaleSpecificBatchNorm]]:
     for name, m in model.named_modules():
         if isinstance(m, ScaleSpecificBatchNorm):
@@ -548,36 +660,46 @@ def scale_specific_layers(model: nn.Module) -> Iterator[Tuple[str, ScaleSpecific
 
 @contextlib.contextmanager
 def scale(model: nn.Module, s: Scale) -> Iterator[nn.Module]:
-    """Run every forward inside the block with branch ``s``, whatever the input size."""
+    """Run every forward of ``model`` inside the block with branch ``s``, whatever the input size.
+
+    The override holds for calls made from this thread (and asyncio task) only, so other
+    threads serving the same model keep routing by size; it ends with the block.
+    """
     ctx = context_of(model)
-    index = ctx.index(s)
-    previous = ctx.forced
-    ctx.forced = index
-    ctx.select(index)
-    try:
+    with routed(ctx, ctx.index(s)):
         yield model
-    finally:
-        ctx.forced = previous
+
+
+def _plain_copy(model: nn.Module, s: Scale, share_tensors: bool = False) -> nn.Module:
+    """The original architecture with branch ``s`` in place of every S-BN; ``model`` untouched."""
+    inner = unwrap(model)
+    ctx = context_of(inner)
+    key = scale_key(ctx.sizes[ctx.index(s)])
+    memo: Dict[int, Any] = {id(ctx): ctx}
+    if share_tensors:
+        for t in list(inner.parameters()) + list(inner.buffers()):
+            memo[id(t)] = t
+    for _, sbn in scale_specific_layers(inner):
+        memo[id(sbn)] = copy.deepcopy(sbn.branches[key], memo)
+    plain = copy.deepcopy(inner, memo)
+    plain.__class__ = original_class(inner)
+    vars(plain).pop(CONTEXT_ATTR, None)
+    for m in plain.modules():
+        for hook_id, hook in list(m._forward_pre_hooks.items()):
+            if isinstance(hook, EntryRouter):
+                del m._forward_pre_hooks[hook_id]
+    return plain
 
 
 def extract(model: nn.Module, s: Scale) -> nn.Module:
-    """A copy of the original architecture (original classes, no S-BN) with branch ``s``'s state."""
-    ctx = context_of(model)
-    key = scale_key(ctx.sizes[ctx.index(s)])
-    layers = list(scale_specific_layers(model))
-    back = {id(sbn.branches[key]): sbn for _, sbn in layers}
-    replace_modules(model, {id(sbn): sbn.branches[key] for _, sbn in layers})
-    try:
-        entry = model.get_submodule(ctx.entry_name)
-        hook = entry._forward_pre_hooks.pop(ctx.hook_id, None) if ctx.hook_id is not None else None
-        patched = {k: vars(model).pop(k) for k in (CONTEXT_ATTR, "forward", "__prepare_scriptable__")
-                   if k in vars(model)}
-        try:
-            plain = copy.deepcopy(model)
-        finally:
-            vars(model).update(patched)
-            if hook is not None:
-                entry._forward_pre_hooks[ctx.hook_id] = hook
-    finally:
-        replace_modules(model, back)
-    return plain
+    """A copy of the original architecture (original classes, no S-BN) with branch ``s``'s state.
+
+    Args:
+        model: a converted model (or a DDP / DataParallel wrapper of one); left unchanged.
+        s: one of its scales.
+
+    Returns:
+        A new module of the model's original class whose ``state_dict`` has exactly the
+        original keys; in eval mode it computes what the converted model computes at ``s``.
+    """
+    return _plain_copy(model, s)

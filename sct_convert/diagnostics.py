@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .convert import context_of, scale_specific_layers
+from .convert import context_of, scale_specific_layers, unwrap
 
 Row = Dict[str, Union[str, int, float]]
 
@@ -41,7 +41,7 @@ def branch_divergence(model: nn.Module, plot: Optional[str] = None) -> List[Row]
     divergence against depth, one line per pair (needs matplotlib).
     """
     ctx = context_of(model)
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     layers = [(name, layer) for name, layer in scale_specific_layers(inner)
               if all(hasattr(b, "running_mean") and b.running_mean is not None
                      for b in layer.branches.values())]
@@ -49,7 +49,7 @@ def branch_divergence(model: nn.Module, plot: Optional[str] = None) -> List[Row]
     n = len(layers)
     for index, (name, layer) in enumerate(layers):
         for (sa, ka), (sb, kb) in itertools.combinations(zip(ctx.scales, ctx.keys), 2):
-            a, b = layer.branch_modules[ka], layer.branch_modules[kb]
+            a, b = layer.branches[ka], layer.branches[kb]
             rows.append({
                 "layer": name, "index": index, "depth": index / max(n - 1, 1),
                 "pair": f"{_label(sa)}-{_label(sb)}",

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .context import Scale, normalize_scale, scale_key
-from .convert import context_of, convert, scale_specific_layers
+from .convert import context_of, convert, scale_specific_layers, unwrap
 from .zoo import arch_info, create_model
 
 PathLike = Union[str, os.PathLike]
@@ -54,10 +54,9 @@ def _num_classes(model: nn.Module) -> Optional[int]:
 
 
 def _in_chans(model: nn.Module) -> Optional[int]:
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return int(cfg["input_size"][0])
-    return None
+    # the channels convert's probe ran with: timm's pretrained_cfg keeps saying 3 after in_chans=1
+    lead = getattr(context_of(model), "probe_lead", None)
+    return int(lead[1]) if lead and len(lead) > 1 else None
 
 
 def _base_metadata(model: nn.Module, arch: Optional[str], source: Optional[str]) -> Dict[str, str]:
@@ -121,6 +120,7 @@ def atomic_save(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict
 
 def plain_state_dict(model: nn.Module, s: Scale) -> Dict[str, torch.Tensor]:
     """Branch ``s``'s view of the model: exactly the original model's ``state_dict`` keys."""
+    model = unwrap(model)
     ctx = context_of(model)
     key = scale_key(ctx.sizes[ctx.index(s)])
     layers = [name for name, _ in scale_specific_layers(model)]
@@ -146,6 +146,7 @@ def save(
     source: Optional[str] = None,
 ) -> Path:
     """Write every branch of a converted model plus the metadata :func:`load` rebuilds it from."""
+    model = unwrap(model)  # DDP / DataParallel: the keys :func:`load` expects, no "module."
     ctx = context_of(model)
     meta = _base_metadata(model, arch, source)
     meta.update(
@@ -163,6 +164,7 @@ def export(
     source: Optional[str] = None,
 ) -> Path:
     """Write scale ``s`` as a plain checkpoint that loads strictly into the unmodified model."""
+    model = unwrap(model)
     ctx = context_of(model)
     meta = _base_metadata(model, arch, source)
     meta.update(format=PLAIN_FORMAT, scale=scale_key(ctx.sizes[ctx.index(s)]))
@@ -178,6 +180,7 @@ def save_per_scale(
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot write per-scale checkpoints to {directory}: not a directory")
     directory.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
     name = arch or arch_info(model).get("arch") or type(model).__name__.lower()
     ctx = context_of(model)
     return [

@@ -1,19 +1,23 @@
-"""SCT's scale-sampling phase: a train-mode forward runs the batch once per training scale.
+"""The converted model's forward: routing by input size, and SCT's scale-sampling phase.
 
-``convert`` installs :func:`sampling_forward` as the model's instance ``forward``; it calls the
-model's own class ``forward`` once per scale, on the batch resized to that scale and with that
-scale's branch, and returns :class:`ScaleOutputs`. Eval mode, sampling switched off, or a
-branch forced with ``sct.scale`` run the model's own forward unchanged.
+``convert`` swaps the model's class for a generated subclass whose ``forward`` is
+:func:`converted_forward`. In eval mode (or with sampling off) it picks the branch from the
+image's (H, W) and pins it for the duration of the call; in train mode it calls the model's
+own ``forward`` once per scale, on the batch resized to that scale with that scale's branch
+pinned, and returns :class:`ScaleOutputs`. A branch pinned by ``sct.scale`` runs the model's
+own forward unchanged. Nothing is written to the model: the route lives in a ContextVar.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Sequence, Tuple
+import inspect
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .context import CONTEXT_ATTR, HW, Scale
+from .context import _ROUTES, CONTEXT_ATTR, HW, Route, Scale
 
 
 class ScaleOutputs(tuple):
@@ -76,26 +80,77 @@ def resize_to(x: torch.Tensor, hw: HW, antialias: bool = True) -> torch.Tensor:
     return out
 
 
-def sampling_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The converted model's ``forward``: SCT's scale sampling in train mode, else unchanged."""
-    ctx = getattr(self, CONTEXT_ATTR)
-    forward = type(self).forward
-    x = args[0] if args else None
-    if not (self.training and ctx.sampling and ctx.forced is None and isinstance(x, torch.Tensor)):
+# Under torch.fx tracing these run as one node each, with eager semantics at run time.
+torch.fx.wrap("resize_to")
+
+
+def scale_outputs(outputs: Tuple[Any, ...], scales: Tuple[Scale, ...]) -> ScaleOutputs:
+    """Build :class:`ScaleOutputs` (an FX leaf, so a traced train-mode graph returns one too)."""
+    return ScaleOutputs(outputs, scales)
+
+
+torch.fx.wrap("scale_outputs")
+
+
+def image_parameter(forward: Callable) -> Optional[str]:
+    """Name of ``forward``'s first parameter after ``self`` (the image), if it has one."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    first = params[0] if params else None
+    if first is None or first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD):
+        return None
+    return first.name
+
+
+def _image(args: tuple, kwargs: Dict[str, Any], name: Optional[str]) -> Optional[torch.Tensor]:
+    x = args[0] if args else (kwargs.get(name) if name is not None else None)
+    if isinstance(x, torch.fx.Proxy):
+        return x  # traced: the size is symbolic, routing goes into the graph
+    return x if isinstance(x, torch.Tensor) and x.dim() >= 3 else None
+
+
+def converted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The converted model's ``forward``: route by the image's size, or sample every scale."""
+    ctx = self.__dict__[CONTEXT_ATTR]
+    cls = type(self)
+    forward = cls._sct_original_forward
+    routes = _ROUTES.get()
+    route = routes.get(ctx)
+    if route is not None and route.pinned:  # sct.scale, or a sampling step of an outer call
         return forward(self, *args, **kwargs)
-    indices = ctx.sample_indices()
+    x = _image(args, kwargs, cls._sct_image_parameter)
+    if x is None:  # not an image batch: the entry layer routes from what reaches it
+        return forward(self, *args, **kwargs)
+    if self.training and ctx.sampling:
+        return _sampling_forward(self, forward, ctx, x, args, kwargs)
+    index = ctx.route_shape(x)
+    token = _ROUTES.set({**routes, ctx: Route(index, True)})
+    try:
+        return forward(self, *args, **kwargs)
+    finally:
+        _ROUTES.reset(token)
+
+
+def _sampling_forward(self, forward, ctx, x, args, kwargs) -> ScaleOutputs:
+    """SCT's sampling phase: the batch resized to every (sampled) scale, each with its branch."""
+    by_keyword = not args
     outputs = []
+    indices = ctx.sample_indices()
     for i in indices:
-        ctx.forced = i  # the branch of scale i, whatever size the entry layer sees
         xi = resize_to(x, ctx.sizes[i], ctx.antialias)
+        call_args, call_kwargs = ((xi,) + args[1:], kwargs) if not by_keyword else (
+            args, {**kwargs, type(self)._sct_image_parameter: xi})
+        token = _ROUTES.set({**_ROUTES.get(), ctx: Route(i, True)})
         try:
-            outputs.append(forward(self, xi, *args[1:], **kwargs))
+            outputs.append(forward(self, *call_args, **call_kwargs))
         except Exception as e:
             # e.g. a train-only aux head too big for a small scale: say which scale it was
-            if hasattr(e, "add_note"):
+            if hasattr(e, "add_note") and isinstance(xi, torch.Tensor):
                 e.add_note(f"sct_convert: raised by the train-mode forward at scale {ctx.scales[i]!r} "
                            f"(input {'x'.join(map(str, xi.shape))})")
             raise
         finally:
-            ctx.forced = None
-    return ScaleOutputs(outputs, [ctx.scales[i] for i in indices])
+            _ROUTES.reset(token)
+    return scale_outputs(tuple(outputs), tuple(ctx.scales[i] for i in indices))

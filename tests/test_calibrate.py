@@ -87,8 +87,7 @@ def test_add_and_remove_scale_are_seen_everywhere(tmp_path):
     sct.calibrate(model, batches(3, 96), num_batches=3, scales=[80], progress=False)
     x = torch.randn(1, 3, 80, 80)
     with torch.no_grad():
-        model(x)
-        assert model._sct_context.active_key == "80"
+        assert sct.route(model, x) == 80
         assert torch.allclose(model(x), sct.extract(model, 80).eval()(x))
         scripted = torch.jit.script(model)
         assert torch.allclose(scripted(x), model(x), atol=1e-6)
@@ -98,9 +97,10 @@ def test_add_and_remove_scale_are_seen_everywhere(tmp_path):
     assert torch.equal(model.bn1.branches["72x64"].running_var, model.bn1.branches["96"].running_var)
     sct.remove_scale(model, 64)
     assert sct.scales_of(model) == (96, 80, (72, 64)) and "64" not in model.bn1.branches
+    x = torch.randn(1, 3, 80, 80)
     with torch.no_grad():
-        model(torch.randn(1, 3, 80, 80))
-    assert model._sct_context.active_key == "80"
+        assert sct.route(model, x) == 80
+        assert torch.allclose(model(x), sct.extract(model, 80).eval()(x))
     with pytest.raises(ValueError, match="already one of"):
         sct.add_scale(model, 96)
     for s in (80, (72, 64)):

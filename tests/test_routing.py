@@ -20,10 +20,22 @@ class Net(nn.Module):
 
 
 def routed(model, h, w=None):
+    """Key of the branch that served a forward at (h, w), told apart by its output."""
     model.eval()
+    if not getattr(model, "_perturbed", False):
+        perturb_branches(model)  # branches must differ for outputs to say which one ran
+        model._perturbed = True
+    x = torch.randn(1, 3, h, w or h)
+    ctx = sct.context_of(model)
     with torch.no_grad():
-        model(torch.randn(1, 3, h, w or h))
-    return model._sct_context.active_key
+        out = model(x)
+        served = []
+        for s, key in zip(ctx.scales, ctx.keys):
+            with sct.scale(model, s):
+                if torch.equal(out, model(x)):
+                    served.append(key)
+    assert len(served) == 1, served
+    return served[0]
 
 
 def test_exact_match_including_rectangular_scales():
