@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .context import _ROUTES, ScaleContext, set_unpinned_route
+from .context import ScaleContext, call_routes, pinned_index, set_unpinned_route
 
 
 def _frozen_batch_norm_types() -> Tuple[Type[nn.Module], ...]:
@@ -81,8 +81,10 @@ def _traced_state(module: nn.Module, name: str, x: torch.Tensor) -> Optional[tor
 
 
 def _entry_route(context: ScaleContext, x: torch.Tensor) -> object:
-    """Route a call that reached the entry layer without a pinned route, from ``x``'s size."""
-    index = context.route_shape(x, context.entry_sizes, where=f"at layer '{context.entry_name}'")
+    """Route a call that reached the entry layer without a pinned route: a sct.scale pin, else ``x``'s size."""
+    index = pinned_index(context)
+    if index is None:
+        index = context.route_shape(x, context.entry_sizes, where=f"at layer '{context.entry_name}'")
     set_unpinned_route(context, index)
     return index
 
@@ -94,7 +96,7 @@ class EntryRouter:
         self.context = context
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        route = _ROUTES.get().get(self.context)
+        route = call_routes().get(self.context)
         x = args[0] if args else None
         if (route is None or not route.pinned) and isinstance(x, torch.Tensor) and x.dim() >= 3:
             _entry_route(self.context, x)
@@ -126,7 +128,7 @@ class ScaleSpecificBatchNorm(nn.Module):
         if torch.jit.is_scripting():
             raise RuntimeError("script the converted model, not one ScaleSpecificBatchNorm")
         context = self.context
-        route = _ROUTES.get().get(context)
+        route = call_routes().get(context)
         if route is not None and (route.pinned or not self.routes):
             index = route.index
         elif self.routes:

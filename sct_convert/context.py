@@ -5,16 +5,18 @@ holding what does not change from call to call: the scales, the routing policy, 
 settings. The converted model and every S-BN layer hold the same instance; a
 ``copy.deepcopy`` or pickle of the model copies it once and keeps that sharing.
 
-Which branch a call runs is *not* stored on the model. It lives in a
-:class:`contextvars.ContextVar` that the model's forward sets for the duration of the call
-and resets after: every thread (and asyncio task) sees only its own calls, so one model can
-serve several sizes from many threads, and ``nn.DataParallel`` replicas, which share the
-model's attributes, route independently.
+Which branch a call runs is *not* stored on the model. The model's forward records it in a
+thread-local for the duration of the call and restores it after: every thread sees only its
+own calls, so one model serves several sizes from many threads, and ``nn.DataParallel``
+replicas, which share the model's attributes, route independently. ``sct.scale`` pins are a
+ContextVar, so they hold for the calling thread or asyncio task only.
 """
 import contextlib
 import contextvars
+import threading
+import types
 import warnings
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -81,38 +83,61 @@ def normalize_scales(scales: Iterable[object]) -> Tuple[Tuple[Scale, ...], Tuple
 class Route(NamedTuple):
     """One call's branch: an ``int`` in eager mode, a 0-d ``long`` tensor when traced.
 
-    ``pinned`` routes hold for the whole call (set by the model's forward, ``sct.scale`` or
-    a sampling step); an unpinned route is the entry layer's own guess for a call that did
-    not come through the model's forward (``model.forward_features(x)``) and is replaced by
-    the next such call.
+    ``pinned`` routes hold for the whole call (set by the model's forward, from the image's
+    size, a ``sct.scale`` pin or a sampling step); an unpinned route is the entry layer's own
+    choice for a call that did not come through the model's forward
+    (``model.forward_features(x)``) and is replaced by the next such call.
     """
 
     index: object
     pinned: bool
 
 
-_ROUTES: contextvars.ContextVar[Dict["ScaleContext", Route]] = contextvars.ContextVar(
-    "sct_convert_routes", default={})
+_NO_ROUTES: Mapping["ScaleContext", object] = types.MappingProxyType({})
+
+# The routes of the calls running in this thread. A thread-local, not a ContextVar: torch.compile
+# traces its reads and writes without a graph break, and a forward never awaits, so
+# setting it on entry and restoring it on exit cannot leak into another asyncio task.
+class _Calls(threading.local):
+    def __init__(self) -> None:  # runs once per thread: the attribute always exists (no guard flip)
+        self.routes: Mapping["ScaleContext", Route] = _NO_ROUTES
 
 
-def current_route(context: "ScaleContext") -> Optional[Route]:
-    """The route this thread's current call of the model holds, if any."""
-    return _ROUTES.get().get(context)
+_CALLS = _Calls()
+
+# sct.scale pins, read once per call by the model's forward: a ContextVar, so a pin made in
+# one asyncio task or thread is not seen by another.
+_PINS: contextvars.ContextVar[Mapping["ScaleContext", int]] = contextvars.ContextVar(
+    "sct_convert_pins", default=_NO_ROUTES)
+
+
+def call_routes() -> Mapping["ScaleContext", Route]:
+    """Routes of the calls this thread is running, by model context."""
+    return _CALLS.routes
+
+
+def set_call_routes(routes: Mapping["ScaleContext", Route]) -> None:
+    _CALLS.routes = routes
+
+
+def pinned_index(context: "ScaleContext") -> Optional[int]:
+    """The branch ``sct.scale`` pinned for this thread / task, if any."""
+    return _PINS.get().get(context)
 
 
 @contextlib.contextmanager
-def routed(context: "ScaleContext", index: object) -> Iterator[None]:
-    """Pin branch ``index`` for every S-BN of ``context``'s model inside the block (this thread)."""
-    token = _ROUTES.set({**_ROUTES.get(), context: Route(index, True)})
+def pinned(context: "ScaleContext", index: int) -> Iterator[None]:
+    """Pin branch ``index`` for every call of ``context``'s model inside the block (this thread / task)."""
+    token = _PINS.set({**_PINS.get(), context: index})
     try:
         yield
     finally:
-        _ROUTES.reset(token)
+        _PINS.reset(token)
 
 
 def set_unpinned_route(context: "ScaleContext", index: object) -> None:
     """The entry layer's route for a call that did not come through the model's forward."""
-    _ROUTES.set({**_ROUTES.get(), context: Route(index, False)})
+    set_call_routes({**call_routes(), context: Route(index, False)})
 
 
 def _is_traced(v: object) -> bool:
@@ -130,7 +155,7 @@ class ScaleContext:
     size the entry layer sees for an image at scale ``i``; conversion measures it, so
     strided stems and space-to-depth route correctly there too.
 
-    Nothing here changes during a forward: the per-call branch is in :data:`_ROUTES`.
+    Nothing here changes during a forward: the per-call branch is in :data:`_CALLS`.
     """
 
     def __init__(self, scales: Sequence[object], unknown_scale: str = "nearest") -> None:
@@ -208,7 +233,8 @@ class ScaleContext:
         always takes the nearest branch.
         """
         h, w = x.shape[-2], x.shape[-1]
-        if not (_is_traced(h) or _is_traced(w)):
+        # Under dynamo a Python route would guard on the size and compile one graph per scale.
+        if not (_is_traced(h) or _is_traced(w) or torch.compiler.is_compiling()):
             return self.route((h, w), table, where)
         return route_index(x, [list(hw) for hw in (self.sizes if table is None else table)])
 

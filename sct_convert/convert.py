@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn import EntryRouter, ScaleSpecificBatchNorm, is_batch_norm
-from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, normalize_scale, routed, scale_key
+from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
 from .sampling import converted_forward, image_parameter
 from .scripting import ScriptedRouter
 
@@ -663,10 +663,11 @@ def scale(model: nn.Module, s: Scale) -> Iterator[nn.Module]:
     """Run every forward of ``model`` inside the block with branch ``s``, whatever the input size.
 
     The override holds for calls made from this thread (and asyncio task) only, so other
-    threads serving the same model keep routing by size; it ends with the block.
+    threads serving the same model keep routing by size; it ends with the block. Train-mode
+    calls inside it run that one scale (no sampling).
     """
     ctx = context_of(model)
-    with routed(ctx, ctx.index(s)):
+    with pinned(ctx, ctx.index(s)):
         yield model
 
 

@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .context import _ROUTES, CONTEXT_ATTR, HW, Route, Scale
+from .context import CONTEXT_ATTR, HW, Route, Scale, call_routes, pinned_index, set_call_routes
 
 
 class ScaleOutputs(tuple):
@@ -116,33 +116,36 @@ def converted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     ctx = self.__dict__[CONTEXT_ATTR]
     cls = type(self)
     forward = cls._sct_original_forward
-    routes = _ROUTES.get()
+    routes = call_routes()
     route = routes.get(ctx)
-    if route is not None and route.pinned:  # sct.scale, or a sampling step of an outer call
+    if route is not None and route.pinned:  # called from inside an outer call of this model
         return forward(self, *args, **kwargs)
-    x = _image(args, kwargs, cls._sct_image_parameter)
-    if x is None:  # not an image batch: the entry layer routes from what reaches it
-        return forward(self, *args, **kwargs)
-    if self.training and ctx.sampling:
-        return _sampling_forward(self, forward, ctx, x, args, kwargs)
-    index = ctx.route_shape(x)
-    token = _ROUTES.set({**routes, ctx: Route(index, True)})
+    index = pinned_index(ctx)  # sct.scale: that branch, no sampling
+    if index is None:
+        x = _image(args, kwargs, cls._sct_image_parameter)
+        if x is None:  # not an image batch: the entry layer routes from what reaches it
+            return forward(self, *args, **kwargs)
+        if self.training and ctx.sampling:
+            return _sampling_forward(self, forward, ctx, x, args, kwargs)
+        index = ctx.route_shape(x)
+    set_call_routes({**routes, ctx: Route(index, True)})
     try:
         return forward(self, *args, **kwargs)
     finally:
-        _ROUTES.reset(token)
+        set_call_routes(routes)
 
 
 def _sampling_forward(self, forward, ctx, x, args, kwargs) -> ScaleOutputs:
     """SCT's sampling phase: the batch resized to every (sampled) scale, each with its branch."""
     by_keyword = not args
+    routes = call_routes()
     outputs = []
     indices = ctx.sample_indices()
     for i in indices:
         xi = resize_to(x, ctx.sizes[i], ctx.antialias)
         call_args, call_kwargs = ((xi,) + args[1:], kwargs) if not by_keyword else (
             args, {**kwargs, type(self)._sct_image_parameter: xi})
-        token = _ROUTES.set({**_ROUTES.get(), ctx: Route(i, True)})
+        set_call_routes({**routes, ctx: Route(i, True)})
         try:
             outputs.append(forward(self, *call_args, **call_kwargs))
         except Exception as e:
@@ -152,5 +155,5 @@ def _sampling_forward(self, forward, ctx, x, args, kwargs) -> ScaleOutputs:
                            f"(input {'x'.join(map(str, xi.shape))})")
             raise
         finally:
-            _ROUTES.reset(token)
+            set_call_routes(routes)
     return scale_outputs(tuple(outputs), tuple(ctx.scales[i] for i in indices))
