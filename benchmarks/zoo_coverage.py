@@ -1,7 +1,9 @@
 """Convert every timm and torchvision classification model that has a batch norm; check it.
 
 With --contract, also: a train-mode sampling step with backward, FX feature extraction that
-routes per scale, and torch.jit.script wherever the original model scripts.
+routes per scale, torch.jit.script wherever the original model scripts, and (issue 13) an FX
+trace in train mode whose backward reaches every parameter, an FX trace in eval mode that
+scripts and matches eager, and a pickle round trip that still routes and samples.
 
 For each model (random init): convert at three scales (native, ~0.75x, ~0.5x, multiples of 8),
 check eval equivalence against the original at every scale, then give every branch different
@@ -36,7 +38,8 @@ FIELDS = [
     "traced", "seconds", "reason",
 ]
 # --contract adds the checks timm/torchvision run on their own models
-CONTRACT_FIELDS = ["train_step", "fx_extract", "jit_script", "commit"]
+CONTRACT_FIELDS = ["train_step", "fx_extract", "jit_script", "fx_train_grads", "fx_trace_script",
+                   "pickle", "commit"]
 TOL = 1e-5
 
 
@@ -109,6 +112,7 @@ def contract_checks(model, original, ctx, inputs, row, source):
     import warnings
 
     import torch
+    import torch.fx
     from timm.models import _features_fx as timm_fx
     from torchvision.models import feature_extraction as tv_fx
 
@@ -155,12 +159,14 @@ def contract_checks(model, original, ctx, inputs, row, source):
         # nodes inside a BN layer (e.g. BatchNormAct2d's act) are one routed call once converted
         _, converted_nodes = get_graph_node_names(model)
         nodes = [n for n in plain_nodes if n in set(converted_nodes)]
-        node = nodes[len(nodes) // 2]
-        fe = make(model, [node])
+        # the last node too keeps both graphs whole: a truncated graph drops in-place ops that
+        # run after the node in eager (SiLU(inplace=True)) in one graph and not the other
+        node, last = nodes[len(nodes) // 2], nodes[-1]
+        fe = make(model, [node, last])
         worst = 0.0
         for s, x in zip(ctx.scales, inputs):
             with torch.no_grad():
-                want = make(plain[s], [node])(x)[node]
+                want = make(plain[s], [node, last])(x)[node]
                 worst = max(worst, rel_diff(want, fe(x)[node]))
         return "ok" if worst <= TOL else f"fail: diff {worst:.1e}"
 
@@ -176,9 +182,78 @@ def contract_checks(model, original, ctx, inputs, row, source):
             worst = max(rel_diff(model(x), scripted(x)) for x in inputs)
         return "ok" if worst <= TOL else f"fail: diff {worst:.1e}"
 
+    def tracer():
+        # timm models: timm's no-trace modules and functions are leaves, as in timm's FX tools
+        from timm.layers import get_notrace_functions, get_notrace_modules
+
+        leaves = tuple(get_notrace_modules()) if source == "timm" else ()
+
+        class Tracer(torch.fx.Tracer):
+            def __init__(self):
+                fns = tuple(f for f in get_notrace_functions() if callable(f)) if source == "timm" else ()
+                super().__init__(autowrap_functions=fns)
+
+            def is_leaf_module(self, m, name):
+                return isinstance(m, leaves) or super().is_leaf_module(m, name)
+
+        return Tracer()
+
+    def traces(module):
+        try:
+            return torch.fx.GraphModule(module, tracer().trace(module))
+        except Exception:  # noqa: BLE001 - decides only whether the check applies
+            return None
+
+    def fx_train_grads():
+        if traces(copy.deepcopy(original).train()) is None:
+            return "n/a (original does not trace)"
+        m = copy.deepcopy(model).train()
+        traced = torch.fx.GraphModule(m, tracer().trace(m))
+        out = traced(inputs[0])
+        if not isinstance(out, sct.ScaleOutputs) or len(out) != len(ctx.scales):
+            return f"fail: traced train forward returned {type(out).__name__}, not every scale"
+        sum(sct.training.main_logits(o).float().mean() for o in out).backward()
+        missing = [n for n, p in traced.named_parameters() if p.requires_grad and p.grad is None]
+        return "ok" if not missing else f"fail: no gradient for {len(missing)} (e.g. {missing[0]})"
+
+    def fx_trace_script():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plain_graph = traces(copy.deepcopy(original).eval())
+            if plain_graph is None:
+                return "n/a (original does not trace)"
+            try:
+                torch.jit.script(plain_graph)
+            except Exception:  # noqa: BLE001
+                return "n/a (original's traced graph does not script)"
+            traced = torch.fx.GraphModule(model, tracer().trace(model))
+            scripted = torch.jit.script(traced)
+        with torch.no_grad():
+            worst = max(max(rel_diff(model(x), traced(x)), rel_diff(model(x), scripted(x))) for x in inputs)
+        return "ok" if worst <= TOL else f"fail: diff {worst:.1e}"
+
+    def pickle_round_trip():
+        import pickle
+
+        copied = pickle.loads(pickle.dumps(model))
+        copied.eval()
+        with torch.no_grad():
+            worst = max(rel_diff(model(x), copied(x)) for x in inputs)
+        if worst > TOL:
+            return f"fail: diff {worst:.1e}"
+        copied.train()
+        with torch.no_grad():
+            out = copied(inputs[0])
+        if not isinstance(out, sct.ScaleOutputs) or len(out) != len(ctx.scales):
+            return "fail: the copy no longer samples in train mode"
+        return "ok"
+
     attempt("train_step", train_step)
     attempt("fx_extract", fx_extract)
     attempt("jit_script", jit_script)
+    attempt("fx_train_grads", fx_train_grads)
+    attempt("fx_trace_script", fx_trace_script)
+    attempt("pickle", pickle_round_trip)
 
 
 def check_model(name, source, device, batch, contract=False):
