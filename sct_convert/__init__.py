@@ -36,6 +36,7 @@ from . import diagnostics  # noqa: E402
 # io and zoo import the package version, so they come after it.
 from . import zoo  # noqa: E402
 from .io import export, load, load_plain, load_weights, save, save_per_scale  # noqa: E402
+from .deploy import export_onnx, export_program  # noqa: E402
 
 __all__ = [
     "add_scale",
@@ -57,6 +58,8 @@ __all__ = [
     "context_of",
     "convert",
     "export",
+    "export_onnx",
+    "export_program",
     "extract",
     "find_batch_norms",
     "is_batch_norm",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import warnings
@@ -145,7 +146,24 @@ def _scale_text(s: Scale) -> str:
 @click.argument("file", type=click.Path(dir_okay=False))
 @clean_errors
 def inspect_cmd(file):
-    """Print a combined file's architecture, scales and per-scale overhead."""
+    """Print a file's architecture, scales and routing (combined .safetensors, .onnx or .pt2)."""
+    if str(file).endswith((".onnx", ".pt2")):
+        from .deploy import read_deploy_metadata
+
+        meta = read_deploy_metadata(file)
+        scales = [tuple(v) if isinstance(v, list) else v for v in json.loads(meta.get("scales", "[]"))]
+        click.echo(f"file:            {file} ({meta.get('format')})")
+        click.echo(f"architecture:    {meta.get('arch')} ({meta.get('source')})")
+        click.echo(f"scales:          {', '.join(map(_scale_text, scales))}")
+        if meta.get("scale"):
+            click.echo(f"this file:       scale {meta['scale']} only (plain architecture)")
+        else:
+            click.echo("this file:       every scale, routed in the graph (nearest by pixel count)")
+        click.echo(f"num classes:     {meta.get('num_classes', '?')}")
+        click.echo(f"input:           {meta.get('input_name')} (N, {meta.get('in_chans') or '?'}, H, W)")
+        click.echo(f"written by:      sct-convert {meta.get('sct_convert_version')}, "
+                   f"torch {meta.get('torch_version')}")
+        return
     from .io import describe
 
     info = describe(file)
@@ -165,28 +183,51 @@ def inspect_cmd(file):
 
 @cli.command("export")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--scale", "scale_text", required=True, help="The scale to export, e.g. 128 or 128x96.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Plain .safetensors to write.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx", "pt2"]), default="safetensors",
+              show_default=True, help="Plain checkpoint, ONNX file, or torch.export program.")
+@click.option("--scale", "scale_text", default=None,
+              help="The scale to export, e.g. 128 or 128x96 (onnx/pt2: omit for one file that serves every scale).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write.")
 @click.option("--model", "model_name", default=None, help="Architecture, when the file records none (timm/torchvision name).")
 @clean_errors
-def export_cmd(file, scale_text, out, model_name):
-    """Write one scale of FILE as a plain checkpoint of the original architecture."""
+def export_cmd(file, fmt, scale_text, out, model_name):
+    """Write FILE as a plain checkpoint of one scale, or as an ONNX / torch.export file.
+
+    ONNX and pt2 files without --scale serve every trained scale: the branch is picked in the
+    graph from the input's size (nearest by pixel count between scales).
+    """
     from . import io
     from .zoo import create_model
 
-    (s,) = parse_scales(scale_text)
+    s = None
     meta = io.checked_metadata(file)
-    if s not in io.file_scales(meta):
-        raise ValueError(
-            f"scale {_scale_text(s)} is not in {file}; it holds "
-            f"{', '.join(map(_scale_text, io.file_scales(meta)))}"
-        )
+    if scale_text is not None:
+        (s,) = parse_scales(scale_text)
+        if s not in io.file_scales(meta):
+            raise ValueError(
+                f"scale {_scale_text(s)} is not in {file}; it holds "
+                f"{', '.join(map(_scale_text, io.file_scales(meta)))}"
+            )
+    elif fmt == "safetensors":
+        raise ValueError("--scale is required for --format safetensors (a plain checkpoint holds one "
+                         "scale); for every scale in one file use --format onnx or pt2")
+    if fmt == "onnx":
+        from .deploy import _require_onnx
+
+        _require_onnx()  # before the model is built: say what to install first
     model: Optional[object] = None
     if model_name:
         model, _ = create_model(model_name)
-    converted = io.load(file, model=model)
-    path = io.export(converted, s, out, arch=meta.get("arch") or model_name, source=meta.get("source"))
-    click.echo(f"wrote {path}: {meta.get('arch') or model_name} at scale {_scale_text(s)}")
+    converted = io.load(file, model=model).eval()
+    what = f"at scale {_scale_text(s)}" if s is not None else "serving every scale"
+    if fmt == "safetensors":
+        path = io.export(converted, s, out, arch=meta.get("arch") or model_name, source=meta.get("source"))
+    else:
+        from . import deploy
+
+        write = deploy.export_onnx if fmt == "onnx" else deploy.export_program
+        path = write(converted, out, s)
+    click.echo(f"wrote {path}: {meta.get('arch') or model_name} {what} ({fmt})")
 
 
 def _preprocessing(model, meta):

@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -90,8 +90,11 @@ def _saveable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def atomic_save(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict[str, str]) -> Path:
-    """Write a safetensors file via a temp file and rename; ``ValueError`` if it cannot be written."""
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` to a temp file beside ``path``, then rename; ``ValueError`` if it cannot be written.
+
+    A failure never leaves a half-written file nor clobbers an existing one.
+    """
     path = Path(path)
     parent = path.parent
     if path.is_dir():
@@ -104,7 +107,7 @@ def atomic_save(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict
         raise ValueError(f"cannot write {path}: {parent} is not writable ({e.strerror})") from None
     os.close(fd)
     try:
-        save_file(_saveable(tensors), tmp, metadata=metadata)
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -116,6 +119,11 @@ def atomic_save(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict
             raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
         raise
     return path
+
+
+def atomic_save(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict[str, str]) -> Path:
+    """Write a safetensors file via a temp file and rename; ``ValueError`` if it cannot be written."""
+    return atomic_write(path, lambda tmp: save_file(_saveable(tensors), tmp, metadata=metadata))
 
 
 def plain_state_dict(model: nn.Module, s: Scale) -> Dict[str, torch.Tensor]:

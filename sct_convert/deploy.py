@@ -1,0 +1,263 @@
+"""Deployment files: ONNX and ``torch.export`` programs, one per scale or one for every scale.
+
+A *switchable* file holds every branch and picks one in the graph from the input's shape
+(exact size first, else the nearest scale by pixel count, as eager routing does): ONNX
+``Shape -> ... -> ArgMin -> Gather`` feeding each ``BatchNormalization``, no ``If`` nodes. Batch,
+height and width are dynamic. A *per-scale* file is the plain original architecture with that
+scale's BN (``sct.extract``), static in H and W, dynamic in batch, so runtimes fold the BN into
+the conv.
+
+An exported file cannot refuse an untrained size (``unknown_scale="error"``): it always takes the
+nearest branch; refuse in the caller. Metadata (scales, routing, architecture, versions) goes into
+ONNX ``metadata_props`` and the ``.pt2`` archive's extra files, and ``sct-convert inspect``
+reads it back. Files are written to a temporary name and renamed, never half-written.
+
+ONNX needs the optional extra: ``pip install "sct-convert[onnx]"``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .context import Scale, scale_key
+from .convert import context_of, extract, run_mode, unwrap
+from .io import atomic_write
+from .zoo import arch_info
+
+PathLike = Union[str, os.PathLike]
+
+ONNX_FORMAT = "sct-convert/onnx"
+PROGRAM_FORMAT = "sct-convert/pt2"
+#: Name of the JSON metadata inside a ``.pt2`` archive (``torch.export.save`` extra files).
+PROGRAM_METADATA = "sct_convert.json"
+INPUT_NAME = "images"
+DEFAULT_OPSET = 18
+
+
+def _missing_onnx() -> ImportError:
+    return ImportError(
+        "ONNX export needs onnx, onnxscript and onnxruntime: pip install \"sct-convert[onnx]\" "
+        "(or pip install onnx onnxscript onnxruntime)"
+    )
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise _missing_onnx() from None
+
+
+def deploy_metadata(model: nn.Module, scale: Optional[Scale], fmt: str) -> Dict[str, str]:
+    """What a deployment file records: format, scales, routing, architecture and versions."""
+    from . import __version__
+
+    ctx = context_of(model)
+    info = arch_info(unwrap(model))
+    lead = getattr(ctx, "probe_lead", (1, 3))
+    meta = {
+        "format": fmt,
+        "sct_convert_version": __version__,
+        "torch_version": torch.__version__,
+        "arch": info.get("arch", "") or type(unwrap(model)).__name__,
+        "source": info.get("source", "") or "custom",
+        "scales": json.dumps([list(s) if isinstance(s, tuple) else s for s in ctx.scales]),
+        "input_name": INPUT_NAME,
+        "in_chans": str(lead[1]) if len(lead) > 1 else "",
+    }
+    if scale is None:
+        meta["routing"] = "nearest"  # in-graph: exact size first, else nearest by pixel count
+    else:
+        meta["scale"] = scale_key(ctx.sizes[ctx.index(scale)])
+        meta["routing"] = "fixed"
+    n = getattr(unwrap(model), "num_classes", None)
+    if isinstance(n, int):
+        meta["num_classes"] = str(n)
+    return meta
+
+
+def _example(model: nn.Module, scale: Optional[Scale], example_input: Optional[torch.Tensor]) -> torch.Tensor:
+    """A batch-2 input at ``scale`` (or the largest scale) on the model's device and dtype."""
+    ctx = context_of(model)
+    if example_input is not None:
+        return example_input
+    hw = ctx.sizes[ctx.index(scale)] if scale is not None else max(ctx.sizes, key=lambda s: s[0] * s[1])
+    lead = tuple(getattr(ctx, "probe_lead", (1, 3)))
+    param = next((p for p in unwrap(model).parameters() if p.is_floating_point()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+    # batch 2: a batch of 1 would be specialised to 1 (dynamo's 0/1 rule)
+    return torch.randn(2, *lead[1:], *hw, device=device, dtype=dtype)
+
+
+def _dynamic_shapes(x: torch.Tensor, switchable: bool) -> Tuple[Dict[int, Any]]:
+    dims: Dict[int, Any] = {0: torch.export.Dim.AUTO}
+    if switchable:
+        dims[x.dim() - 2] = torch.export.Dim.AUTO
+        dims[x.dim() - 1] = torch.export.Dim.AUTO
+    return (dims,)
+
+
+def _size_oblivious():
+    """Trace sizes without dynamo's 0/1 specialisation: a program traced at the largest scale
+    would otherwise carry guards (a final map of 2x2 is not 1x1) that refuse the smallest."""
+    try:
+        from torch.fx.experimental import _config
+
+        return _config.patch(backed_size_oblivious=True)
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+
+
+def _module_to_export(model: nn.Module, scale: Optional[Scale]) -> nn.Module:
+    return extract(model, scale) if scale is not None else unwrap(model)
+
+
+def _check_size_stays_dynamic(program: "torch.export.ExportedProgram", x: torch.Tensor) -> None:
+    """A switchable program whose H or W export fixed to one value cannot switch: say so."""
+    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder"
+                       and n.name not in program.graph_signature.inputs_to_parameters
+                       and n.name not in program.graph_signature.inputs_to_buffers
+                       and n.name not in program.graph_signature.inputs_to_lifted_tensor_constants)
+    shape = placeholder.meta["val"].shape
+    static = [i for i in (x.dim() - 2, x.dim() - 1) if not isinstance(shape[i], torch.SymInt)]
+    if static:
+        raise ValueError(
+            f"torch.export fixed the input's {'height' if x.dim() - 2 in static else 'width'} to "
+            f"{int(shape[static[0]])}: this architecture does not accept a dynamic image size, so one "
+            "file cannot serve every scale; export each scale instead (scale=...)"
+        )
+
+
+def export_program_object(model: nn.Module, scale: Optional[Scale] = None,
+                          example_input: Optional[torch.Tensor] = None) -> "torch.export.ExportedProgram":
+    """``torch.export`` of the switchable model (``scale=None``) or of one scale's plain model."""
+    context_of(model)
+    module = _module_to_export(model, scale)
+    x = _example(model, scale, example_input)
+    with run_mode(module), warnings.catch_warnings(), _size_oblivious():
+        warnings.simplefilter("ignore", UserWarning)
+        program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(x, scale is None),
+                                      strict=False)
+    if scale is None:
+        _check_size_stays_dynamic(program, x)
+    return program
+
+
+def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
+                   example_input: Optional[torch.Tensor] = None) -> Path:
+    """Write a ``torch.export`` program (``.pt2``) that serves every scale, or one.
+
+    Args:
+        model: a converted model (eval mode is used for the export; the model is left as it was).
+        path: the ``.pt2`` file to write (atomically).
+        scale: ``None`` for one program that routes every input size to its branch in the graph
+            (dynamic batch, height and width); a scale for the plain architecture at that scale
+            (dynamic batch).
+        example_input: an input to trace with; by default a batch of 2 at the largest scale.
+
+    Returns:
+        The path written. ``torch.export.load(path).module()`` runs it; the metadata is in the
+        archive's extra file ``sct_convert.json`` (``sct-convert inspect`` prints it).
+    """
+    program = export_program_object(model, scale, example_input)
+    meta = deploy_metadata(model, scale, PROGRAM_FORMAT)
+    return atomic_write(path, lambda tmp: torch.export.save(
+        program, tmp, extra_files={PROGRAM_METADATA: json.dumps(meta)}))
+
+
+def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
+                opset: int = DEFAULT_OPSET, example_input: Optional[torch.Tensor] = None) -> Path:
+    """Write an ONNX file that serves every scale, or one (needs the ``[onnx]`` extra).
+
+    Args:
+        model: a converted model.
+        path: the ``.onnx`` file to write (atomically).
+        scale: ``None`` for one file that routes each input size to its branch in the graph
+            (``Shape``, ``ArgMin``, ``Gather``; dynamic batch, height and width); a scale for the
+            plain architecture at that scale (static height and width, dynamic batch).
+        opset: ONNX opset version.
+        example_input: an input to trace with; by default a batch of 2 at the largest scale.
+
+    Returns:
+        The path written. Its ``metadata_props`` hold the scales, routing and architecture.
+        The input is named ``images``.
+    """
+    _require_onnx()
+    program = export_program_object(model, scale, example_input)
+    meta = deploy_metadata(model, scale, ONNX_FORMAT)
+    meta["opset"] = str(opset)
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
+                                             input_names=[INPUT_NAME], verbose=False)
+        onnx_program.model.metadata_props.update({f"sct_convert.{k}": v for k, v in meta.items()})
+        onnx_program.save(tmp)
+
+    return atomic_write(path, write)
+
+
+def read_deploy_metadata(path: PathLike) -> Dict[str, str]:
+    """The sct-convert metadata of an ``.onnx`` or ``.pt2`` file; ``ValueError`` if it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix == ".onnx":
+        try:
+            import onnx
+        except ImportError:
+            raise _missing_onnx() from None
+        try:
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as e:  # noqa: BLE001 - onnx raises its own decode errors
+            raise ValueError(f"{path} is not a readable ONNX file: {str(e).splitlines()[0][:200]}") from None
+        meta = {k[len("sct_convert."):]: v for k, v in props.items() if k.startswith("sct_convert.")}
+    else:
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith(f"extra/{PROGRAM_METADATA}")), None)
+                meta = json.loads(z.read(name)) if name else {}
+        except (zipfile.BadZipFile, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a readable torch.export archive: {e}") from None
+    if not meta:
+        raise ValueError(f"{path} has no sct-convert metadata (not written by sct.export_onnx / export_program)")
+    return meta
+
+
+def onnx_max_relative_error(model: nn.Module, path: PathLike, sizes: Sequence[Tuple[int, int]],
+                            batch: int = 2, seed: int = 0) -> List[float]:
+    """Run ``path`` in onnxruntime (CPU) and the eager model at each size; max |diff| / max |eager|."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise _missing_onnx() from None
+    ctx = context_of(model)
+    lead = tuple(getattr(ctx, "probe_lead", (1, 3)))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    g = torch.Generator().manual_seed(seed)
+    errors = []
+    module = unwrap(model)
+    with run_mode(module), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the nearest-branch notice for in-between sizes
+        for hw in sizes:
+            x = torch.randn(batch, *lead[1:], *hw, generator=g)
+            want = module(x.to(next(module.parameters()).device)).float().cpu()
+            got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+            errors.append(float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+    return errors
+
+
+__all__ = ["export_onnx", "export_program", "read_deploy_metadata", "onnx_max_relative_error"]

@@ -1,0 +1,122 @@
+"""ONNX and torch.export files: one that serves every scale, or one per scale, checked in real
+runtimes (onnxruntime, torch.export.load) against the eager converted model."""
+import json
+import sys
+import warnings
+
+import pytest
+import timm
+import torch
+from _util import perturb_branches
+from click.testing import CliRunner
+
+import sct_convert as sct
+from sct_convert.cli import cli
+from sct_convert.deploy import onnx_max_relative_error, read_deploy_metadata
+
+SCALES = [64, 48, 32]
+BETWEEN = (56, 56)  # not a trained scale: routed to the nearest (64) in the file as in eager
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = sct.convert(timm.create_model("test_resnet", num_classes=7), SCALES).eval()
+    perturb_branches(m)  # a file that took the wrong branch would show
+    return m
+
+
+@pytest.fixture(scope="module")
+def switchable_onnx(model, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    return sct.export_onnx(model, tmp_path_factory.mktemp("onnx") / "m.onnx")
+
+
+def test_one_onnx_file_serves_every_scale_in_onnxruntime(model, switchable_onnx):
+    import onnx
+
+    sizes = [(s, s) for s in SCALES] + [BETWEEN, (48, 40)]
+    errors = onnx_max_relative_error(model, switchable_onnx, sizes, batch=3)
+    assert max(errors) < 1e-4, dict(zip(sizes, errors))
+    graph = onnx.load(str(switchable_onnx)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"Shape", "ArgMin", "Gather"} <= ops and "If" not in ops  # branch-free in-graph routing
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in (dims[0], dims[2], dims[3]))  # batch, H, W dynamic
+
+
+def test_per_scale_onnx_file_is_the_plain_architecture(model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    path = sct.export_onnx(model, tmp_path / "m32.onnx", scale=32)
+    assert onnx_max_relative_error(model, path, [(32, 32)], batch=3)[0] < 1e-4
+    graph = onnx.load(str(path)).graph
+    assert "ArgMin" not in {n.op_type for n in graph.node}
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert (dims[2].dim_value, dims[3].dim_value) == (32, 32) and dims[0].dim_param
+
+
+def test_onnx_metadata_is_read_back_by_inspect(model, switchable_onnx):
+    meta = read_deploy_metadata(switchable_onnx)
+    assert json.loads(meta["scales"]) == SCALES and meta["routing"] == "nearest"
+    assert meta["arch"] == "test_resnet" and meta["source"] == "timm" and meta["num_classes"] == "7"
+    assert meta["sct_convert_version"] == sct.__version__
+    result = CliRunner().invoke(cli, ["inspect", str(switchable_onnx)])
+    assert result.exit_code == 0, result.output
+    assert "64, 48, 32" in result.output and "every scale" in result.output
+
+
+@pytest.mark.parametrize("scale", [None, 48], ids=["switchable", "per-scale"])
+def test_torch_export_program_round_trip(model, tmp_path, scale):
+    path = sct.export_program(model, tmp_path / "m.pt2", scale=scale)
+    loaded = torch.export.load(str(path)).module()
+    sizes = [48] if scale else SCALES + [56]
+    with torch.no_grad():
+        for s in sizes:
+            x = torch.randn(3, 3, s, s)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # 56 is routed to the nearest branch, warned once
+                want = model(x)
+            assert torch.allclose(loaded(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max())), s
+    meta = read_deploy_metadata(path)
+    assert meta["format"] == "sct-convert/pt2" and meta.get("scale") == ("48" if scale else None)
+
+
+def test_cli_exports_every_format(model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    combined = sct.save(model, tmp_path / "m.safetensors")
+    runner = CliRunner()
+    for fmt, scale, out in (("onnx", None, "all.onnx"), ("pt2", "32", "m32.pt2"),
+                            ("safetensors", "48", "m48.safetensors")):
+        args = ["export", str(combined), "--format", fmt, "--out", str(tmp_path / out)]
+        result = runner.invoke(cli, args + (["--scale", scale] if scale else []))
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / out).is_file()
+    assert onnx_max_relative_error(model, tmp_path / "all.onnx", [(48, 48)])[0] < 1e-4
+    result = runner.invoke(cli, ["export", str(combined), "--format", "safetensors", "--out", str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 1 and "--scale is required" in result.output
+
+
+def test_missing_onnx_extra_is_a_clear_error(model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"sct-convert\[onnx\]"):
+        sct.export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unwritable_target_is_a_clear_error_and_leaves_nothing(model, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="does not exist"):
+        sct.export_program(model, tmp_path / "missing" / "m.pt2")
+    existing = tmp_path / "keep.pt2"
+    existing.write_bytes(b"old")
+
+    def disk_full(program, f, **kwargs):  # fails halfway through writing
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", disk_full)
+    with pytest.raises(ValueError, match="No space left"):
+        sct.export_program(model, existing, scale=32)
+    assert existing.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["keep.pt2"]
