@@ -404,7 +404,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--only", default=None,
-                   help="comma list of model names, or @FILE with one name per line")
+                   help="comma list of model names (NAME or SOURCE/NAME), or @FILE with one per line")
     p.add_argument("--source", choices=["timm", "torchvision"], default=None)
     p.add_argument("--model-timeout", type=int, default=240)
     p.add_argument("--deadline", type=float, default=1e9, help="seconds; stop starting new models after")
@@ -423,9 +423,9 @@ def main():
         names = [n for n in names if n[1] == args.source]
     if args.only and args.only.startswith("@"):
         args.only = ",".join(Path(args.only[1:]).read_text().split())
-    if args.only:
+    if args.only:  # NAME (any library) or SOURCE/NAME (timm/resnet18, torchvision/resnet18)
         wanted = set(args.only.split(","))
-        names = [n for n in names if n[0] in wanted]
+        names = [n for n in names if n[0] in wanted or f"{n[1]}/{n[0]}" in wanted]
     done = {(r["model"], r["source"]) for r in read_rows(args.out)}
     todo = [n for n in names if n not in done]
     random.Random(0).shuffle(todo)  # spread the big models over the shards

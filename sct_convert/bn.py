@@ -7,7 +7,7 @@ is just taking its branch back out. Which branch runs is the current call's rout
 """
 
 import copy
-from typing import Dict, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.fx
@@ -103,6 +103,8 @@ class EntryRouter:
 
 
 class ScaleSpecificBatchNorm(nn.Module):
+    sizes_here: List[List[int]]  # TorchScript needs the element type of a possibly empty list
+
     """Per-scale copies of one batch-norm layer; the current call's route selects the copy.
 
     ``norm`` is a batch-norm layer, or a module that holds nothing but batch-norm state and
@@ -123,10 +125,14 @@ class ScaleSpecificBatchNorm(nn.Module):
         # A plain attribute, not a submodule: the context holds no tensors and is shared.
         self.context = context
         self.routes = False  # True on the model's entry layer: routes calls that bypass forward
+        # This layer's input size at each scale (measured by convert; empty when that cannot
+        # tell the scales apart). Only TorchScript routes by it: scripted code cannot read the
+        # call's route, e.g. a scripted FX graph that keeps a module holding S-BNs as a leaf.
+        self.sizes_here = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            raise RuntimeError("script the converted model, not one ScaleSpecificBatchNorm")
+            return self._scripted_forward(x)
         context = self.context
         route = call_routes().get(context)
         if route is not None and (route.pinned or not self.routes):
@@ -159,6 +165,28 @@ class ScaleSpecificBatchNorm(nn.Module):
                 return out
         # The branch's forward, not its __call__: hooks belong on the S-BN layer.
         return branch.forward(x)
+
+    def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """TorchScript: route by this layer's own input size (exact, else nearest by pixels)."""
+        if len(self.sizes_here) == 0:
+            raise RuntimeError("sct_convert: this scale-specific batch norm cannot tell the scales "
+                               "apart from its own input; script the converted model itself")
+        h, w = x.shape[-2], x.shape[-1]
+        index = -1
+        for i, hw in enumerate(self.sizes_here):
+            if index < 0 and hw[0] == h and hw[1] == w:
+                index = i
+        if index < 0:
+            best = -1
+            for i, hw in enumerate(self.sizes_here):
+                gap = abs(h * w - hw[0] * hw[1])
+                if best < 0 or gap < best:
+                    best, index = gap, i
+        out = x
+        for i, branch in enumerate(self.branches.values()):
+            if i == index:
+                out = branch(x)
+        return out
 
     def graph_forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The branch picked by a 0-d index tensor, with no Python branching (traced eval)."""

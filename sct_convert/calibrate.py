@@ -246,10 +246,22 @@ def _blend_into(target: nn.Module, low: nn.Module, high: nn.Module, t: float) ->
 
 
 def _measure_entry_size(model: nn.Module, ctx, hw, source: int, lead):
-    """Spatial size the entry layer sees for an input at ``hw`` (one eval forward)."""
+    """Spatial size the entry layer sees for an input at ``hw`` (one eval forward).
+
+    Every S-BN's ``sizes_here`` (its input size per scale, for TorchScript) gets the size it
+    sees in the same forward, or is cleared when that size does not tell the new scale apart.
+    """
     entry = model.get_submodule(ctx.entry_name)
     seen = []
-    handle = entry.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    layer_sizes = {}
+
+    def layer_hook(layer, args):
+        x = args[0] if args else None
+        size = tuple(int(v) for v in x.shape[-2:]) if isinstance(x, torch.Tensor) and x.dim() >= 3 else None
+        layer_sizes[id(layer)] = None if id(layer) in layer_sizes else size  # twice: no size
+
+    handles = [entry.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))]
+    handles += [layer.register_forward_pre_hook(layer_hook) for _, layer in scale_specific_layers(model)]
     device, dtype = _probe_device_dtype(model)
     try:
         with run_mode(model), torch.no_grad(), scale(model, ctx.scales[source]):
@@ -257,11 +269,18 @@ def _measure_entry_size(model: nn.Module, ctx, hw, source: int, lead):
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"model cannot run at scale {tuple(hw)}: {type(e).__name__}: {e}") from e
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     size = (int(seen[0][0]), int(seen[0][1]))
     if size in ctx.entry_sizes:
         raise ValueError(f"scale {tuple(hw)} reaches the entry layer at the same size as an "
                          "existing scale; routing could not tell them apart")
+    for _, layer in scale_specific_layers(model):
+        here = layer_sizes.get(id(layer))
+        if not layer.sizes_here or here is None or list(here) in layer.sizes_here:
+            layer.sizes_here = []
+        else:
+            layer.sizes_here.append(list(here))
     return size
 
 
@@ -275,6 +294,8 @@ def remove_scale(model: nn.Module, s: Scale) -> nn.Module:
     key = scale_key(ctx.sizes[index])
     for _, layer in scale_specific_layers(inner):
         del layer.branches[key]
+        if layer.sizes_here:
+            del layer.sizes_here[index]
     keep = [i for i in range(len(ctx.sizes)) if i != index]
     ctx.set_scales(tuple(ctx.scales[i] for i in keep), tuple(ctx.sizes[i] for i in keep))
     ctx.entry_sizes = [ctx.entry_sizes[i] for i in keep]

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import threading
 import types
+import weakref
 import warnings
 from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -236,7 +237,15 @@ class ScaleContext:
         # Under dynamo a Python route would guard on the size and compile one graph per scale.
         if not (_is_traced(h) or _is_traced(w) or torch.compiler.is_compiling()):
             return self.route((h, w), table, where)
-        return route_index(x, [list(hw) for hw in (self.sizes if table is None else table)])
+        rows = [list(hw) for hw in (self.sizes if table is None else table)]
+        if isinstance(x, torch.fx.Proxy):
+            return fx_route_index(x, rows, self.fx_key())
+        return route_index(x, rows)
+
+    def fx_key(self) -> int:
+        """A key an FX graph can hold (an int) to reach this context at run time."""
+        _LIVE_CONTEXTS[id(self)] = self
+        return id(self)
 
     def __repr__(self) -> str:
         return f"ScaleContext(scales={list(self.scales)}, unknown_scale={self.unknown_scale!r})"
@@ -257,4 +266,35 @@ def route_index(x: torch.Tensor, table: List[List[int]]) -> torch.Tensor:
     return torch.where(exact, torch.full_like(gap, -1), gap).argmin()
 
 
+# Contexts that FX graphs route for, by fx_key; weak, so a graph does not keep a model alive.
+_LIVE_CONTEXTS: "weakref.WeakValueDictionary[int, ScaleContext]" = weakref.WeakValueDictionary()
+
+
+@torch.jit.ignore
+def publish_route(key: int, index: int) -> None:
+    """At a traced graph's run time: tell S-BN layers inside tracer-leaf modules (which run
+    eagerly, outside the graph's own ops) the branch of this call. Unpinned: the next eager
+    call of the model routes afresh."""
+    context = _LIVE_CONTEXTS.get(key)
+    if context is not None:
+        set_unpinned_route(context, index)
+
+
+def fx_route_index(x: torch.Tensor, table: List[List[int]], key: int) -> torch.Tensor:
+    """:func:`route_index` as one FX node, that also publishes the branch for leaf modules."""
+    index = route_index(x, table)
+    if torch.jit.is_scripting():
+        return index
+    publish_route(key, int(index))
+    return index
+
+
+def fx_publish_route(x: torch.Tensor, key: int, index: int) -> torch.Tensor:
+    """One FX node per sampled scale in a train-mode graph: publishes that scale's branch."""
+    if not torch.jit.is_scripting():
+        publish_route(key, index)
+    return x
+
+
 torch.fx.wrap("route_index")
+torch.fx.wrap("fx_route_index")

@@ -352,9 +352,14 @@ def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Sc
 
 def _probe_entry(
     model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale], lead: Tuple[int, ...],
-    batch_norms: Set[int],
+    batch_norms: Set[int], probed_sizes: Optional[Dict[str, Optional[List[HW]]]] = None,
 ) -> Tuple[str, List[HW]]:
-    """Run the model at every scale; return the entry module's name and its input size per scale."""
+    """Run the model at every scale; return the entry module's name and its input size per scale.
+
+    ``probed_sizes``, if given, receives each batch norm's input size per scale (``None`` where
+    it is called more than once per forward or sees the same size at two scales).
+    """
+    probed_sizes = {} if probed_sizes is None else probed_sizes
     device, dtype = _probe_device_dtype(model)
     seen: List[Dict[str, List[HW]]] = []
     order: List[str] = []
@@ -400,18 +405,20 @@ def _probe_entry(
     finally:
         for handle in handles:
             handle.remove()
-    def per_scale_sizes(name: str) -> Optional[List[HW]]:
+    def per_scale_sizes(name: str) -> Optional[List[HW]]:  # one call per forward, distinct sizes
         calls = [record.get(name, []) for record in seen]
         if any(len(c) != 1 for c in calls):
             return None  # called more than once per forward: it would re-route mid-forward
         sizes = [c[0] for c in calls]
         return sizes if len(set(sizes)) == len(sizes) else None
 
+    bn_names = {n for n, m in model.named_modules() if id(m) in batch_norms}
     # The first batch norm is the natural entry: its dispatch is already a traced leaf call.
     first_bn = next((n for n in order if id(model.get_submodule(n)) in batch_norms), None)
     for name in ([first_bn] if first_bn else []) + order:
         sizes = per_scale_sizes(name)
         if sizes is not None:
+            probed_sizes.update({n: per_scale_sizes(n) for n in seen[0] if n in bn_names})
             return name, sizes
     raise ConversionError(
         "cannot route by input size: no layer before the first batch norm sees a different "
@@ -494,15 +501,18 @@ def convert(
         )
     bn_ids = {id(m) for _, m in found}
     with _rng_kept(model):
+        bn_sizes: Dict[str, Optional[List[HW]]] = {}
         lead, (entry_name, entry_sizes) = _first_lead_that_runs(
             model, _probe_leads(model, in_chans, example_input),
-            lambda lead: _probe_entry(model, context.sizes, context.scales, lead, bn_ids))
+            lambda lead: _probe_entry(model, context.sizes, context.scales, lead, bn_ids, bn_sizes))
         training_failure = _training_failure(model, context.sizes, context.scales, lead)
     if training_failure:
         warnings.warn(training_failure, UserWarning, stacklevel=2)
 
     keys = context.keys
     replacements = {id(m): ScaleSpecificBatchNorm(m, keys, context) for _, m in found}
+    for name, m in found:  # for TorchScript, where a layer can only route by its own input
+        replacements[id(m)].sizes_here = [list(hw) for hw in bn_sizes.get(name) or []]
     entry = model.get_submodule(entry_name)
     replace_modules(model, replacements)
     context.hook_id = None

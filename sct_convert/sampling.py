@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .context import CONTEXT_ATTR, HW, Route, Scale, call_routes, pinned_index, set_call_routes
+from .context import CONTEXT_ATTR, HW, Route, Scale, call_routes, fx_publish_route, pinned_index, set_call_routes
 
 
 class ScaleOutputs(tuple):
@@ -82,6 +82,7 @@ def resize_to(x: torch.Tensor, hw: HW, antialias: bool = True) -> torch.Tensor:
 
 # Under torch.fx tracing these run as one node each, with eager semantics at run time.
 torch.fx.wrap("resize_to")
+torch.fx.wrap("fx_publish_route")
 
 
 def scale_outputs(outputs: Tuple[Any, ...], scales: Tuple[Scale, ...]) -> ScaleOutputs:
@@ -143,6 +144,8 @@ def _sampling_forward(self, forward, ctx, x, args, kwargs) -> ScaleOutputs:
     indices = ctx.sample_indices()
     for i in indices:
         xi = resize_to(x, ctx.sizes[i], ctx.antialias)
+        if isinstance(xi, torch.fx.Proxy):  # the graph tells leaf modules' S-BNs the scale at run time
+            xi = fx_publish_route(xi, ctx.fx_key(), i)
         call_args, call_kwargs = ((xi,) + args[1:], kwargs) if not by_keyword else (
             args, {**kwargs, type(self)._sct_image_parameter: xi})
         set_call_routes({**routes, ctx: Route(i, True)})
