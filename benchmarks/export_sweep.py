@@ -1,0 +1,121 @@
+"""Export a zoo of converted models to ONNX, per scale and switchable; check each in onnxruntime.
+
+For each model (random init, three scales: native, ~0.75x, ~0.5x, multiples of 8, as the zoo
+sweep picks them): convert, give every branch different statistics, then write
+- one static per-scale ONNX file (the plain architecture) at the smallest scale, and
+- one switchable file (every scale, routed in the graph),
+and compare onnxruntime with the eager converted model: the per-scale file at its scale, the
+switchable file at every scale and at one size between the two largest. One CSV row per model,
+with export seconds, file size and the max relative error; a failure names the operator or the
+reason. Rows are appended as models finish and a rerun skips models already in the CSV.
+
+    python benchmarks/export_sweep.py --only @benchmarks/results/zoo_sample_issue13.txt
+    python benchmarks/export_sweep.py --only torchvision/resnet18,timm/resnet50
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+FIELDS = ["model", "source", "scales", "per_scale", "per_scale_seconds", "per_scale_mb", "per_scale_max_rel_err",
+          "switchable", "switchable_seconds", "switchable_mb", "switchable_max_rel_err", "commit"]
+TOL = 1e-4
+
+
+def short(e: BaseException) -> str:
+    return f"fail: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+
+
+def check(name: str, source: str, tmp: Path) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from zoo_coverage import native_size, round8
+
+    import sct_convert as sct
+    from sct_convert.deploy import onnx_max_relative_error
+    from sct_convert.zoo import create_model
+
+    row = {"model": name, "source": source}
+    model, _ = create_model(name, source)
+    h, w = native_size(model, name, source)
+    sizes = list(dict.fromkeys([(h, w), (round8(0.75 * h), round8(0.75 * w)), (round8(0.5 * h), round8(0.5 * w))]))
+    scales = [s[0] if s[0] == s[1] else s for s in sizes]
+    row["scales"] = " ".join(f"{a}x{b}" for a, b in sizes)
+    model = sct.convert(model.eval(), scales).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in sct.scale_specific_layers(model):
+            for branch in layer.branches.values():
+                for t in list(branch.parameters()) + list(branch.buffers()):
+                    if t.is_floating_point():
+                        t.mul_(1 + 0.05 * torch.rand(t.shape, generator=g))
+    between = ((sizes[0][0] + sizes[1][0]) // 2, (sizes[0][1] + sizes[1][1]) // 2)
+    for kind, scale, check_sizes in (("per_scale", scales[-1], [sizes[-1]]),
+                                     ("switchable", None, sizes + [between])):
+        path = tmp / f"{name}_{kind}.onnx"
+        start = time.perf_counter()
+        try:
+            sct.export_onnx(model, path, scale=scale)
+        except Exception as e:  # noqa: BLE001 - recorded per model
+            row[kind] = short(e)
+            continue
+        row[f"{kind}_seconds"] = f"{time.perf_counter() - start:.1f}"
+        row[f"{kind}_mb"] = f"{path.stat().st_size / 2**20:.1f}"
+        try:
+            err = max(onnx_max_relative_error(model, path, check_sizes))
+        except Exception as e:  # noqa: BLE001
+            row[kind] = "runtime " + short(e)
+            continue
+        row[f"{kind}_max_rel_err"] = f"{err:.1e}"
+        row[kind] = "ok" if err <= TOL else f"fail: max relative error {err:.1e}"
+        path.unlink()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", required=True, help="SOURCE/NAME list, or @FILE with one per line")
+    p.add_argument("--out", default="benchmarks/results/export_sweep.csv")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    import subprocess
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    only = Path(args.only[1:]).read_text().split() if args.only.startswith("@") else args.only.split(",")
+    pairs = [tuple(e.split("/", 1)[::-1]) if "/" in e else (e, "timm") for e in only]
+    out = Path(args.out)
+    done = set()
+    if out.exists():
+        with open(out, newline="") as f:
+            done = {(r["model"], r["source"]) for r in csv.DictReader(f)}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    with open(out, "a", newline="") as f, tempfile.TemporaryDirectory() as tmp:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if f.tell() == 0:
+            writer.writeheader()
+        for name, source in pairs:
+            if (name, source) in done:
+                continue
+            try:
+                row = check(name, source, Path(tmp))
+            except Exception as e:  # noqa: BLE001 - conversion or model creation failed
+                row = {"model": name, "source": source, "per_scale": short(e), "switchable": short(e)}
+            row["commit"] = commit
+            writer.writerow(row)
+            f.flush()
+            print(f"{source}/{name}: per-scale {row.get('per_scale')}, switchable {row.get('switchable')}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
