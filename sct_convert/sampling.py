@@ -138,7 +138,7 @@ def converted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def _sampling_forward(self, forward, ctx, x, args, kwargs) -> ScaleOutputs:
     """SCT's sampling phase: the batch resized to every (sampled) scale, each with its branch."""
-    by_keyword = not args
+    by_keyword = len(args) == 0  # (dynamo cannot trace `not` on a tuple)
     routes = call_routes()
     outputs = []
     indices = ctx.sample_indices()

@@ -194,6 +194,12 @@ def test_compile_with_dynamic_shapes_serves_five_scales_with_at_most_two_graphs(
             assert torch.equal(compiled(x), model(x)), s
     assert counters["stats"]["unique_graphs"] <= 2
     assert not counters["graph_break"], dict(counters["graph_break"])
+    # the train-mode forward (sampling every scale) compiles whole too
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(model.train(), backend="eager")(torch.randn(2, 3, 96, 96))
+    assert isinstance(out, sct.ScaleOutputs) and len(out) == len(scales)
+    assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
 
 
