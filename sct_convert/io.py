@@ -102,7 +102,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     if not parent.is_dir():
         raise ValueError(f"cannot write {path}: directory {parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        # the target's extension last: writers such as torch.export.save check it
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=parent)
     except OSError as e:
         raise ValueError(f"cannot write {path}: {parent} is not writable ({e.strerror})") from None
     os.close(fd)
