@@ -27,7 +27,7 @@ from torch import nn
 
 from .bn import EntryRouter, ScaleSpecificBatchNorm, is_batch_norm
 from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
-from .sampling import converted_forward, image_parameter
+from .sampling import converted_forward, image_parameter, scaled_type
 from .scripting import ScriptedRouter
 
 _FUNCTIONAL_BATCH_NORMS = {F.batch_norm, torch.batch_norm}
@@ -610,6 +610,7 @@ def _new_converted(cls: Type[nn.Module]) -> nn.Module:
 def _install(model: nn.Module, context: ScaleContext) -> None:
     setattr(model, CONTEXT_ATTR, context)
     model.__class__ = converted_class(type(model))
+    scaled_type(tuple(context.scales))  # the train-mode output's type, made outside any compile
 
 
 def _scriptable_router(model: nn.Module) -> nn.Module:

@@ -20,47 +20,137 @@ import torch.utils._pytree as pytree
 from .context import CONTEXT_ATTR, HW, Route, Scale, call_routes, fx_publish_route, pinned_index, set_call_routes
 
 
+#: Tensor methods that act on each output alike: on ScaleOutputs they apply to every scale.
+PER_SCALE_METHODS = frozenset({
+    "to", "cpu", "cuda", "float", "half", "double", "bfloat16", "detach", "clone", "contiguous",
+    "requires_grad_", "argmax", "softmax", "log_softmax", "sigmoid", "view", "reshape",
+    "flatten", "squeeze", "unsqueeze", "type_as", "float_", "to_dense",
+})
+
+
 class ScaleOutputs(tuple):
     """The model's outputs, one per sampled scale, in the model's scale order.
 
-    ``.scales`` names them. Attribute access the tuple does not have (``.argmax``, ``.topk``,
-    ``.shape``) goes to the first scale's output, so logging code written for one logits
-    tensor keeps working; losses should go through :class:`sct_convert.SCTLoss`.
+    A tuple (index it, iterate it, ``len``), plus ``.scales``, ``.by_scale()`` and ``.primary``
+    (the first scale's output). Tensor methods that act on each output alike (``.to``,
+    ``.float``, ``.detach``, ``.argmax``, ``.softmax``, ...) apply to every scale and return
+    ``ScaleOutputs``. Anything that would use one scale and drop the others (``.sum()``,
+    ``.backward()``, ``.item()``, ``.shape``, ``outputs == labels``, ``outputs * 2``) raises: use
+    :class:`sct_convert.SCTLoss` for the loss, ``.primary`` or ``.by_scale()`` for one scale.
+
+    ``ScaleOutputs(values, scales)`` builds one; ``type(outputs)(values)`` (how libraries such
+    as Accelerate rebuild containers) keeps ``outputs``'s scales.
     """
 
     scales: Tuple[Scale, ...]
+    _default_scales: Optional[Tuple[Scale, ...]] = None
 
-    def __new__(cls, outputs: Iterable[Any], scales: Sequence[Scale]) -> "ScaleOutputs":
-        obj = super().__new__(cls, tuple(outputs))
-        obj.scales = tuple(scales)
-        if len(obj.scales) != len(obj):
-            raise ValueError(f"{len(obj)} outputs for {len(obj.scales)} scales")
+    def __new__(cls, outputs: Iterable[Any], scales: Optional[Sequence[Scale]] = None) -> "ScaleOutputs":
+        values = tuple(outputs)
+        if scales is None:
+            scales = cls._default_scales
+        if scales is None:
+            raise TypeError("ScaleOutputs(values, scales): give the scale of each output")
+        scales = tuple(scales)
+        if len(scales) != len(values):
+            raise ValueError(f"{len(values)} outputs for {len(scales)} scales")
+        obj = super().__new__(scaled_type(scales), values)
+        obj.scales = scales
         return obj
 
-    def __getnewargs__(self):
-        return (tuple(self), self.scales)
+    def __reduce__(self):
+        return (ScaleOutputs, (tuple(self), self.scales))
 
     def by_scale(self) -> Dict[Scale, Any]:
         return dict(zip(self.scales, self))
 
     @property
     def primary(self) -> Any:
+        """The first scale's output (the largest, when scales are listed largest first)."""
         return self[0]
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__") or name in ("_default_scales", "scales"):
             raise AttributeError(name)
-        return getattr(self[0], name)
+        if name in PER_SCALE_METHODS:
+            def per_scale(*args: Any, **kwargs: Any) -> "ScaleOutputs":
+                return ScaleOutputs((getattr(o, name)(*args, **kwargs) for o in self), self.scales)
+            return per_scale
+        raise AttributeError(
+            f"ScaleOutputs has no attribute {name!r}: it holds one output per scale "
+            f"{list(self.scales)}, and .{name} would use only one of them. Compute the loss with "
+            "sct.SCTLoss(criterion)(outputs, target); for one scale use outputs.primary or "
+            "outputs.by_scale()[scale]"
+        )
+
+    def _refuse(self, op: str, other: Any) -> Any:
+        if isinstance(other, (torch.Tensor, int, float, bool)):
+            raise TypeError(
+                f"ScaleOutputs {op} {type(other).__name__}: it holds one output per scale "
+                f"{list(self.scales)}; apply it per scale (outputs.by_scale()) or to outputs.primary"
+            )
+        return NotImplemented
+
+    def __eq__(self, other: Any) -> Any:
+        refused = self._refuse("==", other) if not isinstance(other, tuple) else NotImplemented
+        return super().__eq__(other) if refused is NotImplemented else refused
+
+    def __ne__(self, other: Any) -> Any:
+        refused = self._refuse("!=", other) if not isinstance(other, tuple) else NotImplemented
+        return super().__ne__(other) if refused is NotImplemented else refused
+
+    __hash__ = tuple.__hash__
+
+    def __mul__(self, other: Any) -> Any:
+        return self._refuse("*", other)
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: Any) -> Any:
+        if isinstance(other, tuple):
+            return tuple(self) + other
+        return self._refuse("+", other)
+
+    def __radd__(self, other: Any) -> Any:
+        if isinstance(other, tuple):
+            return other + tuple(self)
+        return self._refuse("+", other)
 
     def __repr__(self) -> str:
         return f"ScaleOutputs(scales={list(self.scales)}, outputs={tuple.__repr__(self)})"
 
 
-pytree.register_pytree_node(
-    ScaleOutputs,
-    lambda o: (list(o), o.scales),
-    lambda values, scales: ScaleOutputs(values, scales),
-)
+_SCALED_TYPES: Dict[Tuple[Scale, ...], type] = {}
+
+
+def scaled_type(scales: Tuple[Scale, ...]) -> type:
+    """A ScaleOutputs subclass whose constructor defaults to ``scales`` (same name, cached).
+
+    ``convert`` creates the one for the model's scales; one first needed inside a compiled
+    region is not created there (pytree's registry takes a lock dynamo cannot trace).
+    """
+    if scales not in _SCALED_TYPES:
+        if torch.compiler.is_compiling():
+            return ScaleOutputs
+        sub = type("ScaleOutputs", (ScaleOutputs,), {
+            "_default_scales": scales, "__module__": ScaleOutputs.__module__,
+            "__qualname__": ScaleOutputs.__qualname__})
+        # pytree matches exact types: each subclass flattens like ScaleOutputs
+        pytree.register_pytree_node(sub, _flatten, _unflatten,
+                                    serialized_type_name=f"sct_convert.ScaleOutputs[{scales!r}]")
+        _SCALED_TYPES[scales] = sub
+    return _SCALED_TYPES[scales]
+
+
+def _flatten(outputs: "ScaleOutputs"):
+    return list(outputs), outputs.scales
+
+
+def _unflatten(values: Iterable[Any], scales: Tuple[Scale, ...]) -> "ScaleOutputs":
+    return ScaleOutputs(values, scales)
+
+
+pytree.register_pytree_node(ScaleOutputs, _flatten, _unflatten)
 
 
 def resize_to(x: torch.Tensor, hw: HW, antialias: bool = True) -> torch.Tensor:

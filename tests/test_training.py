@@ -37,7 +37,7 @@ def test_train_forward_samples_every_scale_in_order():
     expected = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
     assert torch.equal(seen[2], expected)
     assert out.by_scale()[48].shape == (4, 4)
-    assert out.argmax(-1).shape == (4,)  # logging code written for one tensor still works
+    assert out.primary.argmax(-1).shape == (4,)  # logging code: one scale, said explicitly
 
 
 def test_eval_and_sampling_off_return_the_models_own_output():
@@ -341,3 +341,35 @@ def test_convert_does_not_warn_when_training_at_every_scale_works_or_fails_alike
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sct.convert(model, [32, 16])
+
+
+def test_scale_outputs_never_act_silently_on_one_scale():
+    model = make().train()
+    x, y = batch(size=64)
+    out = model(x)
+    for use in (lambda o: o.sum(), lambda o: o.mean(), lambda o: o.backward(), lambda o: o.item(),
+                lambda o: o.shape):
+        with pytest.raises(AttributeError, match="SCTLoss"):
+            use(out)
+    for use in (lambda o: o == y, lambda o: o * 2, lambda o: 2 * o, lambda o: o + 1):
+        with pytest.raises(TypeError, match="per scale"):
+            use(out)
+    # per-scale tensor methods apply to every scale and keep the set
+    moved = out.detach().float().to("cpu")
+    assert isinstance(moved, sct.ScaleOutputs) and moved.scales == out.scales
+    assert all(not t.requires_grad for t in moved)
+    preds = out.argmax(-1)
+    assert isinstance(preds, sct.ScaleOutputs) and all(p.shape == (4,) for p in preds)
+    # accuracy logging says which scale it reads
+    assert (out.primary.argmax(-1) == y).shape == (4,)
+    # libraries that rebuild containers with type(obj)(values) keep the scales (Accelerate's honor_type)
+    rebuilt = type(out)(t * 1 for t in out)
+    assert isinstance(rebuilt, sct.ScaleOutputs) and rebuilt.scales == out.scales
+    assert sct.ScaleOutputs(list(out), out.scales).scales == out.scales
+    import pickle
+
+    assert pickle.loads(pickle.dumps(moved)).scales == out.scales
+    import torch.utils._pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(out)
+    assert len(leaves) == len(SCALES) and pytree.tree_unflatten(leaves, spec).scales == out.scales
