@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .context import ScaleContext, call_routes, pinned_index, set_unpinned_route
+from .scripting import script_route
 
 
 def _frozen_batch_norm_types() -> Tuple[Type[nn.Module], ...]:
@@ -171,17 +172,7 @@ class ScaleSpecificBatchNorm(nn.Module):
         if len(self.sizes_here) == 0:
             raise RuntimeError("sct_convert: this scale-specific batch norm cannot tell the scales "
                                "apart from its own input; script the converted model itself")
-        h, w = x.shape[-2], x.shape[-1]
-        index = -1
-        for i, hw in enumerate(self.sizes_here):
-            if index < 0 and hw[0] == h and hw[1] == w:
-                index = i
-        if index < 0:
-            best = -1
-            for i, hw in enumerate(self.sizes_here):
-                gap = abs(h * w - hw[0] * hw[1])
-                if best < 0 or gap < best:
-                    best, index = gap, i
+        index = script_route(x.shape[-2], x.shape[-1], self.sizes_here)
         out = x
         for i, branch in enumerate(self.branches.values()):
             if i == index:

@@ -11,6 +11,22 @@ import torch
 from torch import nn
 
 
+def script_route(h: int, w: int, sizes: List[List[int]], nearest: bool = True) -> int:
+    """Index of the size ``(h, w)`` in ``sizes``, else the nearest by pixel count (``-1`` if not
+    ``nearest``). The TorchScript twin of ``ScaleContext.route``, without warnings."""
+    for i, hw in enumerate(sizes):
+        if hw[0] == h and hw[1] == w:
+            return i
+    index = -1
+    if nearest:
+        best = -1
+        for i, hw in enumerate(sizes):
+            gap = abs(h * w - hw[0] * hw[1])
+            if best < 0 or gap < best:
+                best, index = gap, i
+    return index
+
+
 class ScriptedRouter(nn.Module):
     """What ``torch.jit.script`` compiles for a converted model: one view per scale, routed.
 
@@ -31,20 +47,10 @@ class ScriptedRouter(nn.Module):
         self.unknown_error = unknown_error
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2], x.shape[-1]
-        index = -1
-        for i, hw in enumerate(self.sizes):
-            if index < 0 and hw[0] == h and hw[1] == w:
-                index = i
+        index = script_route(x.shape[-2], x.shape[-1], self.sizes, not self.unknown_error)
         if index < 0:
-            if self.unknown_error:
-                raise ValueError("sct_convert: input size matches none of the model's scales "
-                                 "and unknown_scale='error'")
-            best = -1
-            for i, hw in enumerate(self.sizes):
-                gap = abs(h * w - hw[0] * hw[1])
-                if best < 0 or gap < best:
-                    best, index = gap, i
+            raise ValueError("sct_convert: input size matches none of the model's scales "
+                             "and unknown_scale='error'")
         out = x
         for i, view in enumerate(self.views):
             if i == index:

@@ -54,3 +54,13 @@ class TrainOnlyHead(torch.nn.Module):  # like inception_v3's aux head: only runs
                 raise ValueError("targets should be passed in training mode")
             self.aux(x)
         return x.mean((2, 3))
+
+
+class HeadOnlyBN(torch.nn.Module):  # its only BN sees pooled features: the same size at every scale
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x).mean((2, 3)))

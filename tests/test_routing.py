@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from _util import perturb_branches
+from _util import HeadOnlyBN, perturb_branches
 from torch import nn
 
 import sct_convert as sct
@@ -129,16 +129,7 @@ def test_entry_is_the_first_bn_else_a_hook_on_the_first_layer_that_can_tell_scal
     assert model._sct_context.entry_name == "bn" and model.bn.routes
     assert model._sct_context.hook_id is None
 
-    class HeadOnly(nn.Module):  # its only BN sees pooled features: the same size at every scale
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.bn = nn.BatchNorm1d(4)
-
-        def forward(self, x):
-            return self.bn(self.conv(x).mean((2, 3)))
-
-    model = sct.convert(HeadOnly(), [32, 16])
+    model = sct.convert(HeadOnlyBN(), [32, 16])
     assert model._sct_context.entry_name == "conv" and model._sct_context.hook_id is not None
     assert routed(model, 16) == "16" and routed(model, 32) == "32"
     plain = sct.extract(model, 16)

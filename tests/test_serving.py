@@ -13,7 +13,7 @@ import warnings
 import pytest
 import timm
 import torch
-from _util import perturb_branches
+from _util import HeadOnlyBN, perturb_branches
 from torch import nn
 
 import sct_convert as sct
@@ -244,18 +244,8 @@ def test_keyword_input_samples_like_a_positional_one(served):
         assert torch.equal(model(x=inputs[32]), model(inputs[32]))
 
 
-class _WithHook(nn.Module):  # its only BN sees pooled features: the entry is a hook on conv
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm1d(4)
-
-    def forward(self, x):
-        return self.bn(self.conv(x).mean((2, 3)))
-
-
 def test_extract_leaves_the_users_forward_pre_hooks_in_order():
-    model = sct.convert(_WithHook(), [32, 16])
+    model = sct.convert(HeadOnlyBN(), [32, 16])  # the entry is a hook on conv
     model.conv.register_forward_pre_hook(lambda m, a: None)
     before = list(model.conv._forward_pre_hooks.items())
     plain = sct.extract(model, 16)
