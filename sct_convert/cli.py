@@ -120,6 +120,8 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     out_path = Path(out)
     if not out_path.parent.is_dir():
         raise ValueError(f"cannot write {out}: directory {out_path.parent} does not exist")
+    if per_scale:  # check every output before writing any, so a bad one changes nothing
+        _check_writable_dir(Path(per_scale))
     model, source = create_model(model_name, source, pretrained=pretrained, num_classes=num_classes)
     if checkpoint:
         io.load_weights(model, checkpoint)
@@ -136,6 +138,24 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
         f"({', '.join(map(_scale_text, scale_list))}); wrote {path} "
         f"({_human_bytes(path.stat().st_size)}){extra}"
     )
+
+
+def _check_writable_dir(directory: Path) -> None:
+    """``ValueError`` unless ``directory`` is, or can be created as, a directory."""
+    for parent in [directory, *directory.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot write per-scale checkpoints to {directory}: {parent} is a file")
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"cannot write per-scale checkpoints to {directory}: {parent} is not writable")
+            return
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or (Path(b).exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
 
 
 def _scale_text(s: Scale) -> str:
@@ -200,6 +220,9 @@ def export_cmd(file, fmt, scale_text, out, model_name):
     from .zoo import create_model
 
     s = None
+    if _same_file(file, out):
+        raise ValueError(f"--out {out} is the input file; exporting over it would lose the other "
+                         "scales: write to another file")
     meta = io.checked_metadata(file)
     if scale_text is not None:
         (s,) = parse_scales(scale_text)

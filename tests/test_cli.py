@@ -140,3 +140,21 @@ def torch_equal(a, b):
     import torch
 
     return torch.equal(a, b)
+
+
+def test_no_existing_file_is_changed_by_a_command_that_fails(tmp_path):
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(b"keep me")
+    blocker = tmp_path / "somefile"
+    blocker.write_text("a file, not a directory")
+    r = run("test_resnet", "--out", victim, "--scales", "64,32", "--per-scale", blocker / "sub")
+    assert_one_line_error(r, "is a file")
+    assert victim.read_bytes() == b"keep me"
+
+    combined = tmp_path / "m.safetensors"
+    assert run("test_resnet", "--out", combined, "--scales", "64,32").exit_code == 0
+    before = combined.read_bytes()
+    for same in (combined, tmp_path / "." / "m.safetensors"):
+        r = run("export", combined, "--scale", "32", "--out", same)
+        assert_one_line_error(r, "is the input file")
+    assert combined.read_bytes() == before
