@@ -327,7 +327,20 @@ def diagnose_cmd(file, plot):
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    cli.main(args=argv, prog_name="sct-convert")
+    """The console script: every error, usage errors included, is one ``Error:`` line and exit 1."""
+    try:
+        code = cli.main(args=argv, prog_name="sct-convert", standalone_mode=False)
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "sct-convert"
+        click.echo(f"Error: {' '.join(e.format_message().split())} (see {where} --help)", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -158,3 +158,20 @@ def test_no_existing_file_is_changed_by_a_command_that_fails(tmp_path):
         r = run("export", combined, "--scale", "32", "--out", same)
         assert_one_line_error(r, "is the input file")
     assert combined.read_bytes() == before
+
+
+@pytest.mark.parametrize("args,match", [
+    (["test_resnet", "--num-classes", "0", "--out", "m.safetensors"], "--num-classes"),
+    (["test_resnet"], "Missing option '--out'"),
+    (["test_resnet", "--out", "."], "is a directory"),
+])
+def test_usage_errors_are_one_line_and_exit_1(args, match, capsys, tmp_path, monkeypatch):
+    from sct_convert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("Error: ") and match in err, err
+    assert list(tmp_path.iterdir()) == []
