@@ -212,7 +212,8 @@ def contract_checks(model, original, ctx, inputs, row, source):
         out = traced(inputs[0])
         if not isinstance(out, sct.ScaleOutputs) or len(out) != len(ctx.scales):
             return f"fail: traced train forward returned {type(out).__name__}, not every scale"
-        sum(sct.training.main_logits(o).float().mean() for o in out).backward()
+        # SCTLoss, so aux heads (GoogLeNet, Inception-v3) are in the loss as in training
+        sct.SCTLoss(lambda logits, _: logits.float().mean())(out, None).backward()
         missing = [n for n, p in traced.named_parameters() if p.requires_grad and p.grad is None]
         return "ok" if not missing else f"fail: no gradient for {len(missing)} (e.g. {missing[0]})"
 

@@ -46,15 +46,13 @@ class ScriptedRouter(nn.Module):
         self.sizes = [list(hw) for hw in sizes]
         self.unknown_error = unknown_error
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        # (no return annotation: the views' own output type, tuples and named tuples included)
         index = script_route(x.shape[-2], x.shape[-1], self.sizes, not self.unknown_error)
         if index < 0:
             raise ValueError("sct_convert: input size matches none of the model's scales "
                              "and unknown_scale='error'")
-        out = x
         for i, view in enumerate(self.views):
             if i == index:
-                out = view(x)
-        return out
-
-
+                return view(x)
+        raise RuntimeError("sct_convert: no view for the routed scale")

@@ -302,3 +302,18 @@ def test_grayscale_model_converts_and_reloads_with_its_own_channels(tmp_path):
     loaded = sct.load(sct.save(model, tmp_path / "gray.safetensors")).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_scripted_model_keeps_the_originals_output_type():
+    import torchvision
+
+    model = sct.convert(torchvision.models.googlenet(init_weights=False, num_classes=5).eval(), [96, 64]).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        original_scripted = torch.jit.script(sct.extract(model, 64).eval())
+        scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got, want = scripted(x), original_scripted(x)
+    assert type(got).__name__ == type(want).__name__ == "GoogLeNetOutputs"
+    assert torch.equal(got.logits, want.logits)
