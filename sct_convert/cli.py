@@ -104,7 +104,9 @@ def _human_bytes(n: float) -> str:
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Combined .safetensors to write.")
 @click.option("--scales", default=DEFAULT_SCALES, show_default=True, help="Comma list of ints or HxW.")
 @click.option("--source", type=click.Choice(["timm", "torchvision"]), default=None, help="Library when both have MODEL (default: timm).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Weights to load first (.safetensors or .pth, weights only).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Weights (.safetensors or .pth, weights only): the original model's, or a converted "
+                   "model's training checkpoint (branch keys; give the same --scales).")
 @click.option("--pretrained", is_flag=True, help="Use the library's pretrained weights if already cached (never downloads).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size.")
 @click.option("--unknown-scale", type=click.Choice(["nearest", "error"]), default="nearest", show_default=True)
@@ -123,10 +125,19 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     if per_scale:  # check every output before writing any, so a bad one changes nothing
         _check_writable_dir(Path(per_scale))
     model, source = create_model(model_name, source, pretrained=pretrained, num_classes=num_classes)
-    if checkpoint:
-        io.load_weights(model, checkpoint)
+    state = io.read_weights(checkpoint) if checkpoint else None
+    trained_converted = state is not None and io.has_branches(state)
+    if state is not None and not trained_converted:
+        io.load_state_dict_strict(model, io.with_module_metadata(state, model), checkpoint)
     model.eval()
     convert(model, scale_list, unknown_scale)
+    if trained_converted:  # a converted model's training checkpoint (timm train.py, Lightning, ...)
+        held = sorted({k.split(".branches.", 1)[1].split(".", 1)[0] for k in state if ".branches." in k})
+        wanted = sorted(model._sct_context.keys)
+        if held != wanted:
+            raise ValueError(f"{checkpoint} holds a converted model with scales {', '.join(held)}; "
+                             f"pass --scales {','.join(held)} (got {', '.join(wanted)})")
+        io.load_state_dict_strict(model, io.with_module_metadata(state, model), checkpoint)
     path = io.save(model, out_path, arch=model_name, source=source)
     layers = len(model._sct_context.report.converted)
     extra = ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import os
 import tempfile
 from pathlib import Path
@@ -313,30 +314,51 @@ def load_plain(model: nn.Module, path: PathLike) -> nn.Module:
     return model
 
 
-def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load plain weights (``.safetensors`` or ``.pth``, never unpickling code) strictly."""
+def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or ``.pth`` (weights only, never unpickling code).
+
+    Training checkpoints are unwrapped: the ``state_dict`` / ``model`` / ``state_dict_ema``
+    entry, and a ``module.`` prefix (DDP). timm's ``train.py`` stores its ``argparse.Namespace``
+    of arguments beside the weights; that one harmless class is allowed, nothing else.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if path.suffix == ".safetensors":
-        return load_plain(model, path)
-    else:
-        try:
+        read_metadata(path)
+        return load_file(str(path))
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - pickle errors come in many types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"cannot read {path} as a weights-only checkpoint: {first[:200]}"
-            ) from None
-        for key in ("state_dict", "model", "state_dict_ema"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
-        if not isinstance(state, dict):
-            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-        if state and all(k.startswith("module.") for k in state):
-            state = {k[len("module."):]: v for k, v in state.items()}
-    load_state_dict_strict(model, with_module_metadata(state, model), path)
+    except Exception as e:  # noqa: BLE001 - pickle errors come in many types
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"it pickles {found.group(1)}" if found else "it holds objects other than tensors"
+        raise ValueError(
+            f"refusing to read {path}: it is not a plain weights file ({what}), and loading it could run "
+            "code from the file. Re-save the weights with safetensors (safetensors.torch.save_file) "
+            "or as a plain state dict"
+        ) from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def has_branches(state: Dict[str, torch.Tensor]) -> bool:
+    """True for the state dict of a converted model (keys with ``.branches.<scale>.``)."""
+    return any(".branches." in k for k in state)
+
+
+def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load plain weights (``.safetensors`` or ``.pth``, never unpickling code) strictly."""
+    load_state_dict_strict(model, with_module_metadata(read_weights(path), model), path)
     return model
 
 

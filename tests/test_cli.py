@@ -175,3 +175,39 @@ def test_usage_errors_are_one_line_and_exit_1(args, match, capsys, tmp_path, mon
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("Error: ") and match in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_converted_models_training_checkpoint_exports_per_scale(tmp_path):
+    """A checkpoint as timm's train.py writes it (CheckpointSaver: args as argparse.Namespace,
+    weights under state_dict and state_dict_ema) of a model converted with the README's two lines."""
+    import argparse
+
+    import torch
+
+    import sct_convert as sct
+
+    model = sct.convert(timm.create_model("test_resnet", num_classes=3), [64, 32]).eval()
+    from _util import perturb_branches
+
+    perturb_branches(model)  # as if trained: every branch its own
+    ckpt = tmp_path / "last.pth.tar"
+    torch.save({"epoch": 3, "arch": "test_resnet", "state_dict": model.state_dict(),
+                "state_dict_ema": model.state_dict(), "args": argparse.Namespace(lr=0.1, model="test_resnet"),
+                "version": 2}, ckpt)
+    out, per = tmp_path / "m.safetensors", tmp_path / "per"
+    r = run("test_resnet", "--checkpoint", ckpt, "--scales", "64,32", "--num-classes", "3",
+            "--out", out, "--per-scale", per)
+    assert r.exit_code == 0, r.output
+    for s in (64, 32):
+        plain = sct.load_plain(timm.create_model("test_resnet", num_classes=3), per / f"test_resnet_{s}.safetensors")
+        x = torch.randn(1, 3, s, s)
+        with torch.no_grad():
+            assert torch.equal(plain.eval()(x), model(x)), s
+    r = run("test_resnet", "--checkpoint", ckpt, "--scales", "64,48", "--num-classes", "3", "--out", out)
+    assert_one_line_error(r, "pass --scales 32,64")
+    # anything else pickled is still refused, with what was found and the safe way
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "obj": torch.nn.ReLU()}, evil)
+    r = run("test_resnet", "--checkpoint", evil, "--out", tmp_path / "e.safetensors")
+    assert_one_line_error(r, "safetensors")
+    assert "weights_only" not in r.output and not (tmp_path / "e.safetensors").exists()
