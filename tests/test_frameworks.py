@@ -39,3 +39,41 @@ def test_accelerate_bf16_trains_every_branch_and_saves(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), inner(x))
+
+
+def test_timm_scheduled_batch_sizes_train_each_batchs_own_branch(tmp_path):
+    """timm >= 1.0.29's per-batch input sizes (train.py --train-img-sizes): with sampling off,
+    a batch at size s trains branch s only (the one-scale-per-step form of SCT)."""
+    from PIL import Image
+    from timm.data import ImageDataset, create_loader
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / cls / f"{i}.png")
+    loader = create_loader(
+        ImageDataset(str(tmp_path)), input_size=(3, 64, 64), batch_size=2, is_training=True,
+        use_prefetcher=False, num_workers=0, persistent_workers=False, device=torch.device("cpu"),
+        input_size_choices=[64, 32])
+    model = sct.convert(timm.create_model("test_resnet", num_classes=2), [64, 32], sampling=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    criterion = torch.nn.CrossEntropyLoss()
+    model.train()
+    seen = set()
+    for x, y in loader:
+        size = int(x.shape[-1])
+        seen.add(size)
+        other = "32" if size == 64 else "64"
+        before = {k: v.clone() for k, v in model.state_dict().items() if f".branches.{other}." in k}
+        own_mean = model.bn1.branches[str(size)].running_mean.clone()
+        optimizer.zero_grad()
+        out = model(x)
+        assert isinstance(out, torch.Tensor)  # sampling off: the model's own output
+        criterion(out, y).backward()
+        assert model.bn1.branches[str(size)].weight.grad is not None
+        assert model.bn1.branches[other].weight.grad is None
+        optimizer.step()
+        after = model.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items())  # the other branch is untouched
+        assert not torch.equal(own_mean, model.bn1.branches[str(size)].running_mean)
+    assert seen == {64, 32}
