@@ -128,6 +128,7 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     state = io.read_weights(checkpoint) if checkpoint else None
     trained_converted = state is not None and io.has_branches(state)
     if state is not None and not trained_converted:
+        state = io.without_wrapper_prefix(state, model)
         io.load_state_dict_strict(model, io.with_module_metadata(state, model), checkpoint)
     model.eval()
     convert(model, scale_list, unknown_scale)
@@ -137,6 +138,7 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
         if held != wanted:
             raise ValueError(f"{checkpoint} holds a converted model with scales {', '.join(held)}; "
                              f"pass --scales {','.join(held)} (got {', '.join(wanted)})")
+        state = io.without_wrapper_prefix(state, model)
         io.load_state_dict_strict(model, io.with_module_metadata(state, model), checkpoint)
     path = io.save(model, out_path, arch=model_name, source=source)
     layers = len(model._sct_context.report.converted)

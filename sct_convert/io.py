@@ -351,6 +351,21 @@ def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     return state
 
 
+def without_wrapper_prefix(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``state`` with a prefix every key shares removed (a LightningModule's ``model.``), when the
+    keys only match ``model`` without it; otherwise ``state`` unchanged."""
+    expected = set(model.state_dict())
+    if not state or set(state) & expected:
+        return state
+    firsts = {k.split(".", 1)[0] for k in state}
+    if len(firsts) == 1 and all("." in k for k in state):
+        prefix = firsts.pop() + "."
+        stripped = {k[len(prefix):]: v for k, v in state.items()}
+        if set(stripped) & expected:
+            return stripped
+    return state
+
+
 def has_branches(state: Dict[str, torch.Tensor]) -> bool:
     """True for the state dict of a converted model (keys with ``.branches.<scale>.``)."""
     return any(".branches." in k for k in state)

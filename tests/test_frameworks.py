@@ -77,3 +77,45 @@ def test_timm_scheduled_batch_sizes_train_each_batchs_own_branch(tmp_path):
         assert all(torch.equal(v, after[k]) for k, v in before.items())  # the other branch is untouched
         assert not torch.equal(own_mean, model.bn1.branches[str(size)].running_mean)
     assert seen == {64, 32}
+
+
+def test_lightning_bf16_fit_checkpoint_and_per_scale_export(tmp_path):
+    pytest.importorskip("lightning")
+    import importlib.util
+    from pathlib import Path
+
+    import lightning as L
+    from click.testing import CliRunner
+
+    from sct_convert.cli import cli
+
+    spec = importlib.util.spec_from_file_location(
+        "lightning_sct", Path(__file__).resolve().parents[1] / "examples" / "lightning_sct.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    module = example.SCTClassifier("test_resnet", num_classes=3, scales=[64, 32])
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = L.Trainer(max_steps=3, precision="bf16-mixed", accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, limit_val_batches=1, val_check_interval=3)
+    trainer.fit(module, example.fake_loader(64, 12, 3, 4), example.fake_loader(64, 4, 3, 4))
+    assert {"val/acc_64", "val/acc_32"} <= set(trainer.callback_metrics)
+    trained = module.model.state_dict()
+    for key in ("64", "32"):  # sampling trained every branch
+        name = f"bn1.branches.{key}.weight"
+        assert not torch.equal(trained[name], initial[name]), key
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    restored = example.SCTClassifier.load_from_checkpoint(ckpt).model
+    assert all(torch.equal(v, restored.state_dict()[k]) for k, v in trained.items())
+    # from the Lightning checkpoint to per-scale plain files
+    result = CliRunner().invoke(cli, ["test_resnet", "--checkpoint", str(ckpt), "--scales", "64,32",
+                                      "--num-classes", "3", "--out", str(tmp_path / "m.safetensors"),
+                                      "--per-scale", str(tmp_path / "per")])
+    assert result.exit_code == 0, result.output
+    plain = sct.load_plain(timm.create_model("test_resnet", num_classes=3), tmp_path / "per" / "test_resnet_32.safetensors")
+    module.model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), module.model(x))
