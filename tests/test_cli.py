@@ -178,8 +178,8 @@ def test_usage_errors_are_one_line_and_exit_1(args, match, capsys, tmp_path, mon
 
 
 def test_a_converted_models_training_checkpoint_exports_per_scale(tmp_path):
-    """A checkpoint as timm's train.py writes it (CheckpointSaver: args as argparse.Namespace,
-    weights under state_dict and state_dict_ema) of a model converted with the README's two lines."""
+    """A checkpoint as timm's train.py writes it (its CheckpointSaver: args as argparse.Namespace,
+    weights under state_dict, EMA under state_dict_ema) of a model converted with the README's two lines."""
     import argparse
 
     import torch
@@ -190,10 +190,15 @@ def test_a_converted_models_training_checkpoint_exports_per_scale(tmp_path):
     from _util import perturb_branches
 
     perturb_branches(model)  # as if trained: every branch its own
+    # timm's own CheckpointSaver, as train.py uses it (args, optimizer, EMA)
+    from timm.utils import CheckpointSaver, ModelEmaV3
+
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            args=argparse.Namespace(lr=0.1, model="test_resnet"),
+                            model_ema=ModelEmaV3(model), checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(epoch=3, metric=0.5)
     ckpt = tmp_path / "last.pth.tar"
-    torch.save({"epoch": 3, "arch": "test_resnet", "state_dict": model.state_dict(),
-                "state_dict_ema": model.state_dict(), "args": argparse.Namespace(lr=0.1, model="test_resnet"),
-                "version": 2}, ckpt)
+    assert "args" in torch.load(ckpt, weights_only=False)
     out, per = tmp_path / "m.safetensors", tmp_path / "per"
     r = run("test_resnet", "--checkpoint", ckpt, "--scales", "64,32", "--num-classes", "3",
             "--out", out, "--per-scale", per)
