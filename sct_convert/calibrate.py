@@ -145,6 +145,12 @@ def calibrate(
             break
     if not batches:
         raise ValueError("calibrate got no batches from data")
+    if len(batches) < num_batches:
+        warnings.warn(
+            f"calibrate: asked for {num_batches} batches but the data holds {len(batches)} "
+            f"({sum(int(x.shape[0]) for x in batches)} images); the statistics come from those. "
+            "Pass num_batches to match, or more data for steadier statistics",
+            UserWarning, stacklevel=2)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -16,8 +16,8 @@ from .context import Scale, normalize_scales
 DEFAULT_SCALES = "224,192,128"
 
 
-def parse_scales(text: str) -> List[Scale]:
-    """``"224,192,128x96"`` -> ``[224, 192, (128, 96)]``; ``ValueError`` on anything else."""
+def parse_scales(text: str, option: str = "--scales") -> List[Scale]:
+    """``"224,192,128x96"`` -> ``[224, 192, (128, 96)]``; ``ValueError`` naming ``option`` otherwise."""
     scales: List[Scale] = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -29,7 +29,8 @@ def parse_scales(text: str) -> List[Scale]:
                 scales.append(int(part))
         except ValueError:
             raise ValueError(
-                f"bad scale {part!r} in --scales {text!r}: use ints or HxW, e.g. 224,192,128x96"
+                f"bad scale {part!r} in {option} {text!r}: use ints or HxW, e.g. "
+                + ("224,192,128x96" if option == "--scales" else "128 or 128x96")
             ) from None
     normalize_scales(scales)
     return scales
@@ -238,7 +239,10 @@ def export_cmd(file, fmt, scale_text, out, model_name):
                          "scales: write to another file")
     meta = io.checked_metadata(file)
     if scale_text is not None:
-        (s,) = parse_scales(scale_text)
+        scales_given = parse_scales(scale_text, "--scale")
+        if len(scales_given) != 1:
+            raise ValueError(f"--scale takes one scale, got {scale_text!r}")
+        (s,) = scales_given
         if s not in io.file_scales(meta):
             raise ValueError(
                 f"scale {_scale_text(s)} is not in {file}; it holds "
@@ -303,8 +307,10 @@ def calibrate_cmd(file, images, out, batches, batch_size, add):
     meta = io.checked_metadata(file)
     model = io.load(file)
     if add:
-        (s,) = parse_scales(add)
-        add_scale(model, s)
+        added = parse_scales(add, "--add-scale")
+        if len(added) != 1:
+            raise ValueError(f"--add-scale takes one scale, got {add!r}")
+        add_scale(model, added[0])
     try:
         dataset = torchvision.datasets.ImageFolder(images, transform=_preprocessing(model, meta))
     except (FileNotFoundError, RuntimeError) as e:
@@ -313,8 +319,9 @@ def calibrate_cmd(file, images, out, batches, batch_size, add):
     calibrate(model, loader, num_batches=batches, progress=True)
     path = io.save(model, out, arch=meta.get("arch"), source=meta.get("source"))
     n = min(batches, len(loader))
-    click.echo(f"calibrated {len(model._sct_context.scales)} scales on {n} batches of {batch_size} "
-               f"from {images}; wrote {path}")
+    images_used = min(len(dataset), n * batch_size)
+    click.echo(f"calibrated {len(model._sct_context.scales)} scales on {n} batch{'es' if n != 1 else ''} "
+               f"({images_used} images) from {images}; wrote {path}")
 
 
 @cli.command("diagnose")

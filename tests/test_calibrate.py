@@ -148,3 +148,10 @@ def test_add_scale_interpolates_between_neighbouring_branches():
         assert torch.allclose(model(x), sct.extract(model, 24).eval()(x))
     with pytest.raises(ValueError, match="'interpolate'"):
         sct.add_scale(model, 40, init_from="linear")
+
+
+def test_asking_for_more_batches_than_the_data_holds_warns():
+    model = sct.convert(timm.create_model("test_resnet", num_classes=3), [64, 32])
+    data = [torch.randn(4, 3, 64, 64) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"asked for 100 batches but the data holds 2 \(8 images\)"):
+        sct.calibrate(model, data, progress=False)

@@ -216,3 +216,12 @@ def test_a_converted_models_training_checkpoint_exports_per_scale(tmp_path):
     r = run("test_resnet", "--checkpoint", evil, "--out", tmp_path / "e.safetensors")
     assert_one_line_error(r, "safetensors")
     assert "weights_only" not in r.output and not (tmp_path / "e.safetensors").exists()
+
+
+def test_export_scale_errors_name_the_option(tmp_path):
+    combined = tmp_path / "m.safetensors"
+    assert run("test_resnet", "--out", combined, "--scales", "64,32").exit_code == 0
+    assert_one_line_error(run("export", combined, "--scale", "abc", "--out", tmp_path / "e.safetensors"),
+                          "bad scale 'abc' in --scale 'abc'")
+    assert_one_line_error(run("export", combined, "--scale", "64,32", "--out", tmp_path / "e.safetensors"),
+                          "--scale takes one scale")
