@@ -41,6 +41,9 @@ def main():
 
     model = sct.convert(timm.create_model("resnet18", num_classes=10), scales=[128, 96, 64])  # SCT (1/2)
     if args.sync_bn:
+        if not torch.cuda.is_available():
+            raise SystemExit("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU "
+                             "(drop --sync-bn; each rank then keeps its own batch statistics)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = DDP(model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=args.lean)

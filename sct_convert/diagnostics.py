@@ -69,6 +69,9 @@ def plot_divergence(rows: List[Row], path: str, title: str = "S-BN branch diverg
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ValueError("plotting needs matplotlib: pip install matplotlib") from e
+    if not any(float(r["divergence"]) > 0 for r in rows):
+        raise ValueError("every branch still has the same statistics (a freshly converted model): "
+                         "there is no divergence to plot; train or calibrate first")
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for pair in dict.fromkeys(r["pair"] for r in rows):
         pts = [(r["index"], r["divergence"]) for r in rows if r["pair"] == pair]

@@ -225,3 +225,11 @@ def test_export_scale_errors_name_the_option(tmp_path):
                           "bad scale 'abc' in --scale 'abc'")
     assert_one_line_error(run("export", combined, "--scale", "64,32", "--out", tmp_path / "e.safetensors"),
                           "--scale takes one scale")
+
+
+def test_diagnose_plot_of_identical_branches_says_so(tmp_path):
+    combined = tmp_path / "m.safetensors"
+    assert run("test_resnet", "--out", combined, "--scales", "64,32").exit_code == 0
+    r = run("diagnose", combined, "--plot", tmp_path / "d.png")
+    assert_one_line_error(r, "same statistics")
+    assert not (tmp_path / "d.png").exists()
