@@ -508,6 +508,12 @@ def convert(
         training_failure = _training_failure(model, context.sizes, context.scales, lead)
     if training_failure:
         warnings.warn(training_failure, UserWarning, stacklevel=2)
+    for s, hw in zip(context.scales, entry_sizes):
+        if hw[0] * hw[1] <= 1:
+            warnings.warn(
+                f"scale {s!r}: the model's first layer that normalises ('{entry_name}') sees this "
+                "input as a single pixel, so the scale carries nothing useful; use a larger one",
+                UserWarning, stacklevel=2)
 
     keys = context.keys
     replacements = {id(m): ScaleSpecificBatchNorm(m, keys, context) for _, m in found}

@@ -233,3 +233,10 @@ def test_diagnose_plot_of_identical_branches_says_so(tmp_path):
     r = run("diagnose", combined, "--plot", tmp_path / "d.png")
     assert_one_line_error(r, "same statistics")
     assert not (tmp_path / "d.png").exists()
+
+
+def test_a_scale_the_stem_reduces_to_one_pixel_warns(tmp_path):
+    r = run("test_resnet", "--out", tmp_path / "m.safetensors", "--scales", "64,1")
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("Warning:")]
+    assert any("scale 1" in line and "single pixel" in line for line in lines), r.output
