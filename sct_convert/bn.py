@@ -104,8 +104,6 @@ class EntryRouter:
 
 
 class ScaleSpecificBatchNorm(nn.Module):
-    sizes_here: List[List[int]]  # TorchScript needs the element type of a possibly empty list
-
     """Per-scale copies of one batch-norm layer; the current call's route selects the copy.
 
     ``norm`` is a batch-norm layer, or a module that holds nothing but batch-norm state and
@@ -119,6 +117,8 @@ class ScaleSpecificBatchNorm(nn.Module):
     parameters in the graph (``index_select`` on the stacked branches, then ``F.batch_norm``),
     so one graph serves every scale.
     """
+
+    sizes_here: List[List[int]]  # TorchScript needs the element type of a possibly empty list
 
     def __init__(self, norm: nn.Module, keys: Sequence[str], context: ScaleContext) -> None:
         super().__init__()

@@ -670,6 +670,7 @@ def route(model: nn.Module, size: Any) -> Scale:
 
 
 def scale_specific_layers(model: nn.Module) -> Iterator[Tuple[str, ScaleSpecificBatchNorm]]:
+    """``(qualified name, layer)`` for every S-BN layer of a converted model, in module order."""
     for name, m in model.named_modules():
         if isinstance(m, ScaleSpecificBatchNorm):
             yield name, m
