@@ -92,12 +92,14 @@ class ScaleOutputs(tuple):
         return NotImplemented
 
     def __eq__(self, other: Any) -> Any:
-        refused = self._refuse("==", other) if not isinstance(other, tuple) else NotImplemented
-        return super().__eq__(other) if refused is NotImplemented else refused
+        if not isinstance(other, tuple):
+            self._refuse("==", other)  # raises for tensors and numbers
+        return super().__eq__(other)
 
     def __ne__(self, other: Any) -> Any:
-        refused = self._refuse("!=", other) if not isinstance(other, tuple) else NotImplemented
-        return super().__ne__(other) if refused is NotImplemented else refused
+        if not isinstance(other, tuple):
+            self._refuse("!=", other)
+        return super().__ne__(other)
 
     __hash__ = tuple.__hash__
 
