@@ -11,6 +11,7 @@ reason. Rows are appended as models finish and a rerun skips models already in t
 
     python benchmarks/export_sweep.py --only @benchmarks/results/zoo_sample_issue13.txt
     python benchmarks/export_sweep.py --only torchvision/resnet18,timm/resnet50
+    python benchmarks/export_sweep.py --only @FILE --workers 14 --threads 1   # a many-core host
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import warnings
 from pathlib import Path
 
 FIELDS = ["model", "source", "scales", "per_scale", "per_scale_seconds", "per_scale_mb", "per_scale_max_rel_err",
-          "switchable", "switchable_seconds", "switchable_mb", "switchable_max_rel_err", "commit"]
+          "switchable", "switchable_seconds", "switchable_mb", "switchable_max_rel_err", "commit", "torch",
+          "onnxruntime"]
 TOL = 1e-4
 
 
@@ -31,7 +33,7 @@ def short(e: BaseException) -> str:
     return f"fail: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
 
 
-def check(name: str, source: str, tmp: Path) -> dict:
+def check(name: str, source: str, tmp: Path, threads: int) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -68,7 +70,7 @@ def check(name: str, source: str, tmp: Path) -> dict:
         row[f"{kind}_seconds"] = f"{time.perf_counter() - start:.1f}"
         row[f"{kind}_mb"] = f"{path.stat().st_size / 2**20:.1f}"
         try:
-            err = max(onnx_max_relative_error(model, path, check_sizes))
+            err = max(onnx_max_relative_error(model, path, check_sizes, threads=threads))
         except Exception as e:  # noqa: BLE001
             row[kind] = "runtime " + short(e)
             continue
@@ -78,18 +80,33 @@ def check(name: str, source: str, tmp: Path) -> dict:
     return row
 
 
+def run_one(job: tuple) -> dict:
+    """One model in its own worker process (a crash or leak stays there)."""
+    name, source, threads, commit = job
+    import onnxruntime
+    import torch
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            row = check(name, source, Path(tmp), threads)
+    except Exception as e:  # noqa: BLE001 - conversion or model creation failed
+        row = {"model": name, "source": source, "per_scale": short(e), "switchable": short(e)}
+    row.update(commit=commit, torch=torch.__version__, onnxruntime=onnxruntime.__version__)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", required=True, help="SOURCE/NAME list, or @FILE with one per line")
     p.add_argument("--out", default="benchmarks/results/export_sweep.csv")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads per model")
+    p.add_argument("--workers", type=int, default=1, help="models exported in parallel processes")
     args = p.parse_args()
+    import multiprocessing
     import subprocess
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     only = Path(args.only[1:]).read_text().split() if args.only.startswith("@") else args.only.split(",")
     pairs = [tuple(e.split("/", 1)[::-1]) if "/" in e else (e, "timm") for e in only]
     out = Path(args.out)
@@ -99,22 +116,17 @@ def main() -> None:
             done = {(r["model"], r["source"]) for r in csv.DictReader(f)}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    with open(out, "a", newline="") as f, tempfile.TemporaryDirectory() as tmp:
+    jobs = [(name, source, args.threads, commit) for name, source in pairs if (name, source) not in done]
+    context = multiprocessing.get_context("spawn")
+    with open(out, "a", newline="") as f, context.Pool(args.workers, maxtasksperchild=1) as pool:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if f.tell() == 0:
             writer.writeheader()
-        for name, source in pairs:
-            if (name, source) in done:
-                continue
-            try:
-                row = check(name, source, Path(tmp))
-            except Exception as e:  # noqa: BLE001 - conversion or model creation failed
-                row = {"model": name, "source": source, "per_scale": short(e), "switchable": short(e)}
-            row["commit"] = commit
+        for row in pool.imap_unordered(run_one, jobs):
             writer.writerow(row)
             f.flush()
-            print(f"{source}/{name}: per-scale {row.get('per_scale')}, switchable {row.get('switchable')}",
-                  flush=True)
+            print(f"{row['source']}/{row['model']}: per-scale {row.get('per_scale')}, "
+                  f"switchable {row.get('switchable')}", flush=True)
 
 
 if __name__ == "__main__":

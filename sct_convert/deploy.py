@@ -1,9 +1,11 @@
 """Deployment files: ONNX and ``torch.export`` programs, one per scale or one for every scale.
 
 A *switchable* file holds every branch and picks one in the graph from the input's shape
-(exact size first, else the nearest scale by pixel count, as eager routing does): ONNX
-``Shape -> ... -> ArgMin -> Gather`` feeding each ``BatchNormalization``, no ``If`` nodes. Batch,
-height and width are dynamic. A *per-scale* file is the plain original architecture with that
+(exact size first, else the nearest scale by pixel count, as eager routing does); batch, height
+and width are dynamic. In ONNX each scale is its own subgraph under a chain of ``If`` nodes,
+sharing one copy of the weights, so runtimes fold each branch's BN into its convs
+(:mod:`sct_convert.onnx_graph`). In a ``torch.export`` program each S-BN gathers its branch's
+statistics with ``index_select``. A *per-scale* file is the plain original architecture with that
 scale's BN (``sct.extract``), static in H and W, dynamic in batch, so runtimes fold the BN into
 the conv.
 
@@ -137,19 +139,41 @@ def _check_size_stays_dynamic(program: "torch.export.ExportedProgram", x: torch.
         )
 
 
+def _trace(module: nn.Module, x: torch.Tensor, dynamic_size: bool) -> "torch.export.ExportedProgram":
+    with run_mode(module), warnings.catch_warnings(), _size_oblivious():
+        warnings.simplefilter("ignore", UserWarning)
+        program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(x, dynamic_size), strict=False)
+    if dynamic_size:
+        _check_size_stays_dynamic(program, x)
+    return program
+
+
 def export_program_object(model: nn.Module, scale: Optional[Scale] = None,
                           example_input: Optional[torch.Tensor] = None) -> "torch.export.ExportedProgram":
     """``torch.export`` of the switchable model (``scale=None``) or of one scale's plain model."""
     context_of(model)
-    module = _module_to_export(model, scale)
-    x = _example(model, scale, example_input)
-    with run_mode(module), warnings.catch_warnings(), _size_oblivious():
-        warnings.simplefilter("ignore", UserWarning)
-        program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(x, scale is None),
-                                      strict=False)
-    if scale is None:
-        _check_size_stays_dynamic(program, x)
-    return program
+    return _trace(_module_to_export(model, scale), _example(model, scale, example_input), scale is None)
+
+
+def _onnx_branch(model: nn.Module, scale: Scale, opset: int, example_input: Optional[torch.Tensor]):
+    """One scale's plain model as ONNX, dynamic in batch, height and width, BN left unfolded so
+    that every branch shares the conv weights (the runtime folds BN per branch at load)."""
+    import onnx_ir
+    import onnxscript.optimizer
+
+    x = _example(model, scale, None)
+    if example_input is not None:  # the caller's leading dims and dtype, at this scale's size
+        x = torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype,
+                        device=example_input.device)
+    program = _trace(extract(model, scale), x, dynamic_size=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                                         verbose=False, optimize=False)
+    # constant folding only: the default optimizer would fold BN into the conv weights, one copy per scale
+    onnxscript.optimizer.fold_constants(onnx_program.model)
+    onnxscript.optimizer.remove_unused_nodes(onnx_program.model)
+    return onnx_ir.serde.serialize_model(onnx_program.model)
 
 
 def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
@@ -182,8 +206,9 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         model: a converted model.
         path: the ``.onnx`` file to write (atomically).
         scale: ``None`` for one file that routes each input size to its branch in the graph
-            (``Shape``, ``ArgMin``, ``Gather``; dynamic batch, height and width); a scale for the
-            plain architecture at that scale (static height and width, dynamic batch).
+            (``Shape``, ``ArgMin``, then one ``If`` subgraph per scale sharing the weights; dynamic
+            batch, height and width); a scale for the plain architecture at that scale (static
+            height and width, dynamic batch).
         opset: ONNX opset version.
         example_input: an input to trace with; by default a batch of 2 at the largest scale.
 
@@ -192,19 +217,39 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         The input is named ``images``.
     """
     _require_onnx()
-    program = export_program_object(model, scale, example_input)
     meta = deploy_metadata(model, scale, ONNX_FORMAT)
     meta["opset"] = str(opset)
-
-    def write(tmp: str) -> None:
+    props = {f"sct_convert.{k}": v for k, v in meta.items()}
+    if scale is not None:
+        program = export_program_object(model, scale, example_input)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
                                              input_names=[INPUT_NAME], verbose=False)
-        onnx_program.model.metadata_props.update({f"sct_convert.{k}": v for k, v in meta.items()})
-        onnx_program.save(tmp)
+        onnx_program.model.metadata_props.update(props)
+        return atomic_write(path, onnx_program.save)
+
+    import onnx
+
+    from .onnx_graph import switchable_model
+
+    ctx = context_of(model)
+    branches = [_onnx_branch(model, s, opset, example_input) for s in ctx.scales]
+    combined = switchable_model(branches, ctx.sizes, [scale_key(s) for s in ctx.sizes], INPUT_NAME)
+    onnx.helper.set_model_props(combined, props)
+    big = sum(len(t.raw_data) for t in combined.graph.initializer) > _PROTOBUF_LIMIT
+
+    def write(tmp: str) -> None:
+        if big:  # protobuf cannot hold 2 GB: the weights go to one file beside the model
+            onnx.save_model(combined, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=Path(path).name + ".data")
+        else:
+            onnx.save_model(combined, tmp)
 
     return atomic_write(path, write)
+
+
+_PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf's 2 GB message limit, with room for the graph
 
 
 def read_deploy_metadata(path: PathLike) -> Dict[str, str]:
@@ -237,15 +282,30 @@ def read_deploy_metadata(path: PathLike) -> Dict[str, str]:
 
 
 def onnx_max_relative_error(model: nn.Module, path: PathLike, sizes: Sequence[Tuple[int, int]],
-                            batch: int = 2, seed: int = 0) -> List[float]:
-    """Run ``path`` in onnxruntime (CPU) and the eager model at each size; max |diff| / max |eager|."""
+                            batch: int = 2, seed: int = 0, threads: Optional[int] = None) -> List[float]:
+    """Run ``path`` in onnxruntime (CPU) and the eager model at each size; max |diff| / max |eager|.
+
+    Args:
+        model: the converted model the file was exported from.
+        path: an ONNX file written by :func:`export_onnx`.
+        sizes: ``(height, width)`` pairs to compare at, one random batch each.
+        batch: images per batch.
+        seed: seed of the random inputs.
+        threads: onnxruntime's intra-op threads (default: its own choice, every core).
+
+    Returns:
+        One relative error per size: max absolute difference over max absolute eager output.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
         raise _missing_onnx() from None
     ctx = context_of(model)
     lead = tuple(getattr(ctx, "probe_lead", (1, 3)))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     g = torch.Generator().manual_seed(seed)
     errors = []

@@ -40,9 +40,36 @@ def test_one_onnx_file_serves_every_scale_in_onnxruntime(model, switchable_onnx)
     assert max(errors) < 1e-4, dict(zip(sizes, errors))
     graph = onnx.load(str(switchable_onnx)).graph
     ops = {n.op_type for n in graph.node}
-    assert {"Shape", "ArgMin", "Gather"} <= ops and "If" not in ops  # branch-free in-graph routing
+    assert {"Shape", "ArgMin", "If"} <= ops  # routed in the graph, one subgraph per scale
     dims = graph.input[0].type.tensor_type.shape.dim
     assert all(d.dim_param for d in (dims[0], dims[2], dims[3]))  # batch, H, W dynamic
+
+
+def _op_counts(graph, counts=None):
+    import onnx
+
+    counts = {} if counts is None else counts
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _op_counts(attr.g, counts)
+    return counts
+
+
+def test_switchable_onnx_shares_weights_and_onnxruntime_folds_every_branch(model, switchable_onnx, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    per_scale = sct.export_onnx(model, tmp_path / "m64.onnx", scale=64)
+    # one copy of the conv weights, plus each scale's BN: far from three copies
+    assert switchable_onnx.stat().st_size < 1.3 * per_scale.stat().st_size
+    assert _op_counts(onnx.load(str(switchable_onnx)).graph)["BatchNormalization"] > 0
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(switchable_onnx), options, providers=["CPUExecutionProvider"])
+    optimized = _op_counts(onnx.load(options.optimized_model_filepath).graph)
+    assert "BatchNormalization" not in optimized and optimized["If"] == len(SCALES) - 1
 
 
 def test_per_scale_onnx_file_is_the_plain_architecture(model, tmp_path):
