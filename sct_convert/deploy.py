@@ -125,11 +125,7 @@ def _module_to_export(model: nn.Module, scale: Optional[Scale]) -> nn.Module:
 
 def _check_size_stays_dynamic(program: "torch.export.ExportedProgram", x: torch.Tensor) -> None:
     """A switchable program whose H or W export fixed to one value cannot switch: say so."""
-    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder"
-                       and n.name not in program.graph_signature.inputs_to_parameters
-                       and n.name not in program.graph_signature.inputs_to_buffers
-                       and n.name not in program.graph_signature.inputs_to_lifted_tensor_constants)
-    shape = placeholder.meta["val"].shape
+    shape = _input_placeholder(program).meta["val"].shape
     static = [i for i in (x.dim() - 2, x.dim() - 1) if not isinstance(shape[i], torch.SymInt)]
     if static:
         raise ValueError(
@@ -155,25 +151,83 @@ def export_program_object(model: nn.Module, scale: Optional[Scale] = None,
     return _trace(_module_to_export(model, scale), _example(model, scale, example_input), scale is None)
 
 
-def _onnx_branch(model: nn.Module, scale: Scale, opset: int, example_input: Optional[torch.Tensor]):
-    """One scale's plain model as ONNX, dynamic in batch, height and width, BN left unfolded so
-    that every branch shares the conv weights (the runtime folds BN per branch at load)."""
+def _input_placeholder(program: "torch.export.ExportedProgram"):
+    signature = program.graph_signature
+    return next(n for n in program.graph.nodes if n.op == "placeholder"
+                and n.name not in signature.inputs_to_parameters and n.name not in signature.inputs_to_buffers
+                and n.name not in signature.inputs_to_lifted_tensor_constants)
+
+
+def _accepts_size(program: "torch.export.ExportedProgram", size: Tuple[int, int]) -> bool:
+    """Whether ``program`` was traced valid for an input of this (H, W): each of its dims is a free
+    symbol whose range (export's record of the guards it took) holds the value."""
+    shape = _input_placeholder(program).meta["val"].shape
+    for dim, value in zip(shape[-2:], size):
+        if not isinstance(dim, torch.SymInt):
+            return dim == value
+        expr = dim.node.expr
+        bounds = program.range_constraints.get(expr)
+        if bounds is None or not (bounds.lower <= value <= bounds.upper):
+            return False
+    return True
+
+
+def _named_tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return dict(list(module.named_parameters()) + list(module.named_buffers()))
+
+
+def _onnx_ir(program: "torch.export.ExportedProgram", opset: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                                 verbose=False, optimize=False).model
+
+
+def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor]) -> list:
+    """Each scale's plain model as ONNX, dynamic in batch, height and width, BN left unfolded so
+    that the branches share the conv weights (the runtime folds each branch's BN at load).
+
+    The first scale is traced and converted once; every other scale is that graph with its own
+    BN tensors swapped in, before constant folding, where the graph holds them by name as
+    initializers and the trace is valid at its size. Otherwise that scale is traced on its own.
+    """
     import onnx_ir
     import onnxscript.optimizer
 
-    x = _example(model, scale, None)
-    if example_input is not None:  # the caller's leading dims and dtype, at this scale's size
-        x = torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype,
-                        device=example_input.device)
-    program = _trace(extract(model, scale), x, dynamic_size=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                         verbose=False, optimize=False)
-    # constant folding only: the default optimizer would fold BN into the conv weights, one copy per scale
-    onnxscript.optimizer.fold_constants(onnx_program.model)
-    onnxscript.optimizer.remove_unused_nodes(onnx_program.model)
-    return onnx_ir.serde.serialize_model(onnx_program.model)
+    ctx = context_of(model)
+
+    def example(scale: Scale) -> torch.Tensor:
+        x = _example(model, scale, None)
+        if example_input is None:
+            return x  # the caller's leading dims and dtype, at this scale's size:
+        return torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype,
+                           device=example_input.device)
+
+    first = extract(model, ctx.scales[0])
+    program = _trace(first, example(ctx.scales[0]), dynamic_size=True)
+    unfolded = onnx_ir.serde.serialize_model(_onnx_ir(program, opset))
+    held = {t.name for t in unfolded.graph.initializer}
+    base = _named_tensors(first)
+    del first
+    branches = []
+    for scale, size in zip(ctx.scales, ctx.sizes):
+        graph = onnx_ir.serde.deserialize_model(unfolded)
+        if scale != ctx.scales[0]:
+            plain = extract(model, scale)
+            own = {name: t for name, t in _named_tensors(plain).items() if not torch.equal(t, base[name])}
+            numpy_types = all(t.dtype != torch.bfloat16 for t in own.values())
+            if own.keys() <= held and numpy_types and _accepts_size(program, size):
+                for name, tensor in own.items():
+                    graph.graph.initializers[name].const_value = onnx_ir.tensor(
+                        tensor.detach().cpu().numpy(), name=name)
+            else:
+                graph = _onnx_ir(_trace(plain, example(scale), dynamic_size=True), opset)
+            del plain
+        # constant folding only: the default optimizer folds BN into the convs, one copy per scale
+        onnxscript.optimizer.fold_constants(graph)
+        onnxscript.optimizer.remove_unused_nodes(graph)
+        branches.append(onnx_ir.serde.serialize_model(graph))
+    return branches
 
 
 def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
@@ -234,7 +288,7 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
     from .onnx_graph import switchable_model
 
     ctx = context_of(model)
-    branches = [_onnx_branch(model, s, opset, example_input) for s in ctx.scales]
+    branches = _onnx_branches(model, opset, example_input)
     combined = switchable_model(branches, ctx.sizes, [scale_key(s) for s in ctx.sizes], INPUT_NAME)
     onnx.helper.set_model_props(combined, props)
     big = sum(len(t.raw_data) for t in combined.graph.initializer) > _PROTOBUF_LIMIT
