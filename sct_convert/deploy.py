@@ -158,24 +158,6 @@ def _input_placeholder(program: "torch.export.ExportedProgram"):
                 and n.name not in signature.inputs_to_lifted_tensor_constants)
 
 
-def _accepts_size(program: "torch.export.ExportedProgram", size: Tuple[int, int]) -> bool:
-    """Whether ``program`` was traced valid for an input of this (H, W): each of its dims is a free
-    symbol whose range (export's record of the guards it took) holds the value."""
-    shape = _input_placeholder(program).meta["val"].shape
-    for dim, value in zip(shape[-2:], size):
-        if not isinstance(dim, torch.SymInt):
-            return dim == value
-        expr = dim.node.expr
-        bounds = program.range_constraints.get(expr)
-        if bounds is None or not (bounds.lower <= value <= bounds.upper):
-            return False
-    return True
-
-
-def _named_tensors(module: nn.Module) -> Dict[str, torch.Tensor]:
-    return dict(list(module.named_parameters()) + list(module.named_buffers()))
-
-
 def _onnx_ir(program: "torch.export.ExportedProgram", opset: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -187,42 +169,20 @@ def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.T
     """Each scale's plain model as ONNX, dynamic in batch, height and width, BN left unfolded so
     that the branches share the conv weights (the runtime folds each branch's BN at load).
 
-    The first scale is traced and converted once; every other scale is that graph with its own
-    BN tensors swapped in, before constant folding, where the graph holds them by name as
-    initializers and the trace is valid at its size. Otherwise that scale is traced on its own.
+    Each scale is traced at its own size: some conversions bake the traced size into the graph
+    (VGG's adaptive pooling becomes a fixed-kernel pool), so one trace reused for every scale
+    would serve only its own.
     """
     import onnx_ir
     import onnxscript.optimizer
 
-    ctx = context_of(model)
-
-    def example(scale: Scale) -> torch.Tensor:
-        x = _example(model, scale, None)
-        if example_input is None:
-            return x  # the caller's leading dims and dtype, at this scale's size:
-        return torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype,
-                           device=example_input.device)
-
-    first = extract(model, ctx.scales[0])
-    program = _trace(first, example(ctx.scales[0]), dynamic_size=True)
-    unfolded = onnx_ir.serde.serialize_model(_onnx_ir(program, opset))
-    held = {t.name for t in unfolded.graph.initializer}
-    base = _named_tensors(first)
-    del first
     branches = []
-    for scale, size in zip(ctx.scales, ctx.sizes):
-        graph = onnx_ir.serde.deserialize_model(unfolded)
-        if scale != ctx.scales[0]:
-            plain = extract(model, scale)
-            own = {name: t for name, t in _named_tensors(plain).items() if not torch.equal(t, base[name])}
-            numpy_types = all(t.dtype != torch.bfloat16 for t in own.values())
-            if own.keys() <= held and numpy_types and _accepts_size(program, size):
-                for name, tensor in own.items():
-                    graph.graph.initializers[name].const_value = onnx_ir.tensor(
-                        tensor.detach().cpu().numpy(), name=name)
-            else:
-                graph = _onnx_ir(_trace(plain, example(scale), dynamic_size=True), opset)
-            del plain
+    for scale in context_of(model).scales:
+        x = _example(model, scale, None)
+        if example_input is not None:  # the caller's leading dims and dtype, at this scale's size
+            x = torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype,
+                            device=example_input.device)
+        graph = _onnx_ir(_trace(extract(model, scale), x, dynamic_size=True), opset)
         # constant folding only: the default optimizer folds BN into the convs, one copy per scale
         onnxscript.optimizer.fold_constants(graph)
         onnxscript.optimizer.remove_unused_nodes(graph)
