@@ -12,6 +12,7 @@ reason. Rows are appended as models finish and a rerun skips models already in t
     python benchmarks/export_sweep.py --only @benchmarks/results/zoo_sample_issue13.txt
     python benchmarks/export_sweep.py --only torchvision/resnet18,timm/resnet50
     python benchmarks/export_sweep.py --only @FILE --workers 14 --threads 1   # a many-core host
+    python benchmarks/export_sweep.py --summary                                # the table of a CSV
 """
 from __future__ import annotations
 
@@ -97,13 +98,45 @@ def run_one(job: tuple) -> dict:
     return row
 
 
+def summary(path: Path) -> None:
+    """Print the Markdown table the docs show: outcomes, errors, times and sizes per source."""
+    import statistics
+
+    rows = list(csv.DictReader(open(path, newline="")))
+
+    def num(values):
+        return [float(v) for v in values if v not in ("", None)]
+
+    print("| source | models | per-scale ok | switchable ok | max rel. error | median export s (per-scale / switchable) "
+          "| switchable MB / per-scale MB (median) |")
+    print("|---|---|---|---|---|---|---|")
+    for source in sorted({r["source"] for r in rows}) + ["all"]:
+        part = [r for r in rows if source in ("all", r["source"])]
+        errors = num([r["per_scale_max_rel_err"] for r in part] + [r["switchable_max_rel_err"] for r in part])
+        size_ratio = [float(r["switchable_mb"]) / float(r["per_scale_mb"]) for r in part
+                      if r["switchable_mb"] and r["per_scale_mb"] and float(r["per_scale_mb"]) > 0]
+        print(f"| {source} | {len(part)} | {sum(r['per_scale'] == 'ok' for r in part)} "
+              f"| {sum(r['switchable'] == 'ok' for r in part)} | {max(errors):.1e} "
+              f"| {statistics.median(num(r['per_scale_seconds'] for r in part)):.1f} / "
+              f"{statistics.median(num(r['switchable_seconds'] for r in part)):.1f} "
+              f"| {statistics.median(size_ratio):.3f} |")
+    for r in rows:
+        if r["per_scale"] != "ok" or r["switchable"] != "ok":
+            print(f"- {r['source']}/{r['model']}: per-scale {r['per_scale']}; switchable {r['switchable']}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", required=True, help="SOURCE/NAME list, or @FILE with one per line")
+    p.add_argument("--only", help="SOURCE/NAME list, or @FILE with one per line")
+    p.add_argument("--summary", action="store_true", help="print the table of --out's rows and exit")
     p.add_argument("--out", default="benchmarks/results/export_sweep.csv")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads per model")
     p.add_argument("--workers", type=int, default=1, help="models exported in parallel processes")
     args = p.parse_args()
+    if args.summary:
+        return summary(Path(args.out))
+    if not args.only:
+        p.error("--only is required (or --summary)")
     import multiprocessing
     import subprocess
 

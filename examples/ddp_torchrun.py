@@ -26,11 +26,11 @@ import sct_convert as sct
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--backend", default="gloo")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--lean", action="store_true", help="use sct.train_step")
-    p.add_argument("--sync-bn", action="store_true")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="gloo", help="gloo (CPU) or nccl (one GPU per rank)")
+    p.add_argument("--steps", type=int, default=5, help="training steps (default 5, under a minute on CPU)")
+    p.add_argument("--lean", action="store_true", help="use sct.train_step (one scale at a time)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (GPUs only)")
     args = p.parse_args()
     dist.init_process_group(args.backend)
     rank = dist.get_rank()

@@ -43,7 +43,15 @@ FROZEN_BATCH_NORM_TYPES: Tuple[Type[nn.Module], ...] = _frozen_batch_norm_types(
 
 
 def is_batch_norm(module: nn.Module) -> bool:
-    """True for every layer S-BN replaces: any ``_BatchNorm`` subclass and the frozen BNs."""
+    """Whether ``convert`` branches this layer.
+
+    Args:
+        module: any module.
+
+    Returns:
+        True for every ``_BatchNorm`` subclass (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, timm's
+        ``BatchNormAct2d``) and the frozen batch norms in :data:`FROZEN_BATCH_NORM_TYPES`.
+    """
     return isinstance(module, (_BatchNorm,) + FROZEN_BATCH_NORM_TYPES)
 
 
@@ -116,6 +124,11 @@ class ScaleSpecificBatchNorm(nn.Module):
     the route is an index tensor and the layer gathers that branch's statistics and affine
     parameters in the graph (``index_select`` on the stacked branches, then ``F.batch_norm``),
     so one graph serves every scale.
+
+    Args:
+        norm: the layer to branch; each branch starts as an exact copy.
+        keys: one branch name per scale (``scale_key`` of its size).
+        context: the model's :class:`ScaleContext`, shared by all its S-BN layers.
     """
 
     sizes_here: List[List[int]]  # TorchScript needs the element type of a possibly empty list

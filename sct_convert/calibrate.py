@@ -126,8 +126,19 @@ def calibrate(
 
     ``data`` yields tensors, ``(images, ...)`` tuples or dicts with an image key; batches are
     resized to each scale as training would. Under DDP every rank must call it with its own
-    shard and the same ``num_batches``: statistics are averaged across ranks.
-    Restores every module's train/eval state; returns the model.
+    shard and the same ``num_batches``: statistics are averaged across ranks. Layers that keep
+    no running statistics are skipped; a ``data`` with fewer batches than asked is used whole,
+    with a warning.
+
+    Args:
+        model: a converted model; its branches' running statistics are replaced in place.
+        data: an iterable of batches, e.g. a ``DataLoader`` (labels are ignored).
+        num_batches: batches to use per scale, at most.
+        scales: the scales to calibrate (default: every scale).
+        progress: show a progress bar.
+
+    Returns:
+        ``model``, with every module's train/eval state as it was.
     """
     ctx = context_of(model)
     if not ctx.scale_specific_bn:
@@ -188,6 +199,15 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     (``benchmarks/reproduce.py``). The new scale goes last in ``scales_of``; routing,
     save/load and export see it. Like ``convert``, it warns when the model's train-mode
     forward fails at ``s`` but runs at the largest other scale.
+
+    Args:
+        model: a converted model; changed in place.
+        s: the new scale, an int (square) or ``(height, width)``; not one the model has.
+        init_from: ``"interpolate"``, or an existing scale whose branch to copy.
+
+    Returns:
+        ``model``. Raises ``ValueError`` if ``s`` is already a scale, ``init_from`` is not one, or
+        the model does not run at ``s``.
     """
     ctx = context_of(model)
     inner = unwrap(model)
@@ -291,7 +311,15 @@ def _measure_entry_size(model: nn.Module, ctx, hw, source: int, lead):
 
 
 def remove_scale(model: nn.Module, s: Scale) -> nn.Module:
-    """Drop scale ``s``'s branch from every S-BN layer; the last scale cannot be removed."""
+    """Drop scale ``s``'s branch from every S-BN layer.
+
+    Args:
+        model: a converted model; changed in place.
+        s: one of its scales; the last remaining scale cannot be removed.
+
+    Returns:
+        ``model``. Raises ``ValueError`` when ``s`` is not a scale or is the only one.
+    """
     ctx = context_of(model)
     inner = unwrap(model)
     index = ctx.index(s)

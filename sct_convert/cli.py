@@ -7,17 +7,20 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import click
 
-from .context import Scale, normalize_scales
+if TYPE_CHECKING:
+    from .context import Scale
 
 DEFAULT_SCALES = "224,192,128"
 
 
 def parse_scales(text: str, option: str = "--scales") -> List[Scale]:
     """``"224,192,128x96"`` -> ``[224, 192, (128, 96)]``; ``ValueError`` naming ``option`` otherwise."""
+    from .context import normalize_scales
+
     scales: List[Scale] = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -87,6 +90,7 @@ def cli() -> None:
     sct-convert resnet50 --out model.safetensors [--scales 224,192,128]
     sct-convert inspect model.safetensors
     sct-convert export model.safetensors --scale 128 --out resnet50_128.safetensors
+    sct-convert export model.safetensors --format onnx --out model.onnx
     sct-convert calibrate model.safetensors --images DIR --out calibrated.safetensors
     sct-convert diagnose model.safetensors [--plot divergence.png]
     """

@@ -157,6 +157,10 @@ class ScaleContext:
     strided stems and space-to-depth route correctly there too.
 
     Nothing here changes during a forward: the per-call branch is in :data:`_CALLS`.
+
+    Args:
+        scales: ints (square) or ``(height, width)`` pairs.
+        unknown_scale: ``"nearest"`` or ``"error"``, for input sizes that are not a scale.
     """
 
     def __init__(self, scales: Sequence[object], unknown_scale: str = "nearest") -> None:

@@ -153,9 +153,15 @@ def _audit_module_tree(model: nn.Module) -> None:
 
 
 def find_batch_norms(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], ConversionReport]:
-    """Every batch-norm layer ``convert`` would branch, by first qualified name, and the audit.
+    """Every batch-norm layer ``convert`` would branch, and the audit of the rest.
 
-    Raises :class:`ConversionError` naming the layer when some batch norm cannot be branched.
+    Args:
+        model: an unconverted model.
+
+    Returns:
+        ``(layers, report)``: ``(first qualified name, module)`` for each batch norm, and a
+        report of the norm layers found and what ``convert`` will do with each. Raises
+        :class:`ConversionError` naming the layer when some batch norm cannot be branched.
     """
     report = ConversionReport()
     try:
@@ -454,24 +460,37 @@ def convert(
 
     Each branch starts as an exact copy of the original layer, so in eval mode the converted
     model computes what the original did at every scale. Inputs of spatial size (H, W) run
-    the branch of the scale with that size; other sizes follow ``unknown_scale``: ``"nearest"``
-    (by pixel count, warned once per size) or ``"error"``. Raises :class:`ConversionError`
-    (a ``ValueError``) naming the layer or scale when the model cannot be converted, and
-    leaves the model untouched in that case.
+    the branch of the scale with that size; other sizes follow ``unknown_scale``. A model that
+    cannot be converted is left unchanged.
 
     Conversion runs the model once per scale (eval, no grad) to check it accepts that size
     and to find the layer the input reaches first, then once in train mode at the smallest
     scale (batch 2, no grad; buffers restored), warning when only training fails there. The
-    caller's RNG stream is not advanced. The probe input is ``(1, C, H, W)`` with
-    ``C`` from ``in_chans``, the timm config or the first conv; for other layouts pass
-    ``example_input``, whose last two dims are replaced by each scale.
+    caller's RNG stream is not advanced.
 
     With ``sampling`` (the default) a train-mode forward is SCT's sampling phase: the batch
     is resized (bilinear, ``antialias`` when shrinking) to every scale, each resized batch runs
     with its own branch, and the forward returns :class:`ScaleOutputs`.
 
-    ``scale_specific_bn=False`` keeps every norm layer shared and only adds the sampling
-    forward: the paper's "SCT with shared BN" ablation (any norm layer, or none, is accepted).
+    Args:
+        model: any ``nn.Module`` (timm, torchvision or your own) with batch norms.
+        scales: the training scales, largest first by convention: ints (square) or
+            ``(height, width)`` pairs. The first is the primary scale.
+        unknown_scale: what an input of another size does: ``"nearest"`` (the branch of the
+            nearest scale by pixel count, warned once per size) or ``"error"``.
+        in_chans: channels of the probe input ``(1, C, H, W)``; by default from the first conv,
+            then timm's config, else 3.
+        example_input: an input for other layouts; its last two dims are replaced by each scale.
+        sampling: train-mode forwards run every scale and return :class:`ScaleOutputs`.
+        antialias: antialias the bilinear downsizing when sampling.
+        scale_specific_bn: ``False`` keeps every norm layer shared and only adds the sampling
+            forward: the paper's "SCT with shared BN" ablation (any norm layer, or none, is
+            accepted).
+
+    Returns:
+        ``model`` itself, its class swapped for a same-named subclass that routes by input size.
+        Raises :class:`ConversionError` (a ``ValueError``) naming the layer or scale when the model
+        cannot be converted.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -599,7 +618,14 @@ def converted_class(cls: Type[nn.Module]) -> Type[nn.Module]:
 
 
 def original_class(model: nn.Module) -> Type[nn.Module]:
-    """The class ``model`` had before :func:`convert`."""
+    """The class ``model`` had before :func:`convert`.
+
+    Args:
+        model: a converted model.
+
+    Returns:
+        The original class (``convert`` swaps in a generated subclass of the same name).
+    """
     return getattr(type(model), "_sct_original_class", type(model))
 
 
@@ -639,7 +665,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def context_of(model: nn.Module) -> ScaleContext:
-    """The :class:`ScaleContext` of a converted model; ``ValueError`` if it is not converted."""
+    """The :class:`ScaleContext` of a converted model: its scales, sizes and routing policy.
+
+    Args:
+        model: a converted model, or one wrapped in DDP, DataParallel or ``torch.compile``.
+
+    Returns:
+        The context shared by the model's S-BN layers. Raises ``ValueError`` if ``model`` is not
+        converted.
+    """
     ctx = getattr(unwrap(model), CONTEXT_ATTR, None)
     if isinstance(ctx, ScaleContext):
         return ctx
@@ -649,7 +683,14 @@ def context_of(model: nn.Module) -> ScaleContext:
 
 
 def scales_of(model: nn.Module) -> Tuple[Scale, ...]:
-    """The model's scales, in the order given to :func:`convert`."""
+    """The model's scales, in the order given to :func:`convert`.
+
+    Args:
+        model: a converted model.
+
+    Returns:
+        A tuple of ints and ``(height, width)`` pairs.
+    """
     return context_of(model).scales
 
 
@@ -670,7 +711,14 @@ def route(model: nn.Module, size: Any) -> Scale:
 
 
 def scale_specific_layers(model: nn.Module) -> Iterator[Tuple[str, ScaleSpecificBatchNorm]]:
-    """``(qualified name, layer)`` for every S-BN layer of a converted model, in module order."""
+    """Every S-BN layer of a converted model, in module order.
+
+    Args:
+        model: a converted model.
+
+    Returns:
+        An iterator of ``(qualified name, ScaleSpecificBatchNorm)``.
+    """
     for name, m in model.named_modules():
         if isinstance(m, ScaleSpecificBatchNorm):
             yield name, m
@@ -683,6 +731,13 @@ def scale(model: nn.Module, s: Scale) -> Iterator[nn.Module]:
     The override holds for calls made from this thread (and asyncio task) only, so other
     threads serving the same model keep routing by size; it ends with the block. Train-mode
     calls inside it run that one scale (no sampling).
+
+    Args:
+        model: a converted model.
+        s: one of its scales.
+
+    Returns:
+        A context manager yielding ``model``.
     """
     ctx = context_of(model)
     with pinned(ctx, ctx.index(s)):

@@ -155,7 +155,18 @@ def save(
     arch: Optional[str] = None,
     source: Optional[str] = None,
 ) -> Path:
-    """Write every branch of a converted model plus the metadata :func:`load` rebuilds it from."""
+    """Write every branch of a converted model plus the metadata :func:`load` rebuilds it from.
+
+    Args:
+        model: a converted model (DDP / DataParallel wrappers are unwrapped).
+        path: the ``.safetensors`` file to write, atomically.
+        arch: architecture name recorded in the metadata (default: detected when created by timm
+            or torchvision).
+        source: ``"timm"`` or ``"torchvision"`` (default: detected).
+
+    Returns:
+        The path written.
+    """
     model = unwrap(model)  # DDP / DataParallel: the keys :func:`load` expects, no "module."
     ctx = context_of(model)
     meta = _base_metadata(model, arch, source)
@@ -173,7 +184,19 @@ def export(
     model: nn.Module, s: Scale, path: PathLike, *, arch: Optional[str] = None,
     source: Optional[str] = None,
 ) -> Path:
-    """Write scale ``s`` as a plain checkpoint that loads strictly into the unmodified model."""
+    """Write scale ``s`` as a plain checkpoint that loads strictly into the unmodified model.
+
+    Args:
+        model: a converted model (DDP / DataParallel wrappers are unwrapped).
+        s: the scale to write.
+        path: the ``.safetensors`` file to write, atomically.
+        arch: architecture name recorded in the metadata (default: the timm / torchvision name
+            the model was created as, when known).
+        source: ``"timm"`` or ``"torchvision"`` (default: detected).
+
+    Returns:
+        The path written. ``sct.load_plain(timm.create_model(arch), path)`` reads it back.
+    """
     model = unwrap(model)
     ctx = context_of(model)
     meta = _base_metadata(model, arch, source)
@@ -185,7 +208,17 @@ def save_per_scale(
     model: nn.Module, directory: PathLike, *, arch: Optional[str] = None,
     source: Optional[str] = None,
 ) -> List[Path]:
-    """One plain checkpoint per scale in ``directory``, named ``<arch>_<scale>.safetensors``."""
+    """One plain checkpoint per scale in ``directory``, named ``<arch>_<scale>.safetensors``.
+
+    Args:
+        model: a converted model.
+        directory: where to write (created if missing).
+        arch: architecture name for the file names and metadata (default: detected).
+        source: ``"timm"`` or ``"torchvision"`` (default: detected).
+
+    Returns:
+        The paths written, one per scale, in the model's scale order.
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot write per-scale checkpoints to {directory}: not a directory")
@@ -259,8 +292,15 @@ def load_state_dict_strict(model: nn.Module, state: Dict[str, torch.Tensor], pat
 def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = "cpu") -> nn.Module:
     """Rebuild a converted model from :func:`save`'s file, offline.
 
-    Without ``model`` the timm / torchvision architecture named in the file is built (random
-    init, then the file's weights); pass ``model`` (converted or not) for custom architectures.
+    Args:
+        path: a file written by :func:`save` (or ``sct-convert``).
+        model: the architecture to load into (converted or not), for custom models; by default
+            the timm / torchvision architecture named in the file is built with random init.
+        map_location: the device the weights are loaded to.
+
+    Returns:
+        The converted model with every branch's weights. Raises ``ValueError`` when
+        the file is not a converted checkpoint or does not match ``model``.
     """
     meta = checked_metadata(path)
     scales = file_scales(meta)
@@ -307,7 +347,16 @@ def with_module_metadata(state: Dict[str, torch.Tensor], model: nn.Module) -> Di
 
 
 def load_plain(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load a per-scale checkpoint (or any plain safetensors weights) strictly into ``model``."""
+    """Load a per-scale checkpoint (or any plain safetensors weights) strictly into ``model``.
+
+    Args:
+        model: the unmodified architecture (not converted).
+        path: a ``.safetensors`` file written by :func:`export` or :func:`save_per_scale`.
+
+    Returns:
+        ``model``, with the weights loaded. Raises ``ValueError`` naming missing or unexpected
+        keys.
+    """
     read_metadata(path)
     state = with_module_metadata(load_file(str(path)), model)
     load_state_dict_strict(model, state, path)
@@ -372,7 +421,20 @@ def has_branches(state: Dict[str, torch.Tensor]) -> bool:
 
 
 def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load plain weights (``.safetensors`` or ``.pth``, never unpickling code) strictly."""
+    """Load plain weights (``.safetensors`` or ``.pth``, never unpickling code) strictly.
+
+    A ``.pth`` is read with ``weights_only=True``; wrappers are unwrapped (``state_dict``,
+    ``model``, ``state_dict_ema`` entries, a ``module.`` prefix). This is how an already-trained
+    model is loaded before :func:`convert` or :func:`calibrate`.
+
+    Args:
+        model: the unconverted architecture.
+        path: the weights file.
+
+    Returns:
+        ``model``, with the weights loaded. Raises ``ValueError`` naming missing or unexpected keys,
+        or what an unsafe pickle holds.
+    """
     load_state_dict_strict(model, with_module_metadata(read_weights(path), model), path)
     return model
 

@@ -40,6 +40,10 @@ class ScaleOutputs(tuple):
 
     ``ScaleOutputs(values, scales)`` builds one; ``type(outputs)(values)`` (how libraries such
     as Accelerate rebuild containers) keeps ``outputs``'s scales.
+
+    Args:
+        outputs: one output per scale.
+        scales: the scale of each output (required on the base class).
     """
 
     scales: Tuple[Scale, ...]
@@ -156,7 +160,17 @@ pytree.register_pytree_node(ScaleOutputs, _flatten, _unflatten)
 
 
 def resize_to(x: torch.Tensor, hw: HW, antialias: bool = True) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of the last two dims; ``x`` itself if already ``hw``."""
+    """Resize images to ``hw`` as SCT's sampling does.
+
+    Args:
+        x: a batch ``(..., H, W)``.
+        hw: the target ``(height, width)``.
+        antialias: antialias when shrinking.
+
+    Returns:
+        The bilinear resize (``align_corners=False``) of the last two dims, or ``x`` itself if it
+        is already ``hw``.
+    """
     if (int(x.shape[-2]), int(x.shape[-1])) == tuple(hw):
         return x
     if x.dim() != 4:

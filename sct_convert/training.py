@@ -66,6 +66,14 @@ class SCTLoss(nn.Module):
     largest scale's detached predictions; ``distill="ensemble"`` distils every scale from the
     weighted mean of all scales' detached logits. The paper itself uses neither (off by default).
     ``last_losses`` holds the detached per-scale base losses of the last call, for logging.
+
+    Args:
+        base: the loss of one scale's output, e.g. ``nn.CrossEntropyLoss()``.
+        weights: alpha_i per scale; ``None`` for 1/M each.
+        aux_weight: weight of auxiliary logits (GoogLeNet / Inception-v3); ``None`` for theirs.
+        distill: ``None``, ``"inplace"`` or ``"ensemble"``.
+        distill_weight: weight of each distillation term.
+        temperature: softmax temperature of the distillation KL.
     """
 
     def __init__(
@@ -153,6 +161,14 @@ def set_sampling(model: nn.Module, enabled: bool = True, scales: Optional[Sequen
 
     With sampling off a train-mode forward returns the model's own output, routed by input
     size like eval; feed each scale yourself under ``sct.scale(model, s)``.
+
+    Args:
+        model: a converted model.
+        enabled: sample every scale (or ``scales``) in train mode.
+        scales: restrict sampling to these scales; ``None`` for all.
+
+    Returns:
+        None.
     """
     ctx = context_of(model)
     ctx.sampling = enabled
@@ -161,7 +177,15 @@ def set_sampling(model: nn.Module, enabled: bool = True, scales: Optional[Sequen
 
 @contextlib.contextmanager
 def sampling_scales(model: nn.Module, scales: Sequence[Scale]):
-    """Train on a subset of scales inside the block (the same subset on every DDP rank!)."""
+    """Train on a subset of scales inside the block (the same subset on every DDP rank!).
+
+    Args:
+        model: a converted model.
+        scales: the scales train-mode forwards sample inside the block.
+
+    Returns:
+        A context manager; on exit the model samples every scale again.
+    """
     ctx = context_of(model)
     previous = ctx.sample_subset
     set_sampling(model, ctx.sampling, scales)
@@ -172,7 +196,18 @@ def sampling_scales(model: nn.Module, scales: Sequence[Scale]):
 
 
 def random_scale_subset(model: nn.Module, k: int, step: int, seed: int = 0) -> List[Scale]:
-    """``k`` scales drawn from ``(seed, step)`` alone, so every rank draws the same subset."""
+    """``k`` scales drawn from ``(seed, step)`` alone, so every rank draws the same subset.
+
+    Args:
+        model: a converted model.
+        k: how many scales to draw (at most the number of scales).
+        step: the training step; each step draws afresh.
+        seed: the run's seed.
+
+    Returns:
+        ``k`` of the model's scales, in the model's order. Use with :func:`sampling_scales` or
+        ``train_step(..., scales=...)`` to train a random subset each step.
+    """
     scales = list(context_of(model).scales)
     rng = random.Random(seed * 1_000_003 + step)
     chosen = set(rng.sample(range(len(scales)), k))
@@ -185,6 +220,10 @@ class StepResult:
 
     Detached 0-d tensors on the model's device: reading them (``.item()``) is the caller's
     choice, so a step never waits for the GPU.
+
+    Attributes:
+        loss: the weighted sum over scales.
+        per_scale: each scale's weighted loss, by scale.
     """
 
     loss: torch.Tensor
@@ -211,7 +250,23 @@ def train_step(
     largest scale instead of the sum. ``model`` may be wrapped in DDP: all but the last scale
     run under ``no_sync``, so gradients are all-reduced once per step (wrap with
     ``find_unused_parameters=True``: each scale leaves the other branches unused).
-    ``scaler`` is a ``torch.amp.GradScaler``; ``amp_dtype`` runs forwards under autocast.
+
+    Args:
+        model: a converted model in train mode (may be wrapped in DDP).
+        x: the batch at any size; it is resized to each scale.
+        y: the targets, passed to ``criterion`` unchanged.
+        criterion: an :class:`SCTLoss` (scale weights, distillation), or a plain loss
+            ``criterion(outputs, y)`` wrapped in one.
+        optimizer: stepped once after every scale's backward.
+        scaler: a ``torch.amp.GradScaler`` for fp16.
+        scales: the scales to run (default: those the model samples, see :func:`set_sampling`).
+        amp_dtype: run the forwards under autocast in this dtype.
+        clip_grad_norm: clip the total gradient norm to this before the step.
+        zero_grad: zero the gradients first.
+
+    Returns:
+        A :class:`StepResult`: the weighted sum over scales (Eq. 1) and each scale's weighted
+        loss, detached.
     """
     ctx = context_of(model)
     loss_fn = criterion if isinstance(criterion, SCTLoss) else SCTLoss(criterion)
