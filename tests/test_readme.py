@@ -16,7 +16,6 @@ def _quickstart() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-@pytest.mark.slow
 def test_quickstart_runs_as_pasted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = _quickstart()

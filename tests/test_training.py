@@ -203,6 +203,7 @@ def test_autocast_bf16_train_and_eval_and_channels_last():
     assert all(o.shape == (4, 4) for o in out)
 
 
+@pytest.mark.slow  # 21 s on 2 CPU cores: inductor compiles every scale
 def test_torch_compile_eval_per_scale_and_train_step_match_eager():
     torch._dynamo.reset()
     model = make().eval()
