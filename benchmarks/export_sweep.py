@@ -31,7 +31,19 @@ TOL = 1e-4
 
 
 def short(e: BaseException) -> str:
-    return f"fail: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    """One line naming the failing operator (torch.onnx's translation error) and the root cause."""
+    import re
+
+    chain = [e]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    text = " ".join(str(e).split())[:160]
+    operator = next((m.group(1) for c in chain
+                     for m in [re.search(r"target=(torch\.ops\.[\w.]+)", str(c))] if m), None)
+    if operator is not None:
+        root = chain[-1]
+        text = f"{operator}: {type(root).__name__}: {' '.join(str(root).split())[:120]}"
+    return f"fail: {type(e).__name__}: {text}"
 
 
 def check(name: str, source: str, tmp: Path, threads: int) -> dict:
