@@ -132,9 +132,13 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     model, source = create_model(model_name, source, pretrained=pretrained, num_classes=num_classes)
     state = io.read_weights(checkpoint) if checkpoint else None
     trained_converted = state is not None and io.has_branches(state)
+
+    def load_state() -> None:
+        plain = io.without_wrapper_prefix(state, model)
+        io.load_state_dict_strict(model, io.with_module_metadata(plain, model), checkpoint)
+
     if state is not None and not trained_converted:
-        state = io.without_wrapper_prefix(state, model)
-        io.load_state_dict_strict(model, io.with_module_metadata(state, model), checkpoint)
+        load_state()
     model.eval()
     convert(model, scale_list, unknown_scale)
     if trained_converted:  # a converted model's training checkpoint (timm train.py, Lightning, ...)
@@ -143,8 +147,7 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
         if held != wanted:
             raise ValueError(f"{checkpoint} holds a converted model with scales {', '.join(held)}; "
                              f"pass --scales {','.join(held)} (got {', '.join(wanted)})")
-        state = io.without_wrapper_prefix(state, model)
-        io.load_state_dict_strict(model, io.with_module_metadata(state, model), checkpoint)
+        load_state()
     path = io.save(model, out_path, arch=model_name, source=source)
     layers = len(model._sct_context.report.converted)
     extra = ""

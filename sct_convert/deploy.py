@@ -41,6 +41,7 @@ PROGRAM_FORMAT = "sct-convert/pt2"
 PROGRAM_METADATA = "sct_convert.json"
 INPUT_NAME = "images"
 DEFAULT_OPSET = 18
+_PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf's 2 GB message limit, with room for the graph
 
 
 def _missing_onnx() -> ImportError:
@@ -125,7 +126,12 @@ def _module_to_export(model: nn.Module, scale: Optional[Scale]) -> nn.Module:
 
 def _check_size_stays_dynamic(program: "torch.export.ExportedProgram", x: torch.Tensor) -> None:
     """A switchable program whose H or W export fixed to one value cannot switch: say so."""
-    shape = _input_placeholder(program).meta["val"].shape
+    signature = program.graph_signature
+    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder"
+                       and n.name not in signature.inputs_to_parameters
+                       and n.name not in signature.inputs_to_buffers
+                       and n.name not in signature.inputs_to_lifted_tensor_constants)
+    shape = placeholder.meta["val"].shape
     static = [i for i in (x.dim() - 2, x.dim() - 1) if not isinstance(shape[i], torch.SymInt)]
     if static:
         raise ValueError(
@@ -151,18 +157,11 @@ def export_program_object(model: nn.Module, scale: Optional[Scale] = None,
     return _trace(_module_to_export(model, scale), _example(model, scale, example_input), scale is None)
 
 
-def _input_placeholder(program: "torch.export.ExportedProgram"):
-    signature = program.graph_signature
-    return next(n for n in program.graph.nodes if n.op == "placeholder"
-                and n.name not in signature.inputs_to_parameters and n.name not in signature.inputs_to_buffers
-                and n.name not in signature.inputs_to_lifted_tensor_constants)
-
-
-def _onnx_ir(program: "torch.export.ExportedProgram", opset: int):
+def _to_onnx(program: "torch.export.ExportedProgram", opset: int, optimize: bool = True):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                 verbose=False, optimize=False).model
+                                 verbose=False, optimize=optimize)
 
 
 def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor]) -> list:
@@ -182,7 +181,7 @@ def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.T
         if example_input is not None:  # the caller's leading dims and dtype, at this scale's size
             x = torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype,
                             device=example_input.device)
-        graph = _onnx_ir(_trace(extract(model, scale), x, dynamic_size=True), opset)
+        graph = _to_onnx(_trace(extract(model, scale), x, dynamic_size=True), opset, optimize=False).model
         # constant folding only: the default optimizer folds BN into the convs, one copy per scale
         onnxscript.optimizer.fold_constants(graph)
         onnxscript.optimizer.remove_unused_nodes(graph)
@@ -235,11 +234,7 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
     meta["opset"] = str(opset)
     props = {f"sct_convert.{k}": v for k, v in meta.items()}
     if scale is not None:
-        program = export_program_object(model, scale, example_input)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
-                                             input_names=[INPUT_NAME], verbose=False)
+        onnx_program = _to_onnx(export_program_object(model, scale, example_input), opset)
         onnx_program.model.metadata_props.update(props)
         return atomic_write(path, onnx_program.save)
 
@@ -261,9 +256,6 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
             onnx.save_model(combined, tmp)
 
     return atomic_write(path, write)
-
-
-_PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf's 2 GB message limit, with room for the graph
 
 
 def read_deploy_metadata(path: PathLike) -> Dict[str, str]:
