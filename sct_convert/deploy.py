@@ -246,7 +246,7 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
     branches = _onnx_branches(model, opset, example_input)
     combined = switchable_model(branches, ctx.sizes, [scale_key(s) for s in ctx.sizes], INPUT_NAME)
     onnx.helper.set_model_props(combined, props)
-    big = sum(len(t.raw_data) for t in combined.graph.initializer) > _PROTOBUF_LIMIT
+    big = combined.ByteSize() > _PROTOBUF_LIMIT  # branches hold tensors too
 
     def write(tmp: str) -> None:
         if big:  # protobuf cannot hold 2 GB: the weights go to one file beside the model

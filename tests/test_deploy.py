@@ -45,16 +45,40 @@ def test_one_onnx_file_serves_every_scale_in_onnxruntime(model, switchable_onnx)
     assert all(d.dim_param for d in (dims[0], dims[2], dims[3]))  # batch, H, W dynamic
 
 
-def _op_counts(graph, counts=None):
+def _op_counts(graph, counts=None, domains=False):
     import onnx
 
     counts = {} if counts is None else counts
     for node in graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        op = f"{node.domain or 'ai.onnx'}:{node.op_type}" if domains else node.op_type
+        counts[op] = counts.get(op, 0) + 1
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _op_counts(attr.g, counts)
+                _op_counts(attr.g, counts, domains)
     return counts
+
+
+def _optimized_conv_counts(path, tmp_path):
+    """Conv-like ops (by domain: NCHWc, fused, plain) after onnxruntime's load-time optimisation."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / f"optimized_{path.name}")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts = _op_counts(onnx.load(options.optimized_model_filepath).graph, domains=True)
+    return {op: n for op, n in counts.items() if "Conv" in op}
+
+
+def test_onnxruntime_optimizes_each_branch_as_a_per_scale_file(tmp_path):
+    """A branch must not run slower than the per-scale file: convs without BN (squeeze-excite)
+    reading weights from the main graph stayed out of onnxruntime's NCHWc layout (1.36x)."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = sct.convert(timm.create_model("test_efficientnet", num_classes=7), SCALES).eval()
+    switchable = sct.export_onnx(model, tmp_path / "m.onnx")
+    per_scale = _optimized_conv_counts(sct.export_onnx(model, tmp_path / "m32.onnx", scale=32), tmp_path)
+    assert _optimized_conv_counts(switchable, tmp_path) == {op: len(SCALES) * n for op, n in per_scale.items()}
 
 
 def test_switchable_onnx_shares_weights_and_onnxruntime_folds_every_branch(model, switchable_onnx, tmp_path):
