@@ -3,9 +3,12 @@
 For each model, exports the converted model once as a switchable file (every scale, routed in
 the graph) and once per scale as a static plain file, then times both in onnxruntime (CPU) at
 each scale and batch size, paired and interleaved in one run (the two sessions alternate
-first), and prints the median of the per-repeat ratios switchable / static.
+first), and prints the median of the per-repeat ratios switchable / static. A third column times one
+branch of the switchable file saved on its own (the same graph, dynamic height and width, no
+``If``), which tells the cost of the dynamic size from the cost of running under ``If``.
 
     python benchmarks/export_latency.py                       # resnet50, mobilenetv3_large_100
+    python benchmarks/export_latency.py --threads 1 --repeats 100   # steadier on a shared VM
     python benchmarks/export_latency.py --models resnet18 --repeats 50 --threads 2
 """
 from __future__ import annotations
@@ -18,10 +21,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import timm
 import torch
 
 import sct_convert as sct
+from sct_convert.deploy import DEFAULT_OPSET, _onnx_branches
 
 
 def session(path: Path, threads: int):
@@ -50,31 +55,36 @@ def main() -> None:
 
     print(f"onnxruntime {onnxruntime.__version__} CPU threads={args.threads} repeats={args.repeats} "
           f"torch={torch.__version__}")
-    print(f"{'model':24s} {'scale':>5s} {'batch':>5s} {'static ms':>10s} {'switch/static':>13s}")
+    print(f"{'model':24s} {'scale':>5s} {'batch':>5s} {'static ms':>10s} {'switch/static':>13s} "
+          f"{'branch/static':>13s}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             torch.manual_seed(0)
             model = sct.convert(timm.create_model(name), scales).eval()
             switchable = session(sct.export_onnx(model, Path(tmp) / f"{name}.onnx"), args.threads)
-            for s in scales:
+            branches = _onnx_branches(model, DEFAULT_OPSET, None)
+            for s, branch_proto in zip(scales, branches):
                 static = session(sct.export_onnx(model, Path(tmp) / f"{name}_{s}.onnx", scale=s), args.threads)
+                onnx.save(branch_proto, Path(tmp) / f"{name}_{s}_branch.onnx")
+                branch = session(Path(tmp) / f"{name}_{s}_branch.onnx", args.threads)
                 for batch in [int(b) for b in args.batches.split(",")]:
                     x = np.random.default_rng(0).standard_normal((batch, 3, s, s), dtype=np.float32)
-                    runs = (static, switchable)
+                    runs = (static, switchable, branch)
                     for _ in range(args.warmup):
                         for run in runs:
                             run(x)
-                    base, ratios = [], []
+                    base, ratios, branch_ratios = [], [], []
                     for r in range(args.repeats):
-                        t = [0.0, 0.0]
-                        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                        t = [0.0, 0.0, 0.0]
+                        for i in ((0, 1, 2) if r % 2 == 0 else (2, 1, 0)):
                             start = time.perf_counter()
                             runs[i](x)
                             t[i] = time.perf_counter() - start
                         base.append(t[0])
                         ratios.append(t[1] / t[0])
+                        branch_ratios.append(t[2] / t[0])
                     print(f"{name:24s} {s:5d} {batch:5d} {1000 * statistics.median(base):10.2f} "
-                          f"{statistics.median(ratios):13.3f}", flush=True)
+                          f"{statistics.median(ratios):13.3f} {statistics.median(branch_ratios):13.3f}", flush=True)
 
 
 if __name__ == "__main__":
