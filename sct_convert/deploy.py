@@ -3,8 +3,8 @@
 A *switchable* file holds every branch and picks one in the graph from the input's shape
 (exact size first, else the nearest scale by pixel count, as eager routing does); batch, height
 and width are dynamic. In ONNX each scale is its own subgraph under a chain of ``If`` nodes,
-sharing one copy of the weights, so runtimes fold each branch's BN into its convs
-(:mod:`sct_convert.onnx_graph`). In a ``torch.export`` program each S-BN gathers its branch's
+sharing one copy of the weights that every branch reads unchanged, so runtimes fold each
+branch's BN into its convs (:mod:`sct_convert.onnx_graph`). In a ``torch.export`` program each S-BN gathers its branch's
 statistics with ``index_select``. A *per-scale* file is the plain original architecture with that
 scale's BN (``sct.extract``), static in H and W, dynamic in batch, so runtimes fold the BN into
 the conv.
@@ -166,7 +166,7 @@ def _to_onnx(program: "torch.export.ExportedProgram", opset: int, optimize: bool
 
 def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor]) -> list:
     """Each scale's plain model as ONNX, dynamic in batch, height and width, BN left unfolded so
-    that the branches share the conv weights (the runtime folds each branch's BN at load).
+    that the branches can share the conv weights (the runtime folds each branch's BN at load).
 
     Each scale is traced at its own size: some conversions bake the traced size into the graph
     (VGG's adaptive pooling becomes a fixed-kernel pool), so one trace reused for every scale
@@ -219,8 +219,8 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         model: a converted model.
         path: the ``.onnx`` file to write (atomically).
         scale: ``None`` for one file that routes each input size to its branch in the graph
-            (``Shape``, ``ArgMin``, then one ``If`` subgraph per scale sharing the weights; dynamic
-            batch, height and width); a scale for the plain architecture at that scale (static
+            (``Shape``, ``ArgMin``, then one ``If`` subgraph per scale, sharing the conv weights;
+            dynamic batch, height and width); a scale for the plain architecture at that scale (static
             height and width, dynamic batch).
         opset: ONNX opset version.
         example_input: an input to trace with; by default a batch of 2 at the largest scale.
