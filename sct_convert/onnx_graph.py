@@ -16,7 +16,7 @@ Needs ``onnx``; callers check the ``[onnx]`` extra first.
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
@@ -63,7 +63,7 @@ def _routing_nodes(input_name: str, sizes: Sequence[Tuple[int, int]]) -> Tuple[L
     return nodes, constants
 
 
-def _shareable(graph: onnx.GraphProto) -> set:
+def _shareable(graph: onnx.GraphProto) -> Set[str]:
     """Initializers that branches can read from the main graph without slowing the runtime.
 
     Those that only feed a Conv followed by a BatchNormalization (the runtime folds each branch's
@@ -91,9 +91,9 @@ def _shareable(graph: onnx.GraphProto) -> set:
 
 def _as_subgraph(graph: onnx.GraphProto, prefix: str, input_name: str, shared: Dict[str, str],
                  hoisted: Dict[str, TensorProto], name: str) -> onnx.GraphProto:
-    """``graph`` as an ``If`` branch: no inputs (it reads ``input_name`` from the outer scope),
-    initializers moved to the main graph (``hoisted``, deduplicated by content), every other
-    name prefixed so that no two branches collide."""
+    """``graph`` as an ``If`` branch: no inputs (it reads ``input_name`` from the outer scope), its
+    shareable initializers moved to the main graph (``hoisted``, deduplicated by content), every
+    other name prefixed so that no two branches collide."""
     renamed: Dict[str, str] = {}
     local = []
     shareable = _shareable(graph)
