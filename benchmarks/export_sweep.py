@@ -37,7 +37,11 @@ def short(e: BaseException) -> str:
     chain = [e]
     while chain[-1].__cause__ is not None and len(chain) < 20:
         chain.append(chain[-1].__cause__)
-    text = " ".join(str(e).split())[:160]
+    text = " ".join(str(e).split())
+    if "Status Message:" in text:  # onnxruntime nests each If's failure: the innermost one says why
+        node = re.findall(r"while running (\w+) node", text)
+        text = (f"{node[-1]} node: " if node else "") + text.rsplit("Status Message:", 1)[1].strip()
+    text = text[:160]
     operator = next((m.group(1) for c in chain
                      for m in [re.search(r"target=(torch\.ops\.[\w.]+)", str(c))] if m), None)
     if operator is not None:
@@ -120,7 +124,7 @@ def summary(path: Path) -> None:
         return [float(v) for v in values if v not in ("", None)]
 
     print("| source | models | per-scale ok | switchable ok | max rel. error | median export s (per-scale / switchable) "
-          "| switchable MB / per-scale MB (median) |")
+          "| switchable MB / per-scale MB (median, max) |")
     print("|---|---|---|---|---|---|---|")
     for source in sorted({r["source"] for r in rows}) + ["all"]:
         part = [r for r in rows if source in ("all", r["source"])]
@@ -131,7 +135,7 @@ def summary(path: Path) -> None:
               f"| {sum(r['switchable'] == 'ok' for r in part)} | {max(errors):.1e} "
               f"| {statistics.median(num(r['per_scale_seconds'] for r in part)):.1f} / "
               f"{statistics.median(num(r['switchable_seconds'] for r in part)):.1f} "
-              f"| {statistics.median(size_ratio):.3f} |")
+              f"| {statistics.median(size_ratio):.2f}, {max(size_ratio):.2f} |")
     for r in rows:
         if r["per_scale"] != "ok" or r["switchable"] != "ok":
             print(f"- {r['source']}/{r['model']}: per-scale {r['per_scale']}; switchable {r['switchable']}")
