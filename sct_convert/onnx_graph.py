@@ -95,20 +95,22 @@ def _as_subgraph(graph: onnx.GraphProto, prefix: str, input_name: str, shared: D
     shareable initializers moved to the main graph (``hoisted``, deduplicated by content), every
     other name prefixed so that no two branches collide."""
     renamed: Dict[str, str] = {}
-    local = []
+    local: List[TensorProto] = []  # stays in the branch, under its prefixed name
     shareable = _shareable(graph)
     for tensor in graph.initializer:
-        if tensor.name not in shareable:
-            local.append(tensor)
+        key = _content_key(tensor) if tensor.name in shareable else None
+        if key is not None and key in shared:
+            renamed[tensor.name] = shared[key]
             continue
-        key = _content_key(tensor)
-        if key not in shared:
-            moved = TensorProto()
-            moved.CopyFrom(tensor)
-            moved.name = prefix + tensor.name
-            shared[key] = moved.name
-            hoisted[moved.name] = moved
-        renamed[tensor.name] = shared[key]
+        copy = TensorProto()
+        copy.CopyFrom(tensor)
+        copy.name = prefix + tensor.name
+        if key is None:
+            local.append(copy)
+        else:
+            shared[key] = copy.name
+            hoisted[copy.name] = copy
+            renamed[tensor.name] = copy.name
     graph_input = graph.input[0].name
 
     def rename(value: str) -> str:
@@ -133,13 +135,7 @@ def _as_subgraph(graph: onnx.GraphProto, prefix: str, input_name: str, shared: D
             copy.CopyFrom(info)
             copy.name = rename(info.name)
             target.append(copy)
-    initializers = []
-    for tensor in local:
-        copy = TensorProto()
-        copy.CopyFrom(tensor)
-        copy.name = prefix + tensor.name
-        initializers.append(copy)
-    return helper.make_graph(nodes, name, [], outputs, initializer=initializers, value_info=value_info)
+    return helper.make_graph(nodes, name, [], outputs, initializer=local, value_info=value_info)
 
 
 def switchable_model(branches: Sequence[onnx.ModelProto], sizes: Sequence[Tuple[int, int]],
