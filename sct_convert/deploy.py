@@ -19,11 +19,14 @@ ONNX needs the optional extra: ``pip install "sct-convert[onnx]"``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,6 +35,11 @@ from .context import Scale, scale_key
 from .convert import context_of, extract, run_mode, unwrap
 from .io import atomic_write
 from .zoo import arch_info
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .onnx_graph import ExternalTensors
 
 PathLike = Union[str, os.PathLike]
 
@@ -164,18 +172,18 @@ def _to_onnx(program: "torch.export.ExportedProgram", opset: int, optimize: bool
                                  verbose=False, optimize=optimize)
 
 
-def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor]) -> list:
+def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor]) -> Iterator["onnx.ModelProto"]:
     """Each scale's plain model as ONNX, dynamic in batch, height and width, BN left unfolded so
     that the branches can share the conv weights (the runtime folds each branch's BN at load).
 
     Each scale is traced at its own size: some conversions bake the traced size into the graph
     (VGG's adaptive pooling becomes a fixed-kernel pool), so one trace reused for every scale
-    would serve only its own.
+    would serve only its own. A generator: one scale's graph (and its copy of the weights) is
+    alive at a time.
     """
     import onnx_ir
     import onnxscript.optimizer
 
-    branches = []
     for scale in context_of(model).scales:
         x = _example(model, scale, None)
         if example_input is not None:  # the caller's leading dims and dtype, at this scale's size
@@ -185,8 +193,72 @@ def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.T
         # constant folding only: the default optimizer folds BN into the convs, one copy per scale
         onnxscript.optimizer.fold_constants(graph)
         onnxscript.optimizer.remove_unused_nodes(graph)
-        branches.append(onnx_ir.serde.serialize_model(graph))
-    return branches
+        proto = [onnx_ir.serde.serialize_model(graph)]
+        del graph  # it and the traced program hold the plain copy's weights, in reference cycles:
+        gc.collect()  # free them before the next scale is traced
+        yield proto.pop()  # nor does this frame keep the proto alive while the next one is traced
+
+
+def _switchable_onnx(model: nn.Module, opset: int, example_input: Optional[torch.Tensor],
+                     store: "ExternalTensors") -> "onnx.ModelProto":
+    from .onnx_graph import switchable_model
+
+    sizes = context_of(model).sizes
+    return switchable_model(_onnx_branches(model, opset, example_input), sizes,
+                            [scale_key(s) for s in sizes], INPUT_NAME, store)
+
+
+def _per_scale_onnx(model: nn.Module, scale: Scale, opset: int, example_input: Optional[torch.Tensor],
+                    store: "ExternalTensors") -> "onnx.ModelProto":
+    from .onnx_graph import detached, initializers
+
+    proto = _to_onnx(export_program_object(model, scale, example_input), opset).model_proto
+    for tensor in initializers(proto.graph):
+        store.move(tensor)
+    return detached(proto)  # the original keeps the moved bytes until it is freed
+
+
+def _write_onnx(path: PathLike, build: Callable[["ExternalTensors"], "onnx.ModelProto"],
+                props: Dict[str, str]) -> Path:
+    """Write the model ``build(store)`` returns, with ``props`` as its metadata; its tensor bytes
+    are streamed to ``store`` while it is built, so that no more than one copy of them is held.
+
+    Up to protobuf's 2 GB limit the file is self-contained; past it the weights go to
+    ``<name>.data`` beside it (ONNX external data, as ``torch.onnx`` and onnx do). Both are
+    written under temporary names and renamed at the end, never half-written.
+    """
+    import onnx
+
+    from .onnx_graph import ExternalTensors
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: directory {path.parent} does not exist")
+    location = path.name + ".data"
+    try:
+        staging = tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {path.parent} is not writable ({e.strerror})") from None
+    with staging:
+        store = ExternalTensors(Path(staging.name) / location, location)
+        try:
+            model = build(store)
+        finally:
+            store.close()
+        onnx.helper.set_model_props(model, props)
+        external = store.size + model.ByteSize() > _PROTOBUF_LIMIT
+
+        def write(tmp: str) -> None:
+            if external:
+                Path(tmp).write_bytes(model.SerializeToString())
+                os.replace(store.path, path.parent / location)
+            else:
+                onnx.external_data_helper.load_external_data_for_model(model, staging.name)
+                onnx.save_model(model, tmp)
+
+        return atomic_write(path, write)
 
 
 def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
@@ -233,29 +305,9 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
     meta = deploy_metadata(model, scale, ONNX_FORMAT)
     meta["opset"] = str(opset)
     props = {f"sct_convert.{k}": v for k, v in meta.items()}
-    if scale is not None:
-        onnx_program = _to_onnx(export_program_object(model, scale, example_input), opset)
-        onnx_program.model.metadata_props.update(props)
-        return atomic_write(path, onnx_program.save)
-
-    import onnx
-
-    from .onnx_graph import switchable_model
-
-    ctx = context_of(model)
-    branches = _onnx_branches(model, opset, example_input)
-    combined = switchable_model(branches, ctx.sizes, [scale_key(s) for s in ctx.sizes], INPUT_NAME)
-    onnx.helper.set_model_props(combined, props)
-    big = combined.ByteSize() > _PROTOBUF_LIMIT  # branches hold tensors too
-
-    def write(tmp: str) -> None:
-        if big:  # protobuf cannot hold 2 GB: the weights go to one file beside the model
-            onnx.save_model(combined, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=Path(path).name + ".data")
-        else:
-            onnx.save_model(combined, tmp)
-
-    return atomic_write(path, write)
+    build = (functools.partial(_switchable_onnx, model, opset, example_input) if scale is None
+             else functools.partial(_per_scale_onnx, model, scale, opset, example_input))
+    return _write_onnx(path, build, props)
 
 
 def read_deploy_metadata(path: PathLike) -> Dict[str, str]:

@@ -11,18 +11,80 @@ rewrite it. Each branch's BN statistics are constants of its own subgraph, so ru
 into the convs at load (onnxruntime does, per branch): the switchable file runs as fast as a
 per-scale file, at the cost of one folded copy of the conv weights per scale in memory.
 
+Tensor bytes are streamed to a file (:class:`ExternalTensors`) as each branch is assembled, so
+building the model holds one scale's graph at a time: a 2.6 GB RegNet with three scales ran out of
+24 GB when every branch was held at once.
+
 Needs ``onnx``; callers check the ``[onnx]`` extra first.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Sequence, Set, Tuple
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Sequence, Set, Tuple, TypeVar
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 ROUTE = "sct_route/"
+_Message = TypeVar("_Message", onnx.ModelProto, TensorProto)
+
+
+class ExternalTensors:
+    """One file that tensor bytes are moved to: a tensor keeps only its name, type, shape and a
+    reference (``location``, ``offset``, ``length``), as ONNX's external data format has it.
+
+    Args:
+        path: the file to write; ``location`` is what the model records (the file's final name,
+            relative to the model's directory).
+        min_bytes: smaller tensors stay inline (onnx's own default threshold).
+    """
+
+    ALIGN = 64
+
+    def __init__(self, path: Path, location: str, min_bytes: int = 1024):
+        self.path = Path(path)
+        self.location = location
+        self.min_bytes = min_bytes
+        self.size = 0
+        self._file = open(self.path, "wb")
+
+    def move(self, tensor: TensorProto) -> None:
+        """Append ``tensor``'s raw bytes to the file and drop them from the proto."""
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < self.min_bytes:
+            return
+        pad = -self.size % self.ALIGN
+        self._file.write(b"\0" * pad)
+        offset = self.size + pad
+        self._file.write(tensor.raw_data)
+        self.size = offset + len(tensor.raw_data)
+        external_data_helper.set_external_data(tensor, self.location, offset, len(tensor.raw_data))
+        tensor.ClearField("raw_data")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def detached(message: _Message) -> _Message:
+    """A copy of ``message`` that shares no memory with it. Clearing a field of a protobuf message
+    frees nothing, and a reference to a part keeps the whole message alive; once a tensor's bytes
+    are moved to the file, what is kept must be a copy so the original (with its bytes) is freed."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
+def initializers(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """Every initializer of ``graph`` and of the subgraphs its nodes hold (``If`` branches)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from initializers(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for sub in attribute.graphs:
+                    yield from initializers(sub)
 
 
 def _content_key(tensor: TensorProto) -> str:
@@ -90,10 +152,11 @@ def _shareable(graph: onnx.GraphProto) -> Set[str]:
 
 
 def _as_subgraph(graph: onnx.GraphProto, prefix: str, input_name: str, shared: Dict[str, str],
-                 hoisted: Dict[str, TensorProto], name: str) -> onnx.GraphProto:
+                 hoisted: List[TensorProto], name: str, store: ExternalTensors) -> onnx.GraphProto:
     """``graph`` as an ``If`` branch: no inputs (it reads ``input_name`` from the outer scope), its
     shareable initializers moved to the main graph (``hoisted``, deduplicated by content), every
-    other name prefixed so that no two branches collide."""
+    other name prefixed so that no two branches collide. ``graph``'s tensors are renamed in place
+    and their bytes moved to ``store``: the caller drops ``graph`` afterwards."""
     renamed: Dict[str, str] = {}
     local: List[TensorProto] = []  # stays in the branch, under its prefixed name
     shareable = _shareable(graph)
@@ -102,15 +165,15 @@ def _as_subgraph(graph: onnx.GraphProto, prefix: str, input_name: str, shared: D
         if key is not None and key in shared:
             renamed[tensor.name] = shared[key]
             continue
-        copy = TensorProto()
-        copy.CopyFrom(tensor)
-        copy.name = prefix + tensor.name
+        original = tensor.name
+        tensor.name = prefix + original
+        store.move(tensor)
+        tensor = detached(tensor)
         if key is None:
-            local.append(copy)
+            local.append(tensor)
         else:
-            shared[key] = copy.name
-            hoisted[copy.name] = copy
-            renamed[tensor.name] = copy.name
+            shared[key] = renamed[original] = tensor.name
+            hoisted.append(tensor)
     graph_input = graph.input[0].name
 
     def rename(value: str) -> str:
@@ -138,23 +201,35 @@ def _as_subgraph(graph: onnx.GraphProto, prefix: str, input_name: str, shared: D
     return helper.make_graph(nodes, name, [], outputs, initializer=local, value_info=value_info)
 
 
-def switchable_model(branches: Sequence[onnx.ModelProto], sizes: Sequence[Tuple[int, int]],
-                     labels: Sequence[str], input_name: str) -> onnx.ModelProto:
-    """One model routing each input to its branch: ``branches[i]`` serves ``sizes[i]``.
+def switchable_model(branches: Iterable[onnx.ModelProto], sizes: Sequence[Tuple[int, int]],
+                     labels: Sequence[str], input_name: str, store: ExternalTensors) -> onnx.ModelProto:
+    """One model routing each input to its branch: the ``i``-th of ``branches`` serves ``sizes[i]``.
 
     Every branch must have one input (the image) and the same outputs, as the per-scale exports of
-    one architecture do; ``labels`` name the branches in the graph (``scale_<label>/...``).
+    one architecture do; ``labels`` name the branches in the graph (``scale_<label>/...``). Branches
+    are consumed one at a time (a generator keeps one in memory) and their tensor bytes moved to
+    ``store``.
     """
-    first = branches[0]
-    if len(branches) == 1:
-        return first
-    for model in branches:
-        if len(model.graph.input) != 1 or len(model.graph.output) != len(first.graph.output):
-            raise ValueError("each scale's ONNX graph must have one input and the same outputs")
     shared: Dict[str, str] = {}
-    hoisted: Dict[str, TensorProto] = {}
-    subgraphs = [_as_subgraph(m.graph, f"scale_{label}/", input_name, shared, hoisted, f"scale_{label}")
-                 for m, label in zip(branches, labels)]
+    hoisted: List[TensorProto] = []
+    subgraphs: List[onnx.GraphProto] = []
+    first = None
+    for model, label in zip(branches, labels):
+        if len(model.graph.input) != 1 or (first is not None and len(model.graph.output) != len(first.graph.output)):
+            raise ValueError("each scale's ONNX graph must have one input and the same outputs")
+        if len(sizes) == 1:
+            for tensor in initializers(model.graph):
+                store.move(tensor)
+            return detached(model)
+        subgraphs.append(_as_subgraph(model.graph, f"scale_{label}/", input_name, shared, hoisted,
+                                      f"scale_{label}", store))
+        if first is None:
+            first = detached(model)  # its input, outputs, opset and functions describe every branch
+        else:
+            functions = {(f.domain, f.name, getattr(f, "overload", "")) for f in first.functions}
+            first.functions.extend(f for f in model.functions
+                                   if (f.domain, f.name, getattr(f, "overload", "")) not in functions)
+        del model  # this branch's graph now lives in ``subgraphs``; its bytes in ``store``
     nodes, constants = _routing_nodes(input_name, sizes)
     output_names = [o.name for o in first.graph.output]
 
@@ -176,13 +251,9 @@ def switchable_model(branches: Sequence[onnx.ModelProto], sizes: Sequence[Tuple[
 
     nodes += chain(0)
     graph = helper.make_graph(nodes, "sct_switchable", [first.graph.input[0]], list(first.graph.output),
-                              initializer=constants + list(hoisted.values()))
+                              initializer=constants + hoisted)
     graph.input[0].name = input_name
     model = helper.make_model(graph, opset_imports=list(first.opset_import), ir_version=first.ir_version,
                               producer_name="sct-convert")
-    functions = {}
-    for branch in branches:
-        for f in branch.functions:
-            functions.setdefault((f.domain, f.name, getattr(f, "overload", "")), f)
-    model.functions.extend(functions.values())
+    model.functions.extend(first.functions)
     return model

@@ -96,6 +96,29 @@ def test_switchable_onnx_shares_weights_and_onnxruntime_folds_every_branch(model
     assert "BatchNormalization" not in optimized and optimized["If"] == len(SCALES) - 1
 
 
+@pytest.mark.parametrize("scale", [None, 32], ids=["switchable", "per-scale"])
+def test_onnx_past_protobufs_2gb_limit_keeps_weights_beside_it(model, tmp_path, monkeypatch, scale):
+    """A model over 2 GB (RegNetY-128GF) cannot be one protobuf: its weights go to ``<name>.data``
+    (ONNX external data), written atomically with the model; onnxruntime reads both."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from sct_convert.onnx_graph import initializers
+
+    monkeypatch.setattr(sct.deploy, "_PROTOBUF_LIMIT", 0)  # as if this tiny model were over 2 GB
+    path = sct.export_onnx(model, tmp_path / "m.onnx", scale=scale)
+    data = tmp_path / "m.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # nothing staged left
+    external = [{e.key: e.value for e in t.external_data}
+                for t in initializers(onnx.load(str(path), load_external_data=False).graph)
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {e["location"] for e in external} == {data.name}
+    assert max(int(e["offset"]) + int(e["length"]) for e in external) == data.stat().st_size
+    sizes = [(32, 32)] if scale else [(s, s) for s in SCALES] + [BETWEEN]
+    assert max(onnx_max_relative_error(model, path, sizes)) < 1e-4
+    assert read_deploy_metadata(path)["routing"] == ("fixed" if scale else "nearest")
+
+
 def test_per_scale_onnx_file_is_the_plain_architecture(model, tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
