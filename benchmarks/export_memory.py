@@ -1,8 +1,8 @@
 """Peak memory of ONNX export: per-scale and switchable, each in a fresh process.
 
 For each model (random init, converted at three scales), a child process builds and converts it,
-records its resident memory, exports one file and reports its peak resident memory
-(``ru_maxrss``). The table gives the model's weights, the memory before the export, the peak and
+records its resident memory and resets the kernel's peak (``/proc/self/clear_refs``), exports
+one file and reports the peak resident memory since (``VmHWM``, Linux). The table gives the model's weights, the memory before the export, the peak and
 the peak's excess over the memory before, in multiples of the weights. Before the switchable
 export streamed its branches, it held every scale's ONNX graph and the assembled one at once
 (RegNetY-128GF, 2.6 GB of weights, was killed at 24 GB); now one scale's graph at a time.
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, warnings
+import json, sys, warnings
 from pathlib import Path
 import torch
 import sct_convert as sct
@@ -32,15 +32,17 @@ name, source, scales, kind, out = sys.argv[1:]
 model, _ = create_model(name, source)
 model = sct.convert(model.eval(), [int(s) for s in scales.split(",")]).eval()
 weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-def rss():
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
-before = rss()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to now: building and converting the model peaks too
+before = status("VmRSS")
 scale = None if kind == "switchable" else int(scales.split(",")[-1])
 path = sct.export_onnx(model, out, scale=scale)
 size = sum(p.stat().st_size for p in Path(out).parent.glob(Path(out).name + "*"))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps(dict(weights=weights, before=before, peak=peak, file=size)))
 """
 
