@@ -247,6 +247,7 @@ def _write_onnx(path: PathLike, build: Callable[["ExternalTensors"], "onnx.Model
             model = build(store)
         finally:
             store.close()
+        gc.collect()  # the traced programs and plain copies, in reference cycles, before saving
         onnx.helper.set_model_props(model, props)
         external = store.size + model.ByteSize() > _PROTOBUF_LIMIT
 
