@@ -5,7 +5,7 @@ each ``If`` branch reads it from the outer scope. This measures, for one op unde
 weight inside the branch (as a per-scale file has it) against the weight in the main graph, with
 onnxruntime CPU, paired and interleaved, median of the per-repeat ratios outer / local:
 
-- ``Gemm`` (a classifier head): shared in the switchable file;
+- ``Gemm`` (classifier heads): kept in the branch, where onnxruntime prepacks its weight;
 - ``Conv`` 3x3 without BN after it (squeeze-excite, pre-activation nets): kept in the branch,
   because onnxruntime's NCHWc layout transform only rewrites weights of its own graph;
 - ``Conv`` + ``BatchNormalization``: shared; the runtime folds BN into a new weight in the branch.
@@ -38,9 +38,9 @@ def op_nodes(case: str, weight: str, out: str) -> list:
 
 
 def weights_of(case: str, width: int, rng) -> dict:
-    if case == "gemm":
-        return {"w": rng.standard_normal((width, width), dtype=np.float32) * 0.01,
-                "b": rng.standard_normal(width, dtype=np.float32)}
+    if case == "gemm":  # width = (in, out)
+        return {"w": rng.standard_normal(width[::-1], dtype=np.float32) * 0.01,
+                "b": rng.standard_normal(width[1], dtype=np.float32)}
     w = {"w": rng.standard_normal((width, width, 3, 3), dtype=np.float32) * 0.01,
          "b": rng.standard_normal(width, dtype=np.float32)}
     if case == "conv_bn":
@@ -49,8 +49,10 @@ def weights_of(case: str, width: int, rng) -> dict:
     return w
 
 
-def model(case: str, weights: dict, outer: bool, x_shape: list) -> onnx.ModelProto:
-    """``If (true) {op} else {op}``; the op's tensors in each branch or once in the main graph."""
+def model(case: str, weights: dict, outer: bool, x_shape: list, nested: bool) -> onnx.ModelProto:
+    """``If (cond) {op} else {op}`` or, nested, ``If (cond) {op} else {If (cond) {op} else {op}}``
+    as the switchable file chains them; the op's tensors in each branch or once in the main graph.
+    Fed ``cond = False`` the op runs at depth 1 or 2."""
     def tensors(prefix: str) -> list:
         return [numpy_helper.from_array(v, prefix + k) for k, v in weights.items()]
 
@@ -60,10 +62,16 @@ def model(case: str, weights: dict, outer: bool, x_shape: list) -> onnx.ModelPro
         out = helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)
         return helper.make_graph(nodes, name, [], [out], initializer=[] if outer else tensors(prefix))
 
-    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then"), else_branch=branch("else"))]
+    def chain(names: list, out: str) -> onnx.NodeProto:
+        otherwise = (branch(names[1]) if len(names) == 2 else
+                     helper.make_graph([chain(names[1:], "inner_y")], "not_" + names[0], [],
+                                       [helper.make_tensor_value_info("inner_y", TensorProto.FLOAT, None)]))
+        return helper.make_node("If", ["cond"], [out], then_branch=branch(names[0]), else_branch=otherwise)
+
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape),
               helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]  # an input: no folding of If
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    graph = helper.make_graph([chain(["a", "b", "c"] if nested else ["a", "b"], "y")], "g", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializer=tensors("") if outer else [])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
@@ -77,40 +85,42 @@ def main() -> None:
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__} CPU threads={args.threads} repeats={args.repeats}")
-    print(f"{'op':10s} {'shape':18s} {'batch':>5s} {'local ms':>9s} {'outer/local':>11s}")
+    print(f"{'op':10s} {'input':18s} {'weight':16s} {'local ms':>9s} {'outer/local':>11s} "
+          f"{'nested: outer/local':>19s}")
     rng = np.random.default_rng(0)
-    cases = (("gemm", 2048, lambda b: [b, 2048]), ("conv", 128, lambda b: [b, 128, 28, 28]),
+    cases = (("gemm", (1280, 1000), lambda b: [b, 1280]),  # MobileNetV3's classifier
+             ("gemm", (2048, 1000), lambda b: [b, 2048]),  # ResNet-50's
+             ("gemm", (4096, 4096), lambda b: [b, 4096]),  # VGG's
+             ("conv", 128, lambda b: [b, 128, 28, 28]),
              ("conv_bn", 128, lambda b: [b, 128, 28, 28]))
     with tempfile.TemporaryDirectory() as tmp:
         for case, width, shape in cases:
             weights = weights_of(case, width, rng)
             for batch in [int(b) for b in args.batches.split(",")]:
-                runs = []
-                for outer in (False, True):
-                    path = Path(tmp) / f"{case}_{outer}.onnx"
-                    onnx.save(model(case, weights, outer, shape(batch)), path)
-                    options = ort.SessionOptions()
-                    options.intra_op_num_threads = args.threads
-                    options.inter_op_num_threads = 1
-                    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                    runs.append(session)
-                feed = {"x": rng.standard_normal(shape(batch), dtype=np.float32), "cond": np.array(True)}
+                runs = []  # (local, outer) at depth 1, then at depth 2
+                for nested in (False, True):
+                    for outer in (False, True):
+                        path = Path(tmp) / f"{case}_{outer}_{nested}.onnx"
+                        onnx.save(model(case, weights, outer, shape(batch), nested), path)
+                        options = ort.SessionOptions()
+                        options.intra_op_num_threads = args.threads
+                        options.inter_op_num_threads = 1
+                        runs.append(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+                feed = {"x": rng.standard_normal(shape(batch), dtype=np.float32), "cond": np.array(False)}
                 got = [s.run(None, feed)[0] for s in runs]
-                assert np.allclose(got[0], got[1], rtol=1e-4, atol=1e-4), case
+                assert all(np.allclose(got[0], g, rtol=1e-4, atol=1e-4) for g in got), case
                 for _ in range(5):
                     for s in runs:
                         s.run(None, feed)
-                local, ratios = [], []
+                times = [[] for _ in runs]
                 for r in range(args.repeats):
-                    t = [0.0, 0.0]
-                    for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                    for i in (range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))):
                         start = time.perf_counter()
                         runs[i].run(None, feed)
-                        t[i] = time.perf_counter() - start
-                    local.append(t[0])
-                    ratios.append(t[1] / t[0])
-                print(f"{case:10s} {'x'.join(map(str, shape(batch))):18s} {batch:5d} "
-                      f"{statistics.median(local) * 1e3:9.3f} {statistics.median(ratios):11.3f}", flush=True)
+                        times[i].append(time.perf_counter() - start)
+                ratio = [statistics.median(o / loc for o, loc in zip(times[k + 1], times[k])) for k in (0, 2)]
+                print(f"{case:10s} {'x'.join(map(str, shape(batch))):18s} {'x'.join(map(str, weights['w'].shape)):16s} "
+                      f"{statistics.median(times[0]) * 1e3:9.3f} {ratio[0]:11.3f} {ratio[1]:19.3f}", flush=True)
 
 
 if __name__ == "__main__":

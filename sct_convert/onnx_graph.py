@@ -3,11 +3,11 @@
 Each scale's plain model is exported on its own (dynamic batch, height and width, BN not folded).
 The assembled graph computes the branch index from the input's shape (``Shape``, exact ``(h, w)``
 match first, else ``ArgMin`` over the pixel-count gap, as eager routing does) and runs that
-scale's graph under a chain of ``If`` nodes. The tensors that every branch reads unchanged (the
-weights of convs followed by BN, of Gemm and MatMul) live once in the main graph, deduplicated
-by content, so the file is about the size of one scale's for a ResNet; the rest (BN statistics,
-weights of convs without BN) stays in its branch, where onnxruntime's layout transforms can
-rewrite it. Each branch's BN statistics are constants of its own subgraph, so runtimes fold them
+scale's graph under a chain of ``If`` nodes. The weights of convs followed by BN, which every
+branch reads unchanged, live once in the main graph, deduplicated by content, so the file is
+little more than one scale's for a ResNet; the rest (BN statistics, weights of convs without BN,
+of Gemm and MatMul) stays in its branch, where onnxruntime's layout transforms and prepacking
+can rewrite it. Each branch's BN statistics are constants of its own subgraph, so runtimes fold them
 into the convs at load (onnxruntime does, per branch): the switchable file runs as fast as a
 per-scale file, at the cost of one folded copy of the conv weights per scale in memory.
 
@@ -126,29 +126,28 @@ def _routing_nodes(input_name: str, sizes: Sequence[Tuple[int, int]]) -> Tuple[L
 
 
 def _shareable(graph: onnx.GraphProto) -> Set[str]:
-    """Initializers that branches can read from the main graph without slowing the runtime.
+    """Initializers that branches can read from the main graph without slowing the runtime: those
+    that only feed a Conv followed by a BatchNormalization. The runtime folds each branch's BN into
+    the conv, writing a new weight inside the branch, so the shared tensor is only read at load.
 
-    Those that only feed a Conv followed by a BatchNormalization (the runtime folds each branch's
-    BN into the conv, writing a new weight inside the branch, so the shared tensor is only read at
-    load) or the weights of a Gemm / MatMul (measured: as fast from the outer scope). Any other
-    tensor stays inside its branch: onnxruntime's NCHWc layout transform only rewrites weights of
-    the graph its conv lives in, so a conv without BN (MobileNetV3's squeeze-excite and head)
-    reading a weight of the main graph stays on the slow path (1.36x at batch 1, 128 px).
+    Any other tensor stays inside its branch, because onnxruntime optimises only the weights of
+    the graph an op lives in: a conv without BN (MobileNetV3's squeeze-excite and head) reading a
+    weight of the main graph stays out of the NCHWc layout (1.36x at batch 1, 128 px), and a Gemm's
+    weight is not prepacked (MobileNetV3's classifier: 1.07x against 1.03x with it in the branch);
+    ``benchmarks/onnx_outer_scope.py`` measures both.
     """
     consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
         for i, value in enumerate(node.input):
             consumers.setdefault(value, []).append((node, i))
 
-    def read_as_is(node: onnx.NodeProto, i: int) -> bool:
-        if node.op_type in ("Gemm", "MatMul"):
-            return i >= 1
+    def folded_into_conv(node: onnx.NodeProto, i: int) -> bool:
         after = consumers.get(node.output[0], [])
         return (node.op_type == "Conv" and i in (1, 2) and len(after) == 1
                 and after[0][0].op_type == "BatchNormalization" and after[0][1] == 0)
 
     return {t.name for t in graph.initializer
-            if consumers.get(t.name) and all(read_as_is(n, i) for n, i in consumers[t.name])}
+            if consumers.get(t.name) and all(folded_into_conv(n, i) for n, i in consumers[t.name])}
 
 
 def _as_subgraph(graph: onnx.GraphProto, prefix: str, input_name: str, shared: Dict[str, str],
