@@ -61,10 +61,12 @@ def main() -> None:
         for name in args.models.split(","):
             torch.manual_seed(0)
             model = sct.convert(timm.create_model(name), scales).eval()
-            switchable = session(sct.export_onnx(model, Path(tmp) / f"{name}.onnx"), args.threads)
+            switchable_path = sct.export_onnx(model, Path(tmp) / f"{name}.onnx")
+            switchable = session(switchable_path, args.threads)
             branches = _onnx_branches(model, DEFAULT_OPSET, None)
             for s, branch_proto in zip(scales, branches):
-                static = session(sct.export_onnx(model, Path(tmp) / f"{name}_{s}.onnx", scale=s), args.threads)
+                static_path = sct.export_onnx(model, Path(tmp) / f"{name}_{s}.onnx", scale=s)
+                static = session(static_path, args.threads)
                 onnx.save(branch_proto, Path(tmp) / f"{name}_{s}_branch.onnx")
                 branch = session(Path(tmp) / f"{name}_{s}_branch.onnx", args.threads)
                 for batch in [int(b) for b in args.batches.split(",")]:
@@ -85,6 +87,8 @@ def main() -> None:
                         branch_ratios.append(t[2] / t[0])
                     print(f"{name:24s} {s:5d} {batch:5d} {1000 * statistics.median(base):10.2f} "
                           f"{statistics.median(ratios):13.3f} {statistics.median(branch_ratios):13.3f}", flush=True)
+            mb = [f.stat().st_size / 2**20 for f in (switchable_path, static_path)]
+            print(f"{name}: switchable file {mb[0]:.1f} MB, per-scale file {mb[1]:.1f} MB ({mb[0] / mb[1]:.2f}x)")
 
 
 if __name__ == "__main__":
