@@ -6,10 +6,11 @@ match first, else ``ArgMin`` over the pixel-count gap, as eager routing does) an
 scale's graph under a chain of ``If`` nodes. The weights of convs followed by BN, which every
 branch reads unchanged, live once in the main graph, deduplicated by content, so the file is
 little more than one scale's for a ResNet; the rest (BN statistics, weights of convs without BN,
-of Gemm and MatMul) stays in its branch, where onnxruntime's layout transforms and prepacking
-can rewrite it. Each branch's BN statistics are constants of its own subgraph, so runtimes fold them
-into the convs at load (onnxruntime does, per branch): the switchable file runs as fast as a
-per-scale file, at the cost of one folded copy of the conv weights per scale in memory.
+of Gemm and MatMul) stays in its branch, because onnxruntime runs some ops slower on a weight
+of an enclosing graph (see :func:`_shareable`). Each branch's BN statistics are constants of its
+own subgraph, so runtimes fold them into the convs at load (onnxruntime does, per branch): the
+switchable file runs as fast as a per-scale file, at the cost of one folded copy of the conv
+weights per scale in memory.
 
 Tensor bytes are streamed to a file (:class:`ExternalTensors`) as each branch is assembled, so
 building the model holds one scale's graph at a time: a 2.6 GB RegNet with three scales ran out of
@@ -52,14 +53,17 @@ class ExternalTensors:
 
     def move(self, tensor: TensorProto) -> None:
         """Append ``tensor``'s raw bytes to the file and drop them from the proto."""
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < self.min_bytes:
+        if not tensor.HasField("raw_data"):
+            return
+        data = tensor.raw_data  # each read of the field is a copy
+        if len(data) < self.min_bytes:
             return
         pad = -self.size % self.ALIGN
         self._file.write(b"\0" * pad)
         offset = self.size + pad
-        self._file.write(tensor.raw_data)
-        self.size = offset + len(tensor.raw_data)
-        external_data_helper.set_external_data(tensor, self.location, offset, len(tensor.raw_data))
+        self._file.write(data)
+        self.size = offset + len(data)
+        external_data_helper.set_external_data(tensor, self.location, offset, len(data))
         tensor.ClearField("raw_data")
 
     def close(self) -> None:
@@ -130,11 +134,11 @@ def _shareable(graph: onnx.GraphProto) -> Set[str]:
     that only feed a Conv followed by a BatchNormalization. The runtime folds each branch's BN into
     the conv, writing a new weight inside the branch, so the shared tensor is only read at load.
 
-    Any other tensor stays inside its branch, because onnxruntime optimises only the weights of
-    the graph an op lives in: a conv without BN (MobileNetV3's squeeze-excite and head) reading a
-    weight of the main graph stays out of the NCHWc layout (1.36x at batch 1, 128 px), and a Gemm's
-    weight is not prepacked (MobileNetV3's classifier: 1.07x against 1.03x with it in the branch);
-    ``benchmarks/onnx_outer_scope.py`` measures both.
+    Any other tensor stays inside its branch, because onnxruntime runs some ops slower on a weight
+    of an enclosing graph: a conv without BN (MobileNetV3's squeeze-excite and head) reading a
+    weight of the main graph stays out of the NCHWc layout (1.15x), and a Gemm reading its weight
+    through two ``If`` levels, as every branch but the first does, runs 1.2 to 1.9x slower
+    (``benchmarks/onnx_outer_scope.py``; MobileNetV3's classifier made its 128 px branch 1.06x).
     """
     consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
