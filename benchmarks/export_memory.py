@@ -2,8 +2,9 @@
 
 For each model (random init, converted at three scales), a child process builds and converts it,
 records its resident memory and resets the kernel's peak (``/proc/self/clear_refs``), exports
-one file and reports the peak resident memory since (``VmHWM``, Linux). The table gives the model's weights, the memory before the export, the peak and
-the peak's excess over the memory before, in multiples of the weights. Before the switchable
+one file and reports the peak resident memory since (``VmHWM``, Linux). The table gives the
+model's weights, the memory before the export, the peak and the peak's excess over the memory
+before, in multiples of the weights. Before the switchable
 export streamed its branches, it held every scale's ONNX graph and the assembled one at once
 (RegNetY-128GF, 2.6 GB of weights, was killed at 24 GB); now one scale's graph at a time.
 

@@ -5,9 +5,9 @@ each ``If`` branch reads it from the outer scope. This measures, for one op unde
 weight inside the branch (as a per-scale file has it) against the weight in the main graph, with
 onnxruntime CPU, paired and interleaved, median of the per-repeat ratios outer / local:
 
-- ``Gemm`` (classifier heads): kept in the branch, where onnxruntime prepacks its weight;
-- ``Conv`` 3x3 without BN after it (squeeze-excite, pre-activation nets): kept in the branch,
-  because onnxruntime's NCHWc layout transform only rewrites weights of its own graph;
+- ``Gemm`` (classifier heads): kept in the branch (slower from the main graph at depth 2);
+- ``Conv`` 3x3 without BN after it (squeeze-excite, pre-activation nets): kept in the branch
+  (from the main graph it misses onnxruntime's NCHWc layout);
 - ``Conv`` + ``BatchNormalization``: shared; the runtime folds BN into a new weight in the branch.
 
     python benchmarks/onnx_outer_scope.py --threads 1 --repeats 200

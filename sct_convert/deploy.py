@@ -23,7 +23,6 @@ import functools
 import gc
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -33,7 +32,7 @@ from torch import nn
 
 from .context import Scale, scale_key
 from .convert import context_of, extract, run_mode, unwrap
-from .io import atomic_write
+from .io import atomic_write, staging_directory
 from .zoo import arch_info
 
 if TYPE_CHECKING:
@@ -210,12 +209,9 @@ def _switchable_onnx(model: nn.Module, opset: int, example_input: Optional[torch
 
 def _per_scale_onnx(model: nn.Module, scale: Scale, opset: int, example_input: Optional[torch.Tensor],
                     store: "ExternalTensors") -> "onnx.ModelProto":
-    from .onnx_graph import detached, initializers
+    from .onnx_graph import externalized
 
-    proto = _to_onnx(export_program_object(model, scale, example_input), opset).model_proto
-    for tensor in initializers(proto.graph):
-        store.move(tensor)
-    return detached(proto)  # the original keeps the moved bytes until it is freed
+    return externalized(_to_onnx(export_program_object(model, scale, example_input), opset).model_proto, store)
 
 
 def _write_onnx(path: PathLike, build: Callable[["ExternalTensors"], "onnx.ModelProto"],
@@ -232,15 +228,8 @@ def _write_onnx(path: PathLike, build: Callable[["ExternalTensors"], "onnx.Model
     from .onnx_graph import ExternalTensors
 
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a directory; give a file name")
-    if not path.parent.is_dir():
-        raise ValueError(f"cannot write {path}: directory {path.parent} does not exist")
     location = path.name + ".data"
-    try:
-        staging = tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:
-        raise ValueError(f"cannot write {path}: {path.parent} is not writable ({e.strerror})") from None
+    staging = staging_directory(path)
     with staging:
         store = ExternalTensors(Path(staging.name) / location, location)
         try:

@@ -91,22 +91,41 @@ def _saveable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _writable_target(path: PathLike) -> Path:
+    """``path`` as a ``Path``; ``ValueError`` if it is a directory or its directory is missing."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: directory {path.parent} does not exist")
+    return path
+
+
+def _not_writable(path: Path, e: OSError) -> ValueError:
+    return ValueError(f"cannot write {path}: {path.parent} is not writable ({e.strerror})")
+
+
+def staging_directory(path: PathLike) -> tempfile.TemporaryDirectory:
+    """A temporary directory beside ``path`` for files written before the rename that publishes
+    them (same file system, so the rename is atomic); ``ValueError`` if ``path`` cannot be written."""
+    path = _writable_target(path)
+    try:
+        return tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise _not_writable(path, e) from None
+
+
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """``write(tmp)`` to a temp file beside ``path``, then rename; ``ValueError`` if it cannot be written.
 
     A failure never leaves a half-written file nor clobbers an existing one.
     """
-    path = Path(path)
-    parent = path.parent
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a directory; give a file name")
-    if not parent.is_dir():
-        raise ValueError(f"cannot write {path}: directory {parent} does not exist")
+    path = _writable_target(path)
     try:
         # the target's extension last: writers such as torch.export.save check it
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     except OSError as e:
-        raise ValueError(f"cannot write {path}: {parent} is not writable ({e.strerror})") from None
+        raise _not_writable(path, e) from None
     os.close(fd)
     try:
         write(tmp)

@@ -79,6 +79,14 @@ def detached(message: _Message) -> _Message:
     return copy
 
 
+def externalized(model: onnx.ModelProto, store: ExternalTensors) -> onnx.ModelProto:
+    """``model`` with every tensor's bytes moved to ``store``, as a copy: the original keeps the
+    moved bytes until it is freed (see :func:`detached`)."""
+    for tensor in initializers(model.graph):
+        store.move(tensor)
+    return detached(model)
+
+
 def initializers(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """Every initializer of ``graph`` and of the subgraphs its nodes hold (``If`` branches)."""
     yield from graph.initializer
@@ -221,9 +229,7 @@ def switchable_model(branches: Iterable[onnx.ModelProto], sizes: Sequence[Tuple[
         if len(model.graph.input) != 1 or (first is not None and len(model.graph.output) != len(first.graph.output)):
             raise ValueError("each scale's ONNX graph must have one input and the same outputs")
         if len(sizes) == 1:
-            for tensor in initializers(model.graph):
-                store.move(tensor)
-            return detached(model)
+            return externalized(model, store)
         subgraphs.append(_as_subgraph(model.graph, f"scale_{label}/", input_name, shared, hoisted,
                                       f"scale_{label}", store))
         if first is None:

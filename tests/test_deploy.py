@@ -74,7 +74,7 @@ def _conv_counts(graph):
     return {op: n for op, n in _op_counts(graph, domains=True).items() if "Conv" in op}
 
 
-def _outer_reads(graph, branches=None, outer=()):
+def _outer_reads(graph, branches=None):
     """``{branch name: names it reads from enclosing graphs}`` for every ``scale_*`` subgraph."""
     import onnx
 
