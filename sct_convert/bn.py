@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .context import ScaleContext, call_routes, pinned_index, set_unpinned_route
-from .scripting import script_route
+from .context import ScaleContext, call_routes
+from .routing import Blend, script_choose
 
 
 def _frozen_batch_norm_types() -> Tuple[Type[nn.Module], ...]:
@@ -89,28 +89,6 @@ def _traced_state(module: nn.Module, name: str, x: torch.Tensor) -> Optional[tor
     return x.tracer.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
 
 
-def _entry_route(context: ScaleContext, x: torch.Tensor) -> object:
-    """Route a call that reached the entry layer without a pinned route: a sct.scale pin, else ``x``'s size."""
-    index = pinned_index(context)
-    if index is None:
-        index = context.route_shape(x, context.entry_sizes, where=f"at layer '{context.entry_name}'")
-    set_unpinned_route(context, index)
-    return index
-
-
-class EntryRouter:
-    """Forward pre-hook on an entry layer that is not an S-BN (a picklable callable)."""
-
-    def __init__(self, context: ScaleContext) -> None:
-        self.context = context
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        route = call_routes().get(self.context)
-        x = args[0] if args else None
-        if (route is None or not route.pinned) and isinstance(x, torch.Tensor) and x.dim() >= 3:
-            _entry_route(self.context, x)
-
-
 class ScaleSpecificBatchNorm(nn.Module):
     """Per-scale copies of one batch-norm layer; the current call's route selects the copy.
 
@@ -138,7 +116,6 @@ class ScaleSpecificBatchNorm(nn.Module):
         self.branches = nn.ModuleDict({key: copy.deepcopy(norm) for key in keys})
         # A plain attribute, not a submodule: the context holds no tensors and is shared.
         self.context = context
-        self.routes = False  # True on the model's entry layer: routes calls that bypass forward
         # This layer's input size at each scale (measured by convert; empty when that cannot
         # tell the scales apart). Only TorchScript routes by it: scripted code cannot read the
         # call's route, e.g. a scripted FX graph that keeps a module holding S-BNs as a leaf.
@@ -147,22 +124,24 @@ class ScaleSpecificBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._scripted_forward(x)
-        context = self.context
-        route = call_routes().get(context)
-        if route is not None and (route.pinned or not self.routes):
-            index = route.index
-        elif self.routes:
-            index = _entry_route(context, x)
-        else:
+        route = call_routes().get(self.context)
+        if route is None:
             raise RuntimeError(
-                "sct_convert: a scale-specific batch norm ran outside a call of the converted "
-                "model, so no branch was chosen; call the model itself, or run the part under "
+                "sct_convert: a scale-specific batch norm ran without a route: no call of the "
+                f"converted model (and no call through its entry layer '{self.context.entry_name}') "
+                "chose a branch in this thread; call the model, or run the part under "
                 "sct.scale(model, s)"
             )
-        if not isinstance(index, int):
-            return self.graph_forward(x, index)
+        index = route.index
+        if isinstance(index, int):
+            return self._branch_forward(x, index)
+        if isinstance(index, Blend):
+            return self._blend_forward(x, index)
+        return self.graph_forward(x, index)
+
+    def _branch_forward(self, x: torch.Tensor, index: int) -> torch.Tensor:
         # The ModuleDict's own dict, not nn.Module.__getattr__: this is the hot path.
-        branch = self._modules["branches"]._modules[context.keys[index]]
+        branch = self._modules["branches"]._modules[self.context.keys[index]]
         if isinstance(x, torch.fx.Proxy):  # a module call, so FX records the branch, not its internals
             return branch(x)
         # Small-batch GPU inference is bound by Python, not kernels: in eval mode, make the one
@@ -180,20 +159,36 @@ class ScaleSpecificBatchNorm(nn.Module):
         # The branch's forward, not its __call__: hooks belong on the S-BN layer.
         return branch.forward(x)
 
+    def _blend_forward(self, x: torch.Tensor, blend: Blend) -> torch.Tensor:
+        """The low branch run on every floating tensor lerped toward the high branch's.
+
+        In train mode the batch statistics normalise and the blended running statistics are
+        temporaries: neither branch's statistics change, both get gradient through the lerp.
+        """
+        keys = self.context.keys
+        low, high = self.branches[keys[blend.low]], self.branches[keys[blend.high]]
+        highs = dict(high.named_parameters()) | dict(high.named_buffers())
+        state = {}
+        for name, tensor in list(low.named_parameters()) + list(low.named_buffers()):
+            state[name] = (torch.lerp(tensor, highs[name], blend.t) if tensor.is_floating_point()
+                           else tensor.clone())  # counters: a copy, so the branch's stays
+        return torch.func.functional_call(low, state, (x,))
+
     def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """TorchScript: route by this layer's own input size (exact, else nearest by pixels)."""
         if len(self.sizes_here) == 0:
             raise RuntimeError("sct_convert: this scale-specific batch norm cannot tell the scales "
                                "apart from its own input; script the converted model itself")
-        index = script_route(x.shape[-2], x.shape[-1], self.sizes_here)
+        index = script_choose(x.shape[-2], x.shape[-1], self.sizes_here)
         out = x
         for i, branch in enumerate(self.branches.values()):
             if i == index:
                 out = branch(x)
         return out
 
-    def graph_forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The branch picked by a 0-d index tensor, with no Python branching (traced eval)."""
+    def graph_forward(self, x: torch.Tensor, index: object) -> torch.Tensor:
+        """The branch picked by a 0-d index tensor, or the blend ``lerp(low, high, t)`` given by
+        ``(low, high, t)`` tensors, with no Python branching (traced eval)."""
         branches = [self.branches[k] for k in self.context.keys]
         first = branches[0]
         if first.training:
@@ -206,13 +201,15 @@ class ScaleSpecificBatchNorm(nn.Module):
                 f"sct_convert: a {type(first).__name__} branch cannot be picked inside a graph; "
                 "export one scale (sct.extract(model, s)) instead"
             )
-        row = index.reshape(1)
+        rows = [i.reshape(1) for i in index[:2]] if isinstance(index, tuple) else [index.reshape(1)]
 
         def pick(name: str) -> Optional[torch.Tensor]:
             tensors = [_traced_state(b, name, x) for b in branches]
             if tensors[0] is None:
                 return None
-            return torch.stack(tensors).index_select(0, row).squeeze(0)
+            stacked = torch.stack(tensors)
+            chosen = [stacked.index_select(0, row).squeeze(0) for row in rows]
+            return chosen[0] if len(chosen) == 1 else torch.lerp(chosen[0], chosen[1], index[2].to(chosen[0].dtype))
 
         mean, var = pick("running_mean"), pick("running_var")
         out = F.batch_norm(x, mean, var, pick("weight"), pick("bias"), mean is None, 0.0, first.eps)
@@ -220,9 +217,6 @@ class ScaleSpecificBatchNorm(nn.Module):
         if isinstance(drop, nn.Module) and isinstance(act, nn.Module):  # BatchNormAct2d
             out = act(drop(out))
         return out
-
-    def branch(self, key: str) -> nn.Module:
-        return self.branches[key]
 
     def extra_repr(self) -> str:
         first = next(iter(self.branches.values()))

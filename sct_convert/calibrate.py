@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -19,12 +18,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import FROZEN_BATCH_NORM_TYPES
-from .context import Scale, normalize_scale, scale_key
+from .context import Scale, normalize_scale, pinned, scale_key
 from .convert import (
-    ConversionError, _probe_shape, context_of, _probe_device_dtype, _rng_kept, _training_failure,
+    ConversionError, context_of, _probe_device_dtype, _rng_kept, _training_failure,
     run_mode, scale, scale_specific_layers, unwrap,
 )
-from .sampling import resize_to
+from .routing import bracket, nearest_index
+from .sampling import resize_to, scale_runs
 
 IMAGE_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")
 
@@ -168,9 +168,8 @@ def calibrate(
 
         bar = tqdm(total=len(batches) * len(chosen), desc="calibrate", unit="batch")
     try:
-        for s in chosen:
-            hw = ctx.sizes[ctx.index(s)]
-            with torch.no_grad(), _collecting(inner, scale_key(hw)) as bns, scale(inner, s):
+        for s, hw, route in scale_runs(ctx, [ctx.index(s) for s in chosen]):
+            with torch.no_grad(), _collecting(inner, scale_key(hw)) as bns, pinned(ctx, route):
                 for x in batches:
                     inner(resize_to(x.to(device, non_blocking=True), hw, ctx.antialias))
                     if bar is not None:
@@ -182,18 +181,14 @@ def calibrate(
     return model
 
 
-def _nearest_index(ctx, hw) -> int:
-    pixels = hw[0] * hw[1]
-    return min(range(len(ctx.sizes)), key=lambda i: abs(ctx.sizes[i][0] * ctx.sizes[i][1] - pixels))
-
-
 def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interpolate") -> nn.Module:
     """Add a branch for scale ``s``; by default interpolated from the scales on either side.
 
     ``init_from="interpolate"`` (the default) sets every floating-point parameter and
-    statistic of the new branch by linear interpolation, by side length (square root of the
-    pixel count), between the two scales on either side of ``s``, or copies the nearest scale
-    when ``s`` lies outside them; ``init_from=<scale>`` copies that scale's branch. On
+    statistic of the new branch by linear interpolation in pixel count between the two scales
+    on either side of ``s`` (the blend ``unknown_scale="interpolate"`` serves ``s`` with, see
+    :mod:`sct_convert.routing`), or copies the nearest scale when ``s`` lies outside them;
+    ``init_from=<scale>`` copies that scale's branch. On
     Fashion-MNIST this beats the nearest branch at most in-between sizes, and calibrating the new
     branch (``sct.calibrate(model, data, scales=[s])``) beats both
     (``benchmarks/reproduce.py``). The new scale goes last in ``scales_of``; routing,
@@ -217,11 +212,11 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     if isinstance(init_from, str) and init_from != "interpolate":
         raise ValueError(f"init_from={init_from!r}: give one of the model's scales or 'interpolate'")
     if init_from == "interpolate":
-        mix, source = _neighbours(ctx, hw), _nearest_index(ctx, hw)
+        mix, source = bracket(hw, ctx.sizes), nearest_index(hw, ctx.sizes)
     else:
         mix, source = None, ctx.index(init_from)
     source_key, key = scale_key(ctx.sizes[source]), scale_key(hw)
-    lead = getattr(ctx, "probe_lead", None) or _probe_shape(inner, None)
+    lead = ctx.probe_lead
     entry = _measure_entry_size(inner, ctx, hw, source, lead)
     for _, layer in scale_specific_layers(inner):
         branch = copy.deepcopy(layer.branches[source_key])
@@ -246,19 +241,6 @@ def _training_failure_at(model: nn.Module, ctx, index: int, lead) -> Optional[st
             return _training_failure(model, ctx.sizes, ctx.scales, lead, index)
     finally:
         ctx.sampling = sampling
-
-
-def _neighbours(ctx, hw) -> Optional[Tuple[int, int, float]]:
-    """(index below, index above, weight of the one above) by side length; None outside."""
-    side = math.sqrt(hw[0] * hw[1])
-    sides = [math.sqrt(h * w) for h, w in ctx.sizes]
-    below = [i for i, v in enumerate(sides) if v < side]
-    above = [i for i, v in enumerate(sides) if v > side]
-    if not below or not above:
-        return None
-    lo = max(below, key=lambda i: sides[i])
-    hi = min(above, key=lambda i: sides[i])
-    return lo, hi, (side - sides[lo]) / (sides[hi] - sides[lo])
 
 
 @torch.no_grad()

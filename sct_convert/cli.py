@@ -199,7 +199,11 @@ def inspect_cmd(file):
         if meta.get("scale"):
             click.echo(f"this file:       scale {meta['scale']} only (plain architecture)")
         else:
-            click.echo("this file:       every scale, routed in the graph (nearest by pixel count)")
+            how = ("blending the two nearest branches in between" if meta.get("routing") == "interpolate"
+                   else "nearest by pixel count")
+            click.echo(f"this file:       every scale, routed in the graph ({how})")
+            if meta.get("routing_note"):
+                click.echo(f"note:            {meta['routing_note']}")
         click.echo(f"num classes:     {meta.get('num_classes', '?')}")
         click.echo(f"input:           {meta.get('input_name')} (N, {meta.get('in_chans') or '?'}, H, W)")
         click.echo(f"written by:      sct-convert {meta.get('sct_convert_version')}, "

@@ -1,4 +1,4 @@
-"""A converted model's scales and routing policy, and the per-call choice of branch.
+"""A converted model's scales and settings, and the per-call record of its branch.
 
 A :class:`ScaleContext` is a plain object (not a module, so it never enters ``state_dict``)
 holding what does not change from call to call: the scales, the routing policy, sampling
@@ -16,8 +16,8 @@ import contextvars
 import threading
 import types
 import weakref
-import warnings
-from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.fx
@@ -25,7 +25,7 @@ import torch.fx
 Scale = Union[int, Tuple[int, int]]
 HW = Tuple[int, int]
 
-ROUTING_POLICIES = ("nearest", "error")
+ROUTING_POLICIES = ("nearest", "error", "interpolate")
 
 #: Attribute of a converted model that holds its :class:`ScaleContext`.
 CONTEXT_ATTR = "_sct_context"
@@ -56,14 +56,6 @@ def scale_key(hw: HW) -> str:
     return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
 
 
-def parse_scale_key(key: str) -> Scale:
-    """Inverse of :func:`scale_key`."""
-    if "x" in key:
-        h, w = key.split("x")
-        return (int(h), int(w))
-    return int(key)
-
-
 def normalize_scales(scales: Iterable[object]) -> Tuple[Tuple[Scale, ...], Tuple[HW, ...]]:
     """Validate a list of scales; return them as given (ints or tuples) and as ``(h, w)`` pairs."""
     if isinstance(scales, (str, bytes)) or not isinstance(scales, Iterable):
@@ -82,19 +74,21 @@ def normalize_scales(scales: Iterable[object]) -> Tuple[Tuple[Scale, ...], Tuple
 
 
 class Route(NamedTuple):
-    """One call's branch: an ``int`` in eager mode, a 0-d ``long`` tensor when traced.
+    """One call's route (what :mod:`sct_convert.routing` chose) and whether it holds for the call.
 
+    ``index`` is an ``int`` or a ``routing.Blend`` in eager mode, index tensors when traced.
     ``pinned`` routes hold for the whole call (set by the model's forward, from the image's
     size, a ``sct.scale`` pin or a sampling step); an unpinned route is the entry layer's own
     choice for a call that did not come through the model's forward
     (``model.forward_features(x)``) and is replaced by the next such call.
     """
 
-    index: object
+    index: Any
     pinned: bool
 
 
-_NO_ROUTES: Mapping["ScaleContext", object] = types.MappingProxyType({})
+_NO_ROUTES: Mapping["ScaleContext", Any] = types.MappingProxyType({})
+
 
 # The routes of the calls running in this thread. A thread-local, not a ContextVar: torch.compile
 # traces its reads and writes without a graph break, and a forward never awaits, so
@@ -121,11 +115,6 @@ def set_call_routes(routes: Mapping["ScaleContext", Route]) -> None:
     _CALLS.routes = routes
 
 
-def pinned_index(context: "ScaleContext") -> Optional[int]:
-    """The branch ``sct.scale`` pinned for this thread / task, if any."""
-    return _PINS.get().get(context)
-
-
 @contextlib.contextmanager
 def pinned(context: "ScaleContext", index: int) -> Iterator[None]:
     """Pin branch ``index`` for every call of ``context``'s model inside the block (this thread / task)."""
@@ -136,52 +125,64 @@ def pinned(context: "ScaleContext", index: int) -> Iterator[None]:
         _PINS.reset(token)
 
 
-def set_unpinned_route(context: "ScaleContext", index: object) -> None:
+def set_unpinned_route(context: "ScaleContext", index: Any) -> None:
     """The entry layer's route for a call that did not come through the model's forward."""
     set_call_routes({**call_routes(), context: Route(index, False)})
 
 
-def _is_traced(v: object) -> bool:
-    """A size that is not a plain int: a SymInt (compile/export) or an FX Proxy."""
-    return not isinstance(v, int)
-
-
+@dataclass(eq=False)  # identity equality and hash: contexts key the per-call route maps
 class ScaleContext:
-    """A converted model's scales, how input sizes pick a branch, and its sampling settings.
+    """A converted model's scales, routing policy, entry layer and sampling settings.
 
-    Routing normally happens in the model's forward, on the image's own (H, W). A call that
-    bypasses that forward (``model.forward_features(x)``, a graph traced from a submodule)
-    is routed by the model's entry layer: its first S-BN, else (when that layer cannot tell
-    the scales apart) a hook on the first layer that can. ``entry_sizes[i]`` is the spatial
-    size the entry layer sees for an image at scale ``i``; conversion measures it, so
-    strided stems and space-to-depth route correctly there too.
-
-    Nothing here changes during a forward: the per-call branch is in :data:`_CALLS`.
+    The converted model and every S-BN layer hold the same instance. Nothing here changes
+    during a forward: the per-call branch is in a thread-local (:func:`call_routes`).
 
     Args:
-        scales: ints (square) or ``(height, width)`` pairs.
-        unknown_scale: ``"nearest"`` or ``"error"``, for input sizes that are not a scale.
+        scales: ints (square) or ``(height, width)`` pairs, as given to ``convert``.
+        unknown_scale: ``"nearest"``, ``"error"`` or ``"interpolate"`` (see
+            :mod:`sct_convert.routing`), for input sizes that are not a scale.
+        entry_name: the model's entry layer, which routes calls that bypass the model's forward.
+        entry_sizes: the spatial size the entry layer sees for an image at each scale.
+        probe_lead: the leading dims of an input, ``(N, C)`` or ``(N, C, T)`` for clips.
+        sampling: a train-mode forward runs every scale (SCT's sampling phase).
+        antialias: antialias when sampling resizes down.
+        sample_subset: indices of the scales sampling runs; ``None`` for all.
+        sample_between: sampling also runs one random size between the trained scales.
+        scale_specific_bn: ``False`` for shared norm layers (sampling only).
+        report: what ``convert`` found (a ``ConversionReport``).
+        hook_id: id of the entry router's hook, when the entry layer is not an S-BN.
     """
 
-    def __init__(self, scales: Sequence[object], unknown_scale: str = "nearest") -> None:
-        if unknown_scale not in ROUTING_POLICIES:
+    scales: Tuple[Scale, ...]
+    unknown_scale: str = "nearest"
+    entry_name: str = ""
+    entry_sizes: List[HW] = field(default_factory=list)
+    probe_lead: Tuple[int, ...] = (1, 3)
+    sampling: bool = True
+    antialias: bool = True
+    sample_subset: Optional[List[int]] = None
+    sample_between: bool = False
+    scale_specific_bn: bool = True
+    report: Any = None
+    hook_id: Optional[int] = None
+    sizes: Tuple[HW, ...] = field(init=False)
+    keys: Tuple[str, ...] = field(init=False)
+    warned: Set[Any] = field(init=False, repr=False)  # sizes already warned about
+
+    def __post_init__(self) -> None:
+        if self.unknown_scale not in ROUTING_POLICIES:
             raise ValueError(
-                f"unknown_scale={unknown_scale!r}: choose one of {', '.join(ROUTING_POLICIES)}"
+                f"unknown_scale={self.unknown_scale!r}: choose one of {', '.join(ROUTING_POLICIES)}"
             )
-        self.unknown_scale = unknown_scale
-        self.set_scales(*normalize_scales(scales))
-        self.entry_sizes: List[HW] = list(self.sizes)
-        self.sampling = True  # train-mode forward runs every scale (SCT's sampling phase)
-        self.antialias = True  # antialias when sampling resizes down
-        self.sample_subset: Optional[List[int]] = None  # indices; None: every scale
-        self.scale_specific_bn = True  # False: shared norm layers, sampling only
-        self._warned: set = set()
+        self.set_scales(*normalize_scales(self.scales))
+        if not self.entry_sizes:
+            self.entry_sizes = list(self.sizes)
 
     def set_scales(self, scales: Tuple[Scale, ...], sizes: Tuple[HW, ...]) -> None:
         """Replace the scales (as given, and as ``(h, w)``); keys are kept precomputed for S-BN."""
         self.scales, self.sizes = tuple(scales), tuple(sizes)
-        self.keys: Tuple[str, ...] = tuple(scale_key(hw) for hw in self.sizes)
-        self._warned = set()
+        self.keys = tuple(scale_key(hw) for hw in self.sizes)
+        self.warned = set()
 
     def sample_indices(self) -> List[int]:
         """Scales a sampling forward runs, in the model's scale order."""
@@ -198,76 +199,14 @@ class ScaleContext:
                 "add it with sct.add_scale or pick one of those"
             ) from None
 
-    def route(self, hw: HW, table: Optional[Sequence[HW]] = None, where: str = "input") -> int:
-        """Branch index for spatial size ``hw``: exact match, else nearest by pixel count.
-
-        ``table`` holds each scale's size at the layer that routes (the image sizes by
-        default, ``entry_sizes`` for the entry layer). Warns once per size under
-        ``unknown_scale="nearest"``; ``ValueError`` under ``"error"``.
-        """
-        table = self.sizes if table is None else table
-        for i, size in enumerate(table):
-            if size == hw:
-                return i
-        what = "input size" if where == "input" else f"size {where}"
-        if self.unknown_scale == "error":
-            raise ValueError(
-                f"{what} {tuple(hw)} matches none of the model's scales {list(self.scales)} "
-                "and unknown_scale='error'; resize the input, force a branch with "
-                "sct.scale(model, s), or convert with unknown_scale='nearest'"
-            )
-        pixels = hw[0] * hw[1]
-        best = min(range(len(table)), key=lambda i: abs(pixels - table[i][0] * table[i][1]))
-        if (hw, where) not in self._warned:
-            self._warned.add((hw, where))
-            warnings.warn(
-                f"sct_convert: {what} {tuple(hw)} is not a trained scale; using the nearest "
-                f"branch {self.scales[best]!r} (by pixel count). Pass unknown_scale='error' to "
-                "refuse such inputs.",
-                stacklevel=4,
-            )
-        return best
-
-    def route_shape(self, x: torch.Tensor, table: Optional[Sequence[HW]] = None,
-                    where: str = "input") -> object:
-        """:meth:`route` for ``x``'s concrete size; an in-graph index tensor for a symbolic one.
-
-        Under ``torch.compile``/``torch.export`` with dynamic H and W the branch is computed
-        in the graph (exact match first, else nearest by pixel count, as in eager), so one
-        graph serves every size. An in-graph route cannot refuse or warn: a traced model
-        always takes the nearest branch.
-        """
-        h, w = x.shape[-2], x.shape[-1]
-        # Under dynamo a Python route would guard on the size and compile one graph per scale.
-        if not (_is_traced(h) or _is_traced(w) or torch.compiler.is_compiling()):
-            return self.route((h, w), table, where)
-        rows = [list(hw) for hw in (self.sizes if table is None else table)]
-        if isinstance(x, torch.fx.Proxy):
-            return fx_route_index(x, rows, self.fx_key())
-        return route_index(x, rows)
+    def pinned_index(self) -> Optional[int]:
+        """The branch ``sct.scale`` pinned for this thread / task, if any."""
+        return _PINS.get().get(self)
 
     def fx_key(self) -> int:
         """A key an FX graph can hold (an int) to reach this context at run time."""
         _LIVE_CONTEXTS[id(self)] = self
         return id(self)
-
-    def __repr__(self) -> str:
-        return f"ScaleContext(scales={list(self.scales)}, unknown_scale={self.unknown_scale!r})"
-
-
-def route_index(x: torch.Tensor, table: List[List[int]]) -> torch.Tensor:
-    """Branch index (0-d ``long`` tensor) for ``x``'s size, with no Python branching.
-
-    Exact ``(h, w)`` match first, else nearest by pixel count; ``table`` is each scale's size.
-    Traceable by torch.export / dynamo with symbolic sizes, one node under torch.fx, and
-    scriptable, so a traced graph scripts.
-    """
-    sizes = torch.tensor(table, dtype=torch.long, device=x.device)
-    h = torch.full([1], x.shape[-2], dtype=torch.long, device=x.device)
-    w = torch.full([1], x.shape[-1], dtype=torch.long, device=x.device)
-    exact = (sizes[:, 0] == h) & (sizes[:, 1] == w)
-    gap = (sizes[:, 0] * sizes[:, 1] - h * w).abs()
-    return torch.where(exact, torch.full_like(gap, -1), gap).argmin()
 
 
 # Contexts that FX graphs route for, by fx_key; weak, so a graph does not keep a model alive.
@@ -275,30 +214,6 @@ _LIVE_CONTEXTS: "weakref.WeakValueDictionary[int, ScaleContext]" = weakref.WeakV
 
 
 @torch.jit.ignore
-def publish_route(key: int, index: int) -> None:
-    """At a traced graph's run time: tell S-BN layers inside tracer-leaf modules (which run
-    eagerly, outside the graph's own ops) the branch of this call. Unpinned: the next eager
-    call of the model routes afresh."""
-    context = _LIVE_CONTEXTS.get(key)
-    if context is not None:
-        set_unpinned_route(context, index)
-
-
-def fx_route_index(x: torch.Tensor, table: List[List[int]], key: int) -> torch.Tensor:
-    """:func:`route_index` as one FX node, that also publishes the branch for leaf modules."""
-    index = route_index(x, table)
-    if torch.jit.is_scripting():
-        return index
-    publish_route(key, int(index))
-    return index
-
-
-def fx_publish_route(x: torch.Tensor, key: int, index: int) -> torch.Tensor:
-    """One FX node per sampled scale in a train-mode graph: publishes that scale's branch."""
-    if not torch.jit.is_scripting():
-        publish_route(key, index)
-    return x
-
-
-torch.fx.wrap("route_index")
-torch.fx.wrap("fx_route_index")
+def live_context(key: int) -> Optional[ScaleContext]:
+    """The context an FX graph's ``fx_key`` names, while its model is alive."""
+    return _LIVE_CONTEXTS.get(key)

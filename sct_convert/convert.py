@@ -18,15 +18,16 @@ import inspect
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .bn import EntryRouter, ScaleSpecificBatchNorm, is_batch_norm
+from .bn import ScaleSpecificBatchNorm, is_batch_norm
 from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
+from .routing import EntryRouter, ScaleBlend, route_size
 from .sampling import converted_forward, image_parameter, scaled_type
 from .scripting import ScriptedRouter
 
@@ -76,13 +77,6 @@ class BatchNormTracer(torch.fx.Tracer):
             or isinstance(m, self._leaf_types)
             or super().is_leaf_module(m, module_qualified_name)
         )
-
-
-def _module_aliases(model: nn.Module) -> Dict[int, List[str]]:
-    names: Dict[int, List[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
 
 
 def _uses_functional_batch_norm(cls: type) -> bool:
@@ -234,11 +228,6 @@ def _probe_leads(model: nn.Module, in_chans: Optional[int],
     return [(1, c, 4) if volumetric else (1, c) for c in _channel_candidates(model, in_chans)]
 
 
-def _probe_shape(model: nn.Module, in_chans: Optional[int]) -> Tuple[int, ...]:
-    """The most likely probe lead (for callers that cannot retry)."""
-    return _probe_leads(model, in_chans, None)[0]
-
-
 def _first_lead_that_runs(model, leads, probe):
     """``(lead, probe(lead))`` for the first lead the model accepts; else the first lead's error."""
     first_error = None
@@ -359,11 +348,13 @@ def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Sc
 def _probe_entry(
     model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale], lead: Tuple[int, ...],
     batch_norms: Set[int], probed_sizes: Optional[Dict[str, Optional[List[HW]]]] = None,
+    need_entry: bool = True,
 ) -> Tuple[str, List[HW]]:
     """Run the model at every scale; return the entry module's name and its input size per scale.
 
     ``probed_sizes``, if given, receives each batch norm's input size per scale (``None`` where
-    it is called more than once per forward or sees the same size at two scales).
+    it is called more than once per forward or sees the same size at two scales). Without
+    ``need_entry`` the model only has to run: ``("", [])`` when no layer can route.
     """
     probed_sizes = {} if probed_sizes is None else probed_sizes
     device, dtype = _probe_device_dtype(model)
@@ -426,6 +417,8 @@ def _probe_entry(
         if sizes is not None:
             probed_sizes.update({n: per_scale_sizes(n) for n in seen[0] if n in bn_names})
             return name, sizes
+    if not need_entry:
+        return "", []
     raise ConversionError(
         "cannot route by input size: no layer before the first batch norm sees a different "
         f"size at each of the scales {list(scales)}; use scales that differ more, or run each "
@@ -540,18 +533,15 @@ def convert(
         replacements[id(m)].sizes_here = [list(hw) for hw in bn_sizes.get(name) or []]
     entry = model.get_submodule(entry_name)
     replace_modules(model, replacements)
-    context.hook_id = None
-    if id(entry) in replacements:
-        replacements[id(entry)].routes = True
-    else:
-        context.hook_id = entry.register_forward_pre_hook(EntryRouter(context)).id
+    entry = replacements.get(id(entry), entry)
+    context.hook_id = entry.register_forward_pre_hook(EntryRouter(context)).id
 
     report.converted = [n for n, _ in found]
     report.entry = entry_name
     context.entry_sizes = entry_sizes
     context.entry_name = entry_name
     context.scale_specific_bn = True
-    context.probe_lead = lead  # leading input dims, for probing scales added later
+    context.probe_lead = tuple(lead)  # leading input dims, for probing scales added later
     context.report = report
     context.sampling = sampling
     context.antialias = antialias
@@ -562,26 +552,18 @@ def convert(
 def _install_sampling_only(model, context, sampling, antialias, example_input, in_chans):
     """Shared norm layers, SCT sampling only: nothing to route, so no probe for an entry."""
     with _rng_kept(model):
-        lead, _ = _first_lead_that_runs(model, _probe_leads(model, in_chans, example_input),
-                                        lambda lead: _probe_entry_optional(model, context, lead))
+        lead, _ = _first_lead_that_runs(
+            model, _probe_leads(model, in_chans, example_input),
+            lambda lead: _probe_entry(model, context.sizes, context.scales, lead, set(), need_entry=False))
         training_failure = _training_failure(model, context.sizes, context.scales, lead)
     if training_failure:
         warnings.warn(training_failure, UserWarning, stacklevel=3)
     context.scale_specific_bn = False
-    context.entry_name, context.hook_id, context.probe_lead = "", None, lead
+    context.entry_name, context.hook_id, context.probe_lead = "", None, tuple(lead)
     context.report = ConversionReport(traced=False)
     context.sampling, context.antialias = sampling, antialias
     _install(model, context)
     return model
-
-
-def _probe_entry_optional(model, context, lead) -> None:
-    """Check the model runs at every scale (the error names the scale); nothing else."""
-    try:
-        _probe_entry(model, context.sizes, context.scales, lead, set())
-    except ConversionError as e:
-        if "cannot route" not in str(e):
-            raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +629,11 @@ def _install(model: nn.Module, context: ScaleContext) -> None:
 
 def _scriptable_router(model: nn.Module) -> nn.Module:
     ctx = context_of(model)
+    if ctx.unknown_scale == "interpolate":
+        raise ConversionError(
+            "a model converted with unknown_scale='interpolate' cannot be scripted: TorchScript "
+            "routes to one branch per call; export it with sct.export_program (which blends), or "
+            "script a model converted with unknown_scale='nearest'")
     views = [_plain_copy(model, s, share_tensors=True) for s in ctx.scales]
     return ScriptedRouter(views, ctx.sizes, ctx.unknown_scale == "error").train(model.training)
 
@@ -694,7 +681,7 @@ def scales_of(model: nn.Module) -> Tuple[Scale, ...]:
     return context_of(model).scales
 
 
-def route(model: nn.Module, size: Any) -> Scale:
+def route(model: nn.Module, size: Any) -> Union[Scale, ScaleBlend]:
     """The scale whose branch serves an input of ``size``, by the model's routing policy.
 
     Args:
@@ -702,12 +689,18 @@ def route(model: nn.Module, size: Any) -> Scale:
         size: an image batch (its last two dims are read), an ``(h, w)`` pair or an int side.
 
     Returns:
-        One of ``scales_of(model)``. Raises ``ValueError`` for an untrained size under
-        ``unknown_scale="error"``; warns once per size under ``"nearest"``, as a forward does.
+        One of ``scales_of(model)``; under ``unknown_scale="interpolate"``, for a size strictly
+        between two scales (by pixel count), a :class:`ScaleBlend` ``(low, high, t)``: the two
+        scales whose BN tensors are blended, ``lerp(low, high, t)``. Raises ``ValueError`` for an
+        untrained size under ``unknown_scale="error"``; warns once per size under ``"nearest"``,
+        as a forward does.
     """
     ctx = context_of(model)
     hw = (int(size.shape[-2]), int(size.shape[-1])) if isinstance(size, torch.Tensor) else normalize_scale(size)
-    return ctx.scales[ctx.route(hw)]
+    chosen = route_size(ctx, hw)
+    if isinstance(chosen, int):
+        return ctx.scales[chosen]
+    return ScaleBlend(ctx.scales[chosen.low], ctx.scales[chosen.high], chosen.t)
 
 
 def scale_specific_layers(model: nn.Module) -> Iterator[Tuple[str, ScaleSpecificBatchNorm]]:

@@ -9,8 +9,10 @@ statistics with ``index_select``. A *per-scale* file is the plain original archi
 scale's BN (``sct.extract``), static in H and W, dynamic in batch, so runtimes fold the BN into
 the conv.
 
-An exported file cannot refuse an untrained size (``unknown_scale="error"``): it always takes the
-nearest branch; refuse in the caller. Metadata (scales, routing, architecture, versions) goes into
+An exported file cannot refuse an untrained size (``unknown_scale="error"``): it takes the
+nearest branch; refuse in the caller. Under ``unknown_scale="interpolate"`` a ``torch.export``
+program blends the two bracketing branches as eager does; an ONNX file routes to the nearest
+branch and says so (metadata ``routing_note``, a warning at export). Metadata (scales, routing, architecture, versions) goes into
 ONNX ``metadata_props`` and the ``.pt2`` archive's extra files, and ``sct-convert inspect``
 reads it back. Files are written to a temporary name and renamed, never half-written.
 
@@ -72,7 +74,7 @@ def deploy_metadata(model: nn.Module, scale: Optional[Scale], fmt: str) -> Dict[
 
     ctx = context_of(model)
     info = arch_info(unwrap(model))
-    lead = getattr(ctx, "probe_lead", (1, 3))
+    lead = ctx.probe_lead
     meta = {
         "format": fmt,
         "sct_convert_version": __version__,
@@ -84,7 +86,18 @@ def deploy_metadata(model: nn.Module, scale: Optional[Scale], fmt: str) -> Dict[
         "in_chans": str(lead[1]) if len(lead) > 1 else "",
     }
     if scale is None:
-        meta["routing"] = "nearest"  # in-graph: exact size first, else nearest by pixel count
+        # in-graph: exact size first, else (ONNX always) nearest by pixel count
+        blends = ctx.unknown_scale == "interpolate" and fmt != ONNX_FORMAT
+        meta["routing"] = "interpolate" if blends else "nearest"
+        if ctx.unknown_scale == "interpolate" and not blends:
+            meta["routing_note"] = ("the model blends the two nearest branches for in-between sizes "
+                                    "(unknown_scale='interpolate'); this file runs the nearest branch")
+            warnings.warn(
+                "sct_convert: the switchable ONNX file routes sizes between trained scales to the "
+                "nearest branch, not to the blend the model uses (unknown_scale='interpolate'); "
+                "to ship chosen in-between sizes, sct.add_scale(model, size) (optionally "
+                "sct.calibrate) before exporting, or use sct.export_program, which blends",
+                UserWarning, stacklevel=3)
     else:
         meta["scale"] = scale_key(ctx.sizes[ctx.index(scale)])
         meta["routing"] = "fixed"
@@ -100,7 +113,7 @@ def _example(model: nn.Module, scale: Optional[Scale], example_input: Optional[t
     if example_input is not None:
         return example_input
     hw = ctx.sizes[ctx.index(scale)] if scale is not None else max(ctx.sizes, key=lambda s: s[0] * s[1])
-    lead = tuple(getattr(ctx, "probe_lead", (1, 3)))
+    lead = tuple(ctx.probe_lead)
     param = next((p for p in unwrap(model).parameters() if p.is_floating_point()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
@@ -111,8 +124,8 @@ def _example(model: nn.Module, scale: Optional[Scale], example_input: Optional[t
 def _dynamic_shapes(x: torch.Tensor, switchable: bool) -> Tuple[Dict[int, Any]]:
     dims: Dict[int, Any] = {0: torch.export.Dim.AUTO}
     if switchable:
-        dims[x.dim() - 2] = torch.export.Dim.AUTO
-        dims[x.dim() - 1] = torch.export.Dim.AUTO
+        for d in range(2, x.dim()):  # frames of a clip (N, C, T, H, W) too
+            dims[d] = torch.export.Dim.AUTO
     return (dims,)
 
 
@@ -349,7 +362,7 @@ def onnx_max_relative_error(model: nn.Module, path: PathLike, sizes: Sequence[Tu
     except ImportError:
         raise _missing_onnx() from None
     ctx = context_of(model)
-    lead = tuple(getattr(ctx, "probe_lead", (1, 3)))
+    lead = tuple(ctx.probe_lead)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

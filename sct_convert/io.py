@@ -56,8 +56,8 @@ def _num_classes(model: nn.Module) -> Optional[int]:
 
 def _in_chans(model: nn.Module) -> Optional[int]:
     # the channels convert's probe ran with: timm's pretrained_cfg keeps saying 3 after in_chans=1
-    lead = getattr(context_of(model), "probe_lead", None)
-    return int(lead[1]) if lead and len(lead) > 1 else None
+    lead = context_of(model).probe_lead
+    return int(lead[1]) if len(lead) > 1 else None
 
 
 def _base_metadata(model: nn.Module, arch: Optional[str], source: Optional[str]) -> Dict[str, str]:

@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
+from .routing import onnx_route_nodes
+
 ROUTE = "sct_route/"
 _Message = TypeVar("_Message", onnx.ModelProto, TensorProto)
 
@@ -109,32 +111,6 @@ def _content_key(tensor: TensorProto) -> str:
 def _int64(name: str, values) -> TensorProto:
     array = np.asarray(values, dtype=np.int64)
     return numpy_helper.from_array(array, name)
-
-
-def _routing_nodes(input_name: str, sizes: Sequence[Tuple[int, int]]) -> Tuple[List[onnx.NodeProto], List[TensorProto]]:
-    """Nodes computing ``sct_route/index`` (0-d int64): exact size first, else nearest by pixels."""
-    r = ROUTE
-    heights = [h for h, _ in sizes]
-    widths = [w for _, w in sizes]
-    constants = [
-        _int64(r + "heights", heights), _int64(r + "widths", widths),
-        _int64(r + "pixels", [h * w for h, w in sizes]),
-        _int64(r + "h_axis", [2]), _int64(r + "w_axis", [3]), _int64(r + "exact_score", [-1]),
-    ]
-    nodes = [
-        helper.make_node("Shape", [input_name], [r + "shape"], name=r + "shape"),
-        helper.make_node("Gather", [r + "shape", r + "h_axis"], [r + "h"], axis=0, name=r + "h"),
-        helper.make_node("Gather", [r + "shape", r + "w_axis"], [r + "w"], axis=0, name=r + "w"),
-        helper.make_node("Mul", [r + "h", r + "w"], [r + "hw"], name=r + "hw"),
-        helper.make_node("Sub", [r + "pixels", r + "hw"], [r + "diff"], name=r + "diff"),
-        helper.make_node("Abs", [r + "diff"], [r + "gap"], name=r + "gap"),
-        helper.make_node("Equal", [r + "heights", r + "h"], [r + "same_h"], name=r + "same_h"),
-        helper.make_node("Equal", [r + "widths", r + "w"], [r + "same_w"], name=r + "same_w"),
-        helper.make_node("And", [r + "same_h", r + "same_w"], [r + "exact"], name=r + "exact"),
-        helper.make_node("Where", [r + "exact", r + "exact_score", r + "gap"], [r + "score"], name=r + "score"),
-        helper.make_node("ArgMin", [r + "score"], [r + "index"], axis=0, keepdims=0, name=r + "index"),
-    ]
-    return nodes, constants
 
 
 def _shareable(graph: onnx.GraphProto) -> Set[str]:
@@ -239,7 +215,7 @@ def switchable_model(branches: Iterable[onnx.ModelProto], sizes: Sequence[Tuple[
             first.functions.extend(f for f in model.functions
                                    if (f.domain, f.name, getattr(f, "overload", "")) not in functions)
         del model  # this branch's graph now lives in ``subgraphs``; its bytes in ``store``
-    nodes, constants = _routing_nodes(input_name, sizes)
+    nodes, constants = onnx_route_nodes(input_name, sizes, ROUTE)
     output_names = [o.name for o in first.graph.output]
 
     def chain(i: int) -> List[onnx.NodeProto]:

@@ -10,21 +10,22 @@ own forward unchanged. Nothing is written to the model: the route lives in a Con
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .context import CONTEXT_ATTR, HW, Route, Scale, call_routes, fx_publish_route, pinned_index, set_call_routes
+from .context import CONTEXT_ATTR, HW, Route, Scale, ScaleContext, call_routes, set_call_routes
+from .routing import choose, find_image, fx_pin, route_tensor
 
 
 #: Tensor methods that act on each output alike: on ScaleOutputs they apply to every scale.
 PER_SCALE_METHODS = frozenset({
     "to", "cpu", "cuda", "float", "half", "double", "bfloat16", "detach", "clone", "contiguous",
     "requires_grad_", "argmax", "softmax", "log_softmax", "sigmoid", "view", "reshape",
-    "flatten", "squeeze", "unsqueeze", "type_as", "float_", "to_dense",
+    "flatten", "squeeze", "unsqueeze", "type_as", "to_dense",
 })
 
 
@@ -163,7 +164,8 @@ def resize_to(x: torch.Tensor, hw: HW, antialias: bool = True) -> torch.Tensor:
     """Resize images to ``hw`` as SCT's sampling does.
 
     Args:
-        x: a batch ``(..., H, W)``.
+        x: an image ``(C, H, W)``, a batch ``(N, C, H, W)`` or a clip batch ``(N, C, T, H, W)``
+            (every frame is resized; the frames are kept).
         hw: the target ``(height, width)``.
         antialias: antialias when shrinking.
 
@@ -173,14 +175,24 @@ def resize_to(x: torch.Tensor, hw: HW, antialias: bool = True) -> torch.Tensor:
     """
     if (int(x.shape[-2]), int(x.shape[-1])) == tuple(hw):
         return x
-    if x.dim() != 4:
+    if x.dim() not in (3, 4, 5):
         raise ValueError(
-            f"scale sampling resizes 4-d image batches (N, C, H, W), got shape {tuple(x.shape)}; "
-            "feed each scale yourself under sct.scale(model, s) with sampling off"
+            "scale sampling resizes images (C, H, W), batches (N, C, H, W) and clips "
+            f"(N, C, T, H, W), got shape {tuple(x.shape)}; feed each scale yourself under "
+            "sct.scale(model, s) with sampling off"
         )
     down = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]
-    out = F.interpolate(x, size=tuple(hw), mode="bilinear", align_corners=False,
-                        antialias=antialias and down)
+    if x.dim() == 5:  # frames as a batch of images: (N, C, T, H, W) -> (N*T, C, H, W)
+        n, c, t = x.shape[:3]
+        frames = x.permute(0, 2, 1, 3, 4).reshape(n * t, c, *x.shape[-2:])
+        out = F.interpolate(frames, size=tuple(hw), mode="bilinear", align_corners=False,
+                            antialias=antialias and down)
+        return out.reshape(n, t, c, *hw).permute(0, 2, 1, 3, 4)
+    image = x.dim() == 3
+    out = F.interpolate(x.unsqueeze(0) if image else x, size=tuple(hw), mode="bilinear",
+                        align_corners=False, antialias=antialias and down)
+    if image:
+        return out.squeeze(0)
     if x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
@@ -188,7 +200,6 @@ def resize_to(x: torch.Tensor, hw: HW, antialias: bool = True) -> torch.Tensor:
 
 # Under torch.fx tracing these run as one node each, with eager semantics at run time.
 torch.fx.wrap("resize_to")
-torch.fx.wrap("fx_publish_route")
 
 
 def scale_outputs(outputs: Tuple[Any, ...], scales: Tuple[Scale, ...]) -> ScaleOutputs:
@@ -211,11 +222,55 @@ def image_parameter(forward: Callable) -> Optional[str]:
     return first.name
 
 
-def _image(args: tuple, kwargs: Dict[str, Any], name: Optional[str]) -> Optional[torch.Tensor]:
-    x = args[0] if args else (kwargs.get(name) if name is not None else None)
-    if isinstance(x, torch.fx.Proxy):
-        return x  # traced: the size is symbolic, routing goes into the graph
-    return x if isinstance(x, torch.Tensor) and x.dim() >= 3 else None
+def resize_inputs(args: tuple, kwargs: Dict[str, Any], name: Optional[str], hw: HW,
+                  antialias: bool) -> Tuple[tuple, Dict[str, Any]]:
+    """The call's inputs with its image input resized to ``hw``: the first positional input (or
+    keyword ``name``), a tensor, each tensor of a list / tuple, or each image-like dict value."""
+    def resize(v: Any) -> Any:
+        if isinstance(v, torch.fx.Proxy) or (isinstance(v, torch.Tensor) and v.dim() >= 3):
+            return resize_to(v, hw, antialias)
+        if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+            return type(v)(resize(e) for e in v)
+        if isinstance(v, dict):
+            return type(v)((k, resize(e)) for k, e in v.items())
+        return v
+
+    if args:
+        return (resize(args[0]),) + args[1:], kwargs
+    return args, {**kwargs, name: resize(kwargs[name])}
+
+
+def between_size(ctx: ScaleContext) -> Optional[Tuple[Scale, Any]]:
+    """One random size strictly between the smallest and the largest scale (none of the trained
+    ones), and its route under the model's policy (``"error"`` routes it to the nearest): the
+    extra size of ``set_sampling(model, between=True)``. Drawn from torch's global RNG."""
+    by_pixels = sorted(ctx.sizes, key=lambda hw: hw[0] * hw[1])
+    (h0, w0), (h1, w1) = by_pixels[0], by_pixels[-1]
+    steps = max(abs(h1 - h0), abs(w1 - w0))
+    candidates = []
+    for k in range(1, steps):
+        hw = (round(h0 + (h1 - h0) * k / steps), round(w0 + (w1 - w0) * k / steps))
+        if hw not in ctx.sizes and hw not in candidates:
+            candidates.append(hw)
+    if not candidates:
+        return None
+    hw = candidates[int(torch.randint(len(candidates), ()))]
+    policy = "nearest" if ctx.unknown_scale == "error" else ctx.unknown_scale
+    return (hw[0] if hw[0] == hw[1] else hw), choose(hw, ctx.sizes, policy)
+
+
+def scale_runs(ctx: ScaleContext, indices: Optional[Sequence[int]] = None,
+               between: bool = False) -> List[Tuple[Scale, HW, Any]]:
+    """The per-scale loop of sampling, ``train_step`` and ``calibrate``, written once:
+    ``(scale, (h, w), route)`` for each scale in ``indices`` (default: those the model samples),
+    then, with ``between``, one random size between the scales (:func:`between_size`)."""
+    indices = ctx.sample_indices() if indices is None else indices
+    runs = [(ctx.scales[i], ctx.sizes[i], i) for i in indices]
+    extra = between_size(ctx) if between else None
+    if extra is not None:
+        s, route = extra
+        runs.append((s, (s, s) if isinstance(s, int) else s, route))
+    return runs
 
 
 def converted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -227,14 +282,14 @@ def converted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     route = routes.get(ctx)
     if route is not None and route.pinned:  # called from inside an outer call of this model
         return forward(self, *args, **kwargs)
-    index = pinned_index(ctx)  # sct.scale: that branch, no sampling
+    index = ctx.pinned_index()  # sct.scale: that branch, no sampling
     if index is None:
-        x = _image(args, kwargs, cls._sct_image_parameter)
-        if x is None:  # not an image batch: the entry layer routes from what reaches it
+        x = find_image(args, kwargs, cls._sct_image_parameter)
+        if x is None:  # no image among the inputs: the entry layer routes from what reaches it
             return forward(self, *args, **kwargs)
         if self.training and ctx.sampling:
-            return _sampling_forward(self, forward, ctx, x, args, kwargs)
-        index = ctx.route_shape(x)
+            return _sampling_forward(self, forward, ctx, args, kwargs)
+        index = route_tensor(ctx, x)
     set_call_routes({**routes, ctx: Route(index, True)})
     try:
         return forward(self, *args, **kwargs)
@@ -242,27 +297,29 @@ def converted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         set_call_routes(routes)
 
 
-def _sampling_forward(self, forward, ctx, x, args, kwargs) -> ScaleOutputs:
+def _sampling_forward(self, forward, ctx: ScaleContext, args: tuple, kwargs: Dict[str, Any]) -> ScaleOutputs:
     """SCT's sampling phase: the batch resized to every (sampled) scale, each with its branch."""
-    by_keyword = len(args) == 0  # (dynamo cannot trace `not` on a tuple)
+    name = type(self)._sct_image_parameter
     routes = call_routes()
-    outputs = []
-    indices = ctx.sample_indices()
-    for i in indices:
-        xi = resize_to(x, ctx.sizes[i], ctx.antialias)
-        if isinstance(xi, torch.fx.Proxy):  # the graph tells leaf modules' S-BNs the scale at run time
-            xi = fx_publish_route(xi, ctx.fx_key(), i)
-        call_args, call_kwargs = ((xi,) + args[1:], kwargs) if not by_keyword else (
-            args, {**kwargs, type(self)._sct_image_parameter: xi})
-        set_call_routes({**routes, ctx: Route(i, True)})
+    outputs, scales = [], []
+    for s, hw, route in scale_runs(ctx, between=ctx.sample_between):
+        call_args, call_kwargs = resize_inputs(args, kwargs, name, hw, ctx.antialias)
+        x = find_image(call_args, call_kwargs, name)
+        if isinstance(x, torch.fx.Proxy) and isinstance(route, int):
+            # the graph tells leaf modules' S-BNs the scale at run time, before they run
+            x = fx_pin(x, ctx.fx_key(), route)
+            call_args, call_kwargs = ((x,) + call_args[1:], call_kwargs) if call_args else (
+                call_args, {**call_kwargs, name: x})
+        set_call_routes({**routes, ctx: Route(route, True)})
         try:
             outputs.append(forward(self, *call_args, **call_kwargs))
         except Exception as e:
             # e.g. a train-only aux head too big for a small scale: say which scale it was
-            if hasattr(e, "add_note") and isinstance(xi, torch.Tensor):
-                e.add_note(f"sct_convert: raised by the train-mode forward at scale {ctx.scales[i]!r} "
-                           f"(input {'x'.join(map(str, xi.shape))})")
+            if hasattr(e, "add_note") and isinstance(x, torch.Tensor):
+                e.add_note(f"sct_convert: raised by the train-mode forward at scale {s!r} "
+                           f"(input {'x'.join(map(str, x.shape))})")
             raise
         finally:
             set_call_routes(routes)
-    return scale_outputs(tuple(outputs), tuple(ctx.scales[i] for i in indices))
+        scales.append(s)
+    return scale_outputs(tuple(outputs), tuple(scales))

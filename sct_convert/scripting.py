@@ -1,6 +1,6 @@
 """What ``torch.jit.script`` compiles for a converted model.
 
-TorchScript cannot read the per-call route (a Python ContextVar), so a scripted model is
+TorchScript cannot read the per-call route (a Python thread-local), so a scripted model is
 built differently: one plain view of the model per scale, routed by input size inside the
 scripted ``forward``. (No ``from __future__ import annotations`` here: TorchScript reads the
 annotations.)
@@ -10,21 +10,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-
-def script_route(h: int, w: int, sizes: List[List[int]], nearest: bool = True) -> int:
-    """Index of the size ``(h, w)`` in ``sizes``, else the nearest by pixel count (``-1`` if not
-    ``nearest``). The TorchScript twin of ``ScaleContext.route``, without warnings."""
-    for i, hw in enumerate(sizes):
-        if hw[0] == h and hw[1] == w:
-            return i
-    index = -1
-    if nearest:
-        best = -1
-        for i, hw in enumerate(sizes):
-            gap = abs(h * w - hw[0] * hw[1])
-            if best < 0 or gap < best:
-                best, index = gap, i
-    return index
+from .routing import script_choose
 
 
 class ScriptedRouter(nn.Module):
@@ -48,7 +34,7 @@ class ScriptedRouter(nn.Module):
 
     def forward(self, x: torch.Tensor):
         # (no return annotation: the views' own output type, tuples and named tuples included)
-        index = script_route(x.shape[-2], x.shape[-1], self.sizes, not self.unknown_error)
+        index = script_choose(x.shape[-2], x.shape[-1], self.sizes, not self.unknown_error)
         if index < 0:
             raise ValueError("sct_convert: input size matches none of the model's scales "
                              "and unknown_scale='error'")

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context import Scale
-from .convert import context_of, scale
-from .sampling import ScaleOutputs, resize_to
+from .context import Scale, pinned
+from .convert import context_of
+from .sampling import ScaleOutputs, resize_to, scale_runs
 
 Weights = Union[None, Sequence[float], Mapping[Any, float]]
 
@@ -156,16 +156,25 @@ def largest_scale_index(scales: Sequence[Scale]) -> int:
     return max(range(len(scales)), key=lambda i: pixels(scales[i]))
 
 
-def set_sampling(model: nn.Module, enabled: bool = True, scales: Optional[Sequence[Scale]] = None) -> None:
+def set_sampling(model: nn.Module, enabled: bool = True, scales: Optional[Sequence[Scale]] = None,
+                 *, between: Optional[bool] = None) -> None:
     """Switch the train-mode scale sampling on or off, or restrict it to some ``scales``.
 
     With sampling off a train-mode forward returns the model's own output, routed by input
     size like eval; feed each scale yourself under ``sct.scale(model, s)``.
 
+    With ``between``, each sampling step (and ``train_step``) also runs the batch at one random
+    size strictly between the smallest and largest scale, drawn from torch's RNG, as one more
+    output of :class:`ScaleOutputs` (its ``scales`` entry is that size). It runs the branch the
+    routing policy gives that size: under ``unknown_scale="interpolate"`` the blend of the two
+    bracketing branches (both get gradient; neither's running statistics change), otherwise
+    the nearest branch. ``SCTLoss``'s default weights then average over M + 1 outputs.
+
     Args:
         model: a converted model.
         enabled: sample every scale (or ``scales``) in train mode.
         scales: restrict sampling to these scales; ``None`` for all.
+        between: also train one random in-between size per step; ``None`` keeps the setting.
 
     Returns:
         None.
@@ -173,6 +182,8 @@ def set_sampling(model: nn.Module, enabled: bool = True, scales: Optional[Sequen
     ctx = context_of(model)
     ctx.sampling = enabled
     ctx.sample_subset = None if scales is None else sorted({ctx.index(s) for s in scales})
+    if between is not None:
+        ctx.sample_between = bool(between)
 
 
 @contextlib.contextmanager
@@ -275,10 +286,11 @@ def train_step(
             "distill='ensemble' needs every scale's logits before any backward; use the drop-in "
             "loop (criterion(model(x), y)) or distill='inplace' with train_step"
         )
-    indices = ctx.sample_indices() if scales is None else sorted({ctx.index(s) for s in scales})
-    chosen = [ctx.scales[i] for i in indices]
+    indices = None if scales is None else sorted({ctx.index(s) for s in scales})
+    runs = scale_runs(ctx, indices, between=ctx.sample_between and scales is None)
+    chosen = [s for s, _, _ in runs]
     weights = loss_fn.scale_weights(chosen)
-    order = list(range(len(indices)))
+    order = list(range(len(runs)))
     teacher_pos = largest_scale_index(chosen) if loss_fn.distill == "inplace" and len(chosen) > 1 else None
     if teacher_pos is not None:  # the teacher runs first; its detached logits teach the rest
         order.remove(teacher_pos)
@@ -294,8 +306,9 @@ def train_step(
         autocast = (torch.autocast(device_type=x.device.type, dtype=amp_dtype)
                     if amp_dtype is not None else contextlib.nullcontext())
         with sync:
-            with scale(model, chosen[pos]), autocast:
-                output = model(resize_to(x, ctx.sizes[indices[pos]], ctx.antialias))
+            _, hw, route = runs[pos]
+            with pinned(ctx, route), autocast:
+                output = model(resize_to(x, hw, ctx.antialias))
                 loss = weights[pos] * loss_fn.single_loss(output, y, None if pos == teacher_pos else teacher)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if pos == teacher_pos:

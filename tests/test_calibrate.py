@@ -83,7 +83,8 @@ def test_add_and_remove_scale_are_seen_everywhere(tmp_path):
     sct.add_scale(model, 80)  # side 80: halfway between 64 and 96 (the default interpolates)
     assert sct.scales_of(model) == (96, 64, 80)
     bn = model.bn1.branches
-    assert torch.allclose(bn["80"].running_mean, (bn["64"].running_mean + bn["96"].running_mean) / 2)
+    # 6400 pixels: 0.45 of the way from 64 (4096) to 96 (9216), as unknown_scale="interpolate" blends
+    assert torch.allclose(bn["80"].running_mean, torch.lerp(bn["64"].running_mean, bn["96"].running_mean, 0.45))
     sct.calibrate(model, batches(3, 96), num_batches=3, scales=[80], progress=False)
     x = torch.randn(1, 3, 80, 80)
     with torch.no_grad():
@@ -133,19 +134,19 @@ def test_add_scale_interpolates_between_neighbouring_branches():
             branch = model.bn.branches[key]
             branch.running_mean.fill_(value)
             branch.weight.fill_(value * 10)
-    sct.add_scale(model, 24)  # side 24: halfway between 16 and 32
-    new = model.bn.branches["24"]
+    sct.add_scale(model, (16, 40))  # 640 pixels: halfway between 16 (256) and 32 (1024)
+    new = model.bn.branches["16x40"]
     assert torch.allclose(new.running_mean, torch.full((4,), 2.0))
     assert torch.allclose(new.weight, torch.full((4,), 20.0))
     assert new.num_batches_tracked == model.bn.branches["16"].num_batches_tracked
-    sct.add_scale(model, (32, 128), init_from="interpolate")  # side 64: equals scale 64's
+    sct.add_scale(model, (32, 128), init_from="interpolate")  # 64 x 64 pixels: equals scale 64's
     assert torch.allclose(model.bn.branches["32x128"].running_mean, torch.full((4,), 5.0))
     sct.add_scale(model, 96, init_from="interpolate")  # outside the range: copy of the nearest
     assert torch.allclose(model.bn.branches["96"].running_mean, torch.full((4,), 5.0))
     model.eval()
-    x = torch.randn(2, 3, 24, 24)
+    x = torch.randn(2, 3, 16, 40)
     with torch.no_grad():
-        assert torch.allclose(model(x), sct.extract(model, 24).eval()(x))
+        assert torch.allclose(model(x), sct.extract(model, (16, 40)).eval()(x))
     with pytest.raises(ValueError, match="'interpolate'"):
         sct.add_scale(model, 40, init_from="linear")
 
