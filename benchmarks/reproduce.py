@@ -108,7 +108,9 @@ def train(depth: int, arm: dict, seed: int, s: dict, data) -> tuple:
     criterion = nn.CrossEntropyLoss()
     scales = arm["scales"]
     if len(scales) > 1:  # the two changed lines of a user's loop
-        model = sct.convert(model, scales, scale_specific_bn=arm.get("scale_specific_bn", True))
+        model = sct.convert(model, scales, scale_specific_bn=arm.get("scale_specific_bn", True),
+                            unknown_scale=arm.get("unknown_scale", "nearest"))
+        sct.set_sampling(model, between=arm.get("between", False))
         criterion = sct.SCTLoss(criterion, distill=arm.get("distill"))
     opt = torch.optim.SGD(model.parameters(), lr=s["lr"], momentum=0.9, weight_decay=5e-4)
     steps = len(x_train) // s["batch_size"]

@@ -100,7 +100,7 @@ RESPAWN = 3  # a worker's exit code: start a fresh worker on the rest of its sha
 
 def out_of_memory(e: BaseException) -> bool:
     """The host ran out (or hit --max-memory-gb): says nothing about the model."""
-    from sct_convert.convert import _out_of_memory
+    from sct_convert.probe import _out_of_memory
 
     # safetensors' serializer panics ("PyObject pointer is null") when Python cannot allocate
     # the bytes it returns
@@ -263,7 +263,8 @@ def check_model(name, source, device, batch, contract=False):
     from safetensors.torch import save as st_save
 
     import sct_convert as sct
-    from sct_convert.io import _saveable, plain_state_dict, with_module_metadata
+    from sct_convert.files import _saveable
+    from sct_convert.io import plain_state_dict, with_module_metadata
     from sct_convert.zoo import create_model
 
     row = {"model": name, "source": source}

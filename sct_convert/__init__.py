@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _SOURCES = {
     "FROZEN_BATCH_NORM_TYPES": "bn", "ScaleSpecificBatchNorm": "bn", "is_batch_norm": "bn",
     "ScaleContext": "context",
-    "ConversionError": "convert", "context_of": "convert", "convert": "convert", "extract": "convert",
-    "find_batch_norms": "convert", "original_class": "convert", "route": "convert", "scale": "convert",
+    "ConversionError": "discovery", "context_of": "convert", "convert": "convert", "extract": "convert",
+    "find_batch_norms": "discovery", "original_class": "convert", "route": "convert", "scale": "convert",
     "scale_specific_layers": "convert", "scales_of": "convert",
     "ScaleOutputs": "sampling", "resize_to": "sampling",
     "SCTLoss": "training", "StepResult": "training", "random_scale_subset": "training",
@@ -71,11 +71,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from .calibrate import add_scale, calibrate, remove_scale
     from .context import ScaleContext
     from .convert import (
-        ConversionError,
         context_of,
         convert,
         extract,
-        find_batch_norms,
         original_class,
         route,
         scale,
@@ -83,6 +81,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
         scales_of,
     )
     from .deploy import export_onnx, export_program
+    from .discovery import ConversionError, find_batch_norms
     from .io import export, load, load_plain, load_weights, save, save_per_scale
     from .sampling import ScaleOutputs, resize_to
     from .training import SCTLoss, StepResult, random_scale_subset, sampling_scales, set_sampling, train_step

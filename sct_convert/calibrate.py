@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -19,10 +19,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import Scale, normalize_scale, pinned, scale_key
-from .convert import (
-    ConversionError, context_of, _probe_device_dtype, _rng_kept, _training_failure,
-    run_mode, scale, scale_specific_layers, unwrap,
-)
+from .convert import context_of, scale, scale_specific_layers, unwrap
+from .discovery import ConversionError
+from .probe import _probe_device_dtype, _rng_kept, _training_failure, run_mode
 from .routing import bracket, nearest_index
 from .sampling import resize_to, scale_runs
 
@@ -168,7 +167,7 @@ def calibrate(
 
         bar = tqdm(total=len(batches) * len(chosen), desc="calibrate", unit="batch")
     try:
-        for s, hw, route in scale_runs(ctx, [ctx.index(s) for s in chosen]):
+        for _, hw, route in scale_runs(ctx, [ctx.index(s) for s in chosen]):
             with torch.no_grad(), _collecting(inner, scale_key(hw)) as bns, pinned(ctx, route):
                 for x in batches:
                     inner(resize_to(x.to(device, non_blocking=True), hw, ctx.antialias))

@@ -232,7 +232,10 @@ def route_tensor(context: ScaleContext, x: torch.Tensor, table: Optional[Sequenc
     rows = [list(hw) for hw in (context.sizes if table is None else table)]
     interpolate = context.unknown_scale == "interpolate"
     if isinstance(x, torch.fx.Proxy):
-        return (fx_blend if interpolate else fx_choose)(x, rows, context.fx_key())
+        if not interpolate:
+            return fx_choose(x, rows, context.fx_key())
+        chosen = fx_blend(x, rows, context.fx_key())  # one proxy: unpack into three graph values
+        return chosen[0], chosen[1], chosen[2]
     return (blend_in_graph if interpolate else choose_in_graph)(x, rows)
 
 
