@@ -10,7 +10,7 @@ from _util import assert_equivalent, perturb_branches
 from torch import nn
 
 import sct_convert as sct
-from sct_convert import io
+from sct_convert import files, io
 
 SCALES = [96, (64, 48)]
 
@@ -117,7 +117,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(converted, tm
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io, "save_file", broken)
+    monkeypatch.setattr(files, "save_file", broken)  # the module that writes every file
     with pytest.raises(ValueError, match="No space left"):
         sct.save(converted, target)
     assert target.read_bytes() == old
