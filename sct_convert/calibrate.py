@@ -20,8 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import Scale, normalize_scale, pinned, scale_key
 from .convert import context_of, scale, scale_specific_layers, unwrap
-from .discovery import ConversionError
-from .probe import _probe_device_dtype, _rng_kept, _training_failure, run_mode
+from .probe import _SizeLog, _rng_kept, _run_at_every_scale, _training_failure
 from .routing import bracket, nearest_index
 from .sampling import resize_to, scale_runs
 
@@ -253,37 +252,26 @@ def _blend_into(target: nn.Module, low: nn.Module, high: nn.Module, t: float) ->
 
 
 def _measure_entry_size(model: nn.Module, ctx, hw, source: int, lead):
-    """Spatial size the entry layer sees for an input at ``hw`` (one eval forward).
+    """Spatial size the entry layer sees for an input at ``hw`` (one eval forward, the probe's).
 
     Every S-BN's ``sizes_here`` (its input size per scale, for TorchScript) gets the size it
     sees in the same forward, or is cleared when that size does not tell the new scale apart.
     """
-    entry = model.get_submodule(ctx.entry_name)
-    seen = []
-    layer_sizes = {}
-
-    def layer_hook(layer, args):
-        x = args[0] if args else None
-        size = tuple(int(v) for v in x.shape[-2:]) if isinstance(x, torch.Tensor) and x.dim() >= 3 else None
-        layer_sizes[id(layer)] = None if id(layer) in layer_sizes else size  # twice: no size
-
-    handles = [entry.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))]
-    handles += [layer.register_forward_pre_hook(layer_hook) for _, layer in scale_specific_layers(model)]
-    device, dtype = _probe_device_dtype(model)
+    layers = dict(scale_specific_layers(model))
+    log = _SizeLog(model, {id(layer) for layer in layers.values()})
     try:
-        with run_mode(model), torch.no_grad(), scale(model, ctx.scales[source]):
-            model(torch.zeros(*lead, *hw, device=device, dtype=dtype))
-    except Exception as e:  # noqa: BLE001
-        raise ConversionError(f"model cannot run at scale {tuple(hw)}: {type(e).__name__}: {e}") from e
+        with scale(model, ctx.scales[source]):
+            _run_at_every_scale(model, [hw], [tuple(hw)], lead, log)
     finally:
-        for handle in handles:
-            handle.remove()
-    size = (int(seen[0][0]), int(seen[0][1]))
+        log.remove()
+    seen = log.records[0]
+    size = seen[ctx.entry_name][0]
     if size in ctx.entry_sizes:
         raise ValueError(f"scale {tuple(hw)} reaches the entry layer at the same size as an "
                          "existing scale; routing could not tell them apart")
-    for _, layer in scale_specific_layers(model):
-        here = layer_sizes.get(id(layer))
+    for name, layer in layers.items():
+        calls = seen.get(name, [])
+        here = calls[0] if len(calls) == 1 else None  # called twice: no size of its own
         if not layer.sizes_here or here is None or list(here) in layer.sizes_here:
             layer.sizes_here = []
         else:

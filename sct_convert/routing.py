@@ -141,28 +141,29 @@ def route_size(context: ScaleContext, hw: HW, table: Optional[Sequence[HW]] = No
 # The rule, in torch ops (FX, torch.compile, torch.export)
 
 
+def _graph_terms(x: torch.Tensor, table: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per scale: pixel count and exact-size match for ``x``'s last two dims; ``x``'s pixel count."""
+    sizes = torch.tensor(table, dtype=torch.long, device=x.device)
+    h = torch.full([1], x.shape[-2], dtype=torch.long, device=x.device)
+    w = torch.full([1], x.shape[-1], dtype=torch.long, device=x.device)
+    return sizes[:, 0] * sizes[:, 1], (sizes[:, 0] == h) & (sizes[:, 1] == w), h * w
+
+
 def choose_in_graph(x: torch.Tensor, table: List[List[int]]) -> torch.Tensor:
     """:func:`choose` (nearest) on ``x``'s last two dims, as a 0-d ``long`` index tensor with no
     Python branching: traceable with symbolic sizes by torch.export and dynamo, one node under
     torch.fx, and scriptable."""
-    sizes = torch.tensor(table, dtype=torch.long, device=x.device)
-    h = torch.full([1], x.shape[-2], dtype=torch.long, device=x.device)
-    w = torch.full([1], x.shape[-1], dtype=torch.long, device=x.device)
-    exact = (sizes[:, 0] == h) & (sizes[:, 1] == w)
-    gap = (sizes[:, 0] * sizes[:, 1] - h * w).abs()
+    pixels, exact, here = _graph_terms(x, table)
+    gap = (pixels - here).abs()
     return torch.where(exact, torch.full_like(gap, -1), gap).argmin()
 
 
 def blend_in_graph(x: torch.Tensor, table: List[List[int]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`choose` under ``interpolate`` in graph ops: ``(low, high, t)``, two 0-d index tensors
     and a float weight; ``low == high`` and ``t == 0`` at a trained size and outside the range."""
-    nearest = choose_in_graph(x, table)
-    sizes = torch.tensor(table, dtype=torch.long, device=x.device)
-    pixels = sizes[:, 0] * sizes[:, 1]
-    h = torch.full([1], x.shape[-2], dtype=torch.long, device=x.device)
-    w = torch.full([1], x.shape[-1], dtype=torch.long, device=x.device)
-    here = h * w
-    exact = (sizes[:, 0] == h) & (sizes[:, 1] == w)
+    pixels, exact, here = _graph_terms(x, table)
+    gap = (pixels - here).abs()
+    nearest = torch.where(exact, torch.full_like(gap, -1), gap).argmin()
     below, above = pixels < here, pixels > here
     low = torch.where(below, pixels, torch.full_like(pixels, -1)).argmax()  # first among equals
     high = torch.where(above, pixels, torch.full_like(pixels, 2**62)).argmin()
