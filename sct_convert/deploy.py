@@ -228,14 +228,61 @@ def _per_scale_onnx(model: nn.Module, scale: Scale, opset: int, example_input: O
     return externalized(_to_onnx(export_program_object(model, scale, example_input), opset).model_proto, store)
 
 
+def _probe_inputs(model: nn.Module, scale: Optional[Scale],
+                  example_input: Optional[torch.Tensor]) -> List[Tuple[Scale, torch.Tensor]]:
+    """An input at every scale a file serves (the caller's leading dims and dtype, if given)."""
+    ctx = context_of(model)
+    probes = []
+    for s in (ctx.scales if scale is None else [scale]):
+        x = _example(model, s, None)
+        if example_input is not None:
+            x = torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype)
+        probes.append((s, x))
+    return probes
+
+
+def _onnxruntime_reason(e: BaseException) -> str:
+    """onnxruntime's innermost reason (nested If nodes repeat the outer ones first)."""
+    text = " ".join(str(e).split())
+    return text.rsplit("Status Message: ", 1)[-1][:300]
+
+
+def check_runs(path: PathLike, probes: Sequence[Tuple[Scale, torch.Tensor]]) -> None:
+    """Run an ONNX file in onnxruntime on ``probes``; ``ValueError`` naming the scale and the fault.
+
+    Does nothing when onnxruntime is not installed, or for inputs numpy cannot hold (bfloat16).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    if any(x.dtype == torch.bfloat16 for _, x in probes):
+        return
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the failure is reported below, once
+    s: Any = None
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for s, x in probes:  # noqa: B007 - the failing scale is named below
+            session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+    except Exception as e:  # noqa: BLE001 - any runtime failure refuses the file
+        where = "when loading it" if s is None else f"at scale {s!r}"
+        raise ValueError(
+            f"the ONNX file torch.onnx produced fails in onnxruntime {where}: "
+            f"{_onnxruntime_reason(e)}; nothing was written. Export another way (a per-scale file "
+            "with scale=..., or sct.export_program) and report the model"
+        ) from None
+
+
 def _write_onnx(path: PathLike, build: Callable[["ExternalTensors"], "onnx.ModelProto"],
-                props: Dict[str, str]) -> Path:
+                props: Dict[str, str], probes: Sequence[Tuple[Scale, torch.Tensor]] = ()) -> Path:
     """Write the model ``build(store)`` returns, with ``props`` as its metadata; its tensor bytes
     are streamed to ``store`` while it is built, so that no more than one copy of them is held.
 
     Up to protobuf's 2 GB limit the file is self-contained; past it the weights go to
     ``<name>.data`` beside it (ONNX external data, as ``torch.onnx`` and onnx do). Both are
-    written under temporary names and renamed at the end, never half-written.
+    written under temporary names and renamed at the end, never half-written. Before the
+    rename the file is run on ``probes`` (:func:`check_runs`): a file that fails is refused.
     """
     import onnx
 
@@ -255,12 +302,16 @@ def _write_onnx(path: PathLike, build: Callable[["ExternalTensors"], "onnx.Model
         external = store.size + model.ByteSize() > _PROTOBUF_LIMIT
 
         def write(tmp: str) -> None:
-            if external:
-                Path(tmp).write_bytes(model.SerializeToString())
+            if external:  # checked beside its data in the staging folder, then moved
+                staged = Path(staging.name) / path.name
+                staged.write_bytes(model.SerializeToString())
+                check_runs(staged, probes)
+                os.replace(staged, tmp)
                 os.replace(store.path, path.parent / location)
             else:
                 onnx.external_data_helper.load_external_data_for_model(model, staging.name)
                 onnx.save_model(model, tmp)
+                check_runs(tmp, probes)
 
         return atomic_write(path, write)
 
@@ -288,7 +339,8 @@ def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = No
 
 
 def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
-                opset: int = DEFAULT_OPSET, example_input: Optional[torch.Tensor] = None) -> Path:
+                opset: int = DEFAULT_OPSET, example_input: Optional[torch.Tensor] = None,
+                check: bool = True) -> Path:
     """Write an ONNX file that serves every scale, or one (needs the ``[onnx]`` extra).
 
     Args:
@@ -300,6 +352,10 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
             height and width, dynamic batch).
         opset: ONNX opset version.
         example_input: an input to trace with; by default a batch of 2 at the largest scale.
+        check: when onnxruntime is installed, run the file at every scale it serves before it is
+            renamed into place, and refuse (``ValueError`` naming the scale and onnxruntime's
+            reason, nothing written) a file that fails. Costs one session's memory and a forward
+            per scale.
 
     Returns:
         The path written. Its ``metadata_props`` hold the scales, routing and architecture.
@@ -311,7 +367,8 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
     props = {f"sct_convert.{k}": v for k, v in meta.items()}
     build = (functools.partial(_switchable_onnx, model, opset, example_input) if scale is None
              else functools.partial(_per_scale_onnx, model, scale, opset, example_input))
-    return _write_onnx(path, build, props)
+    probes = _probe_inputs(model, scale, example_input) if check else ()
+    return _write_onnx(path, build, props, probes)
 
 
 def read_deploy_metadata(path: PathLike) -> Dict[str, str]:

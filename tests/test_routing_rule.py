@@ -2,8 +2,10 @@
 picks the same branch on one grid of sizes; unknown_scale="interpolate" blends the two
 bracketing branches in eager, compile and export; every input the model takes is routed."""
 import copy
+import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from _util import perturb_branches
@@ -225,3 +227,46 @@ def test_every_input_the_model_takes_is_routed(kind):
     arg = {"tensor": big, "clip": big, "list": list(big), "dict": {"image": big}, "keyword": big}[kind]
     out = model(images=arg) if kind == "keyword" else model(arg)
     assert out.scales == (32, 16)
+
+
+class Clip(nn.Module):  # bias-free Conv3d, as torchvision's video models have
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm3d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean((2, 3, 4))
+
+
+def test_an_onnx_file_that_fails_in_onnxruntime_is_never_written(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    import sct_convert.onnx_graph as onnx_graph
+
+    model = sct.convert(Net(), [32, 16]).eval()
+    real = onnx_graph.switchable_model
+
+    def broken(*args, **kwargs):  # a graph whose routing reads an axis the input lacks
+        graph = real(*args, **kwargs)
+        for tensor in graph.graph.initializer:
+            if tensor.name.endswith("h_axis"):
+                tensor.CopyFrom(onnx_graph.numpy_helper.from_array(np.asarray([7], np.int64), tensor.name))
+        return graph
+
+    monkeypatch.setattr(onnx_graph, "switchable_model", broken)
+    with pytest.raises(ValueError, match=r"fails in onnxruntime at scale 32: .*nothing was written"):
+        sct.export_onnx(model, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    # a real model: torch.onnx's switchable graph for a bias-free Conv3d; written only if it runs
+    clip = sct.convert(Clip(), [16, 12], example_input=torch.randn(1, 3, 4, 16, 16)).eval()
+    try:
+        path = sct.export_onnx(clip, tmp_path / "clip.onnx", example_input=torch.randn(2, 3, 4, 16, 16))
+    except ValueError as e:
+        assert "fails in onnxruntime" in str(e) and os.listdir(tmp_path) == []
+    else:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for side in (16, 12, 14):
+            x = torch.randn(2, 3, 4, side, side)
+            with torch.no_grad():
+                assert np.allclose(session.run(None, {"images": x.numpy()})[0], clip(x).numpy(), atol=1e-5)
