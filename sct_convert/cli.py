@@ -114,7 +114,9 @@ def _human_bytes(n: float) -> str:
                    "model's training checkpoint (branch keys; give the same --scales).")
 @click.option("--pretrained", is_flag=True, help="Use the library's pretrained weights if already cached (never downloads).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size.")
-@click.option("--unknown-scale", type=click.Choice(["nearest", "error"]), default="nearest", show_default=True)
+# context.ROUTING_POLICIES, spelled out so that --help does not import torch (a test keeps them equal)
+@click.option("--unknown-scale", type=click.Choice(["nearest", "error", "interpolate"]), default="nearest",
+              show_default=True, help="what sizes between or beyond the scales run (docs/convert.md)")
 @click.option("--per-scale", "per_scale", type=click.Path(file_okay=False), default=None, help="Also write one plain checkpoint per scale here.")
 @clean_errors
 def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_classes, unknown_scale, per_scale):

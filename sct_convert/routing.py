@@ -31,8 +31,6 @@ import torch.fx
 
 from .context import HW, ScaleContext, call_routes, live_context, set_unpinned_route
 
-POLICIES = ("nearest", "error", "interpolate")
-
 
 class Blend(NamedTuple):
     """A route between two branches: BN tensors ``lerp(branch[low], branch[high], t)``."""

@@ -240,3 +240,16 @@ def test_a_scale_the_stem_reduces_to_one_pixel_warns(tmp_path):
     assert r.exit_code == 0, r.output
     lines = [line for line in r.output.splitlines() if line.startswith("Warning:")]
     assert any("scale 1" in line and "single pixel" in line for line in lines), r.output
+
+
+def test_unknown_scale_choices_are_the_routing_policies_and_round_trip(tmp_path):
+    from sct_convert.context import ROUTING_POLICIES
+
+    option = next(p for p in cli.commands["convert"].params if p.name == "unknown_scale")
+    assert tuple(option.type.choices) == ROUTING_POLICIES
+    out = tmp_path / "m.safetensors"
+    result = CliRunner().invoke(cli, ["convert", "test_resnet", "--out", str(out), "--scales", "96,64",
+                                      "--unknown-scale", "interpolate"])
+    assert result.exit_code == 0, result.output
+    info = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert "unknown scale:   interpolate" in info.output
