@@ -7,8 +7,6 @@ The public names below load on first use, so ``import sct_convert`` (and ``sct-c
 does not pay for importing torch, torchvision and timm until a name that needs them is used.
 """
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any, List
 
 __version__ = "0.1.0"
@@ -17,13 +15,13 @@ __version__ = "0.1.0"
 _SOURCES = {
     "FROZEN_BATCH_NORM_TYPES": "bn", "ScaleSpecificBatchNorm": "bn", "is_batch_norm": "bn",
     "ScaleContext": "context",
-    "ConversionError": "discovery", "context_of": "convert", "convert": "convert", "extract": "convert",
-    "find_batch_norms": "discovery", "original_class": "convert", "route": "convert", "scale": "convert",
-    "scale_specific_layers": "convert", "scales_of": "convert",
+    "ConversionError": "discovery", "context_of": "conversion", "convert": "conversion", "extract": "conversion",
+    "find_batch_norms": "discovery", "original_class": "conversion", "route": "conversion", "scale": "conversion",
+    "scale_specific_layers": "conversion", "scales_of": "conversion",
     "ScaleOutputs": "sampling", "resize_to": "sampling",
     "SCTLoss": "training", "StepResult": "training", "random_scale_subset": "training",
     "sampling_scales": "training", "set_sampling": "training", "train_step": "training",
-    "add_scale": "calibrate", "calibrate": "calibrate", "remove_scale": "calibrate",
+    "add_scale": "calibration", "calibrate": "calibration", "remove_scale": "calibration",
     "diagnostics": None, "zoo": None,
     "export": "io", "load": "io", "load_plain": "io", "load_weights": "io", "save": "io",
     "save_per_scale": "io",
@@ -40,37 +38,26 @@ __all__ = [
 ]
 
 
-class _Package(types.ModuleType):
-    """This package's module type: public names resolve on first use (PEP 562 does the same for
-    plain modules), and the functions ``convert`` and ``calibrate`` keep their names when the
-    import system binds the same-named submodules onto the package."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name not in _SOURCES:
-            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
-        source = _SOURCES[name]
-        module = importlib.import_module(f"{self.__name__}.{source or name}")
-        value = module if source is None else getattr(module, name)
-        types.ModuleType.__setattr__(self, name, value)
-        return value
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _SOURCES.get(name) == name:
-            return  # the submodule stays reachable as sys.modules["sct_convert.<name>"]
-        super().__setattr__(name, value)
-
-    def __dir__(self) -> List[str]:
-        return sorted(set(super().__dir__()) | set(__all__))
+def __getattr__(name: str) -> Any:
+    """PEP 562: a public name loads its submodule on first use, then is an ordinary attribute."""
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    source = _SOURCES[name]
+    module = importlib.import_module(f"{__name__}.{source or name}")
+    value = module if source is None else getattr(module, name)
+    globals()[name] = value
+    return value
 
 
-sys.modules[__name__].__class__ = _Package
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
     from . import diagnostics, zoo
     from .bn import FROZEN_BATCH_NORM_TYPES, ScaleSpecificBatchNorm, is_batch_norm
-    from .calibrate import add_scale, calibrate, remove_scale
+    from .calibration import add_scale, calibrate, remove_scale
     from .context import ScaleContext
-    from .convert import (
+    from .conversion import (
         context_of,
         convert,
         extract,

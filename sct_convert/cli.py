@@ -122,7 +122,7 @@ def _human_bytes(n: float) -> str:
 def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_classes, unknown_scale, per_scale):
     """Build MODEL (random init unless weights are given), convert it and write OUT."""
     from . import io
-    from .convert import convert
+    from .conversion import convert
     from .zoo import create_model
 
     scale_list = parse_scales(scales)
@@ -311,7 +311,7 @@ def calibrate_cmd(file, images, out, batches, batch_size, add):
     import torchvision
 
     from . import io
-    from .calibrate import add_scale, calibrate
+    from .calibration import add_scale, calibrate
 
     if not Path(images).is_dir():
         raise ValueError(f"--images {images} is not a directory")

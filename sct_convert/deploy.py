@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .context import Scale, scale_key
-from .convert import context_of, extract, unwrap
+from .conversion import context_of, extract, unwrap
 from .probe import run_mode
 from .files import atomic_write, staging_directory
 from .zoo import arch_info

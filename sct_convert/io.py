@@ -20,7 +20,7 @@ from torch import nn
 
 from .context import Scale, normalize_scale, scale_key
 from .files import atomic_save
-from .convert import context_of, convert, scale_specific_layers, unwrap
+from .conversion import context_of, convert, scale_specific_layers, unwrap
 from .zoo import arch_info, create_model
 
 PathLike = Union[str, os.PathLike]

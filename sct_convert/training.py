@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .context import Scale, pinned
-from .convert import context_of
+from .conversion import context_of
 from .sampling import ScaleOutputs, resize_to, scale_runs
 
 Weights = Union[None, Sequence[float], Mapping[Any, float]]

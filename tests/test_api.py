@@ -55,8 +55,8 @@ def test_import_and_cli_help_load_no_torch():
 
 
 def test_functions_keep_their_names_when_their_submodules_load_first():
-    # the package binds submodules convert.py and calibrate.py; the public names stay the functions
-    code = ("import sct_convert.convert, sct_convert.calibrate, sct_convert as sct, inspect; "
+    # loading the submodules that define them first leaves the public names the functions
+    code = ("import sct_convert.conversion, sct_convert.calibration, sct_convert as sct, inspect; "
             "print(inspect.isfunction(sct.convert), inspect.isfunction(sct.calibrate), "
             "sorted(set(sct.__all__) - set(dir(sct))))")
     assert _run(code) == "True True []"

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import Scale, normalize_scale, pinned, scale_key
-from .convert import context_of, scale, scale_specific_layers, unwrap
+from .conversion import context_of, scale, scale_specific_layers, unwrap
 from .probe import _SizeLog, _rng_kept, _run_at_every_scale, _training_failure
 from .routing import bracket, nearest_index
 from .sampling import resize_to, scale_runs
