@@ -23,7 +23,7 @@ _SOURCES = {
     "sampling_scales": "training", "set_sampling": "training", "train_step": "training",
     "add_scale": "calibration", "calibrate": "calibration", "remove_scale": "calibration",
     "diagnostics": None, "zoo": None,
-    "export": "io", "load": "io", "load_plain": "io", "load_weights": "io", "save": "io",
+    "export": "io", "load": "io", "load_plain": "io", "load_weights": "weights", "save": "io",
     "save_per_scale": "io",
     "export_onnx": "deploy", "export_program": "deploy",
 }
@@ -69,6 +69,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     )
     from .deploy import export_onnx, export_program
     from .discovery import ConversionError, find_batch_norms
-    from .io import export, load, load_plain, load_weights, save, save_per_scale
+    from .io import export, load, load_plain, save, save_per_scale
+    from .weights import load_weights
     from .sampling import ScaleOutputs, resize_to
     from .training import SCTLoss, StepResult, random_scale_subset, sampling_scales, set_sampling, train_step

@@ -121,7 +121,7 @@ def _human_bytes(n: float) -> str:
 @clean_errors
 def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_classes, unknown_scale, per_scale):
     """Build MODEL (random init unless weights are given), convert it and write OUT."""
-    from . import io
+    from . import io, weights
     from .conversion import convert
     from .zoo import create_model
 
@@ -132,11 +132,11 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     if per_scale:  # check every output before writing any, so a bad one changes nothing
         _check_writable_dir(Path(per_scale))
     model, source = create_model(model_name, source, pretrained=pretrained, num_classes=num_classes)
-    state = io.read_weights(checkpoint) if checkpoint else None
-    trained_converted = state is not None and io.has_branches(state)
+    state = weights.read_weights(checkpoint) if checkpoint else None
+    trained_converted = state is not None and weights.has_branches(state)
 
     def load_state() -> None:
-        plain = io.without_wrapper_prefix(state, model)
+        plain = weights.without_wrapper_prefix(state, model)
         io.load_state_dict_strict(model, io.with_module_metadata(plain, model), checkpoint)
 
     if state is not None and not trained_converted:

@@ -27,7 +27,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from torch import nn
 from .context import Scale, scale_key
 from .conversion import context_of, extract, unwrap
 from .probe import run_mode
-from .files import atomic_write, staging_directory
+from .files import atomic_write
 from .zoo import arch_info
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ PROGRAM_FORMAT = "sct-convert/pt2"
 PROGRAM_METADATA = "sct_convert.json"
 INPUT_NAME = "images"
 DEFAULT_OPSET = 18
-_PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf's 2 GB message limit, with room for the graph
 
 
 def _missing_onnx() -> ImportError:
@@ -241,81 +240,6 @@ def _probe_inputs(model: nn.Module, scale: Optional[Scale],
     return probes
 
 
-def _onnxruntime_reason(e: BaseException) -> str:
-    """onnxruntime's innermost reason (nested If nodes repeat the outer ones first)."""
-    text = " ".join(str(e).split())
-    return text.rsplit("Status Message: ", 1)[-1][:300]
-
-
-def check_runs(path: PathLike, probes: Sequence[Tuple[Scale, torch.Tensor]]) -> None:
-    """Run an ONNX file in onnxruntime on ``probes``; ``ValueError`` naming the scale and the fault.
-
-    Does nothing when onnxruntime is not installed, or for inputs numpy cannot hold (bfloat16).
-    """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return
-    if any(x.dtype == torch.bfloat16 for _, x in probes):
-        return
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # the failure is reported below, once
-    s: Any = None
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        for s, x in probes:  # noqa: B007 - the failing scale is named below
-            session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
-    except Exception as e:  # noqa: BLE001 - any runtime failure refuses the file
-        where = "when loading it" if s is None else f"at scale {s!r}"
-        raise ValueError(
-            f"the ONNX file torch.onnx produced fails in onnxruntime {where}: "
-            f"{_onnxruntime_reason(e)}; nothing was written. Export another way (a per-scale file "
-            "with scale=..., or sct.export_program) and report the model"
-        ) from None
-
-
-def _write_onnx(path: PathLike, build: Callable[["ExternalTensors"], "onnx.ModelProto"],
-                props: Dict[str, str], probes: Sequence[Tuple[Scale, torch.Tensor]] = ()) -> Path:
-    """Write the model ``build(store)`` returns, with ``props`` as its metadata; its tensor bytes
-    are streamed to ``store`` while it is built, so that no more than one copy of them is held.
-
-    Up to protobuf's 2 GB limit the file is self-contained; past it the weights go to
-    ``<name>.data`` beside it (ONNX external data, as ``torch.onnx`` and onnx do). Both are
-    written under temporary names and renamed at the end, never half-written. Before the
-    rename the file is run on ``probes`` (:func:`check_runs`): a file that fails is refused.
-    """
-    import onnx
-
-    from .onnx_graph import ExternalTensors
-
-    path = Path(path)
-    location = path.name + ".data"
-    staging = staging_directory(path)
-    with staging:
-        store = ExternalTensors(Path(staging.name) / location, location)
-        try:
-            model = build(store)
-        finally:
-            store.close()
-        gc.collect()  # the traced programs and plain copies, in reference cycles, before saving
-        onnx.helper.set_model_props(model, props)
-        external = store.size + model.ByteSize() > _PROTOBUF_LIMIT
-
-        def write(tmp: str) -> None:
-            if external:  # checked beside its data in the staging folder, then moved
-                staged = Path(staging.name) / path.name
-                staged.write_bytes(model.SerializeToString())
-                check_runs(staged, probes)
-                os.replace(staged, tmp)
-                os.replace(store.path, path.parent / location)
-            else:
-                onnx.external_data_helper.load_external_data_for_model(model, staging.name)
-                onnx.save_model(model, tmp)
-                check_runs(tmp, probes)
-
-        return atomic_write(path, write)
-
-
 def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
                    example_input: Optional[torch.Tensor] = None) -> Path:
     """Write a ``torch.export`` program (``.pt2``) that serves every scale, or one.
@@ -367,8 +291,10 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
     props = {f"sct_convert.{k}": v for k, v in meta.items()}
     build = (functools.partial(_switchable_onnx, model, opset, example_input) if scale is None
              else functools.partial(_per_scale_onnx, model, scale, opset, example_input))
+    from .onnx_graph import write_onnx
+
     probes = _probe_inputs(model, scale, example_input) if check else ()
-    return _write_onnx(path, build, props, probes)
+    return write_onnx(path, build, props, probes)
 
 
 def read_deploy_metadata(path: PathLike) -> Dict[str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -312,82 +311,6 @@ def load_plain(model: nn.Module, path: PathLike) -> nn.Module:
     return model
 
 
-def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or ``.pth`` (weights only, never unpickling code).
-
-    Training checkpoints are unwrapped: the ``state_dict`` / ``model`` / ``state_dict_ema``
-    entry, and a ``module.`` prefix (DDP). timm's ``train.py`` stores its ``argparse.Namespace``
-    of arguments beside the weights; that one harmless class is allowed, nothing else.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    if path.suffix == ".safetensors":
-        read_metadata(path)
-        return load_file(str(path))
-    import argparse
-
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle errors come in many types
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"it pickles {found.group(1)}" if found else "it holds objects other than tensors"
-        raise ValueError(
-            f"refusing to read {path}: it is not a plain weights file ({what}), and loading it could run "
-            "code from the file. Re-save the weights with safetensors (safetensors.torch.save_file) "
-            "or as a plain state dict"
-        ) from None
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def without_wrapper_prefix(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``state`` with a prefix every key shares removed (a LightningModule's ``model.``), when the
-    keys only match ``model`` without it; otherwise ``state`` unchanged."""
-    expected = set(model.state_dict())
-    if not state or set(state) & expected:
-        return state
-    firsts = {k.split(".", 1)[0] for k in state}
-    if len(firsts) == 1 and all("." in k for k in state):
-        prefix = firsts.pop() + "."
-        stripped = {k[len(prefix):]: v for k, v in state.items()}
-        if set(stripped) & expected:
-            return stripped
-    return state
-
-
-def has_branches(state: Dict[str, torch.Tensor]) -> bool:
-    """True for the state dict of a converted model (keys with ``.branches.<scale>.``)."""
-    return any(".branches." in k for k in state)
-
-
-def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load plain weights (``.safetensors`` or ``.pth``, never unpickling code) strictly.
-
-    A ``.pth`` is read with ``weights_only=True``; wrappers are unwrapped (``state_dict``,
-    ``model``, ``state_dict_ema`` entries, a ``module.`` prefix). This is how an already-trained
-    model is loaded before :func:`convert` or :func:`calibrate`.
-
-    Args:
-        model: the unconverted architecture.
-        path: the weights file.
-
-    Returns:
-        ``model``, with the weights loaded. Raises ``ValueError`` naming missing or unexpected keys,
-        or what an unsafe pickle holds.
-    """
-    load_state_dict_strict(model, with_module_metadata(read_weights(path), model), path)
-    return model
-
-
 def describe(path: PathLike) -> Dict[str, object]:
     """What ``sct-convert inspect`` prints: architecture, scales and the cost of each scale."""
     meta = checked_metadata(path)
@@ -425,6 +348,6 @@ def describe(path: PathLike) -> Dict[str, object]:
 
 
 __all__ = [
-    "atomic_save", "checked_metadata", "describe", "export", "file_scales", "load", "load_plain", "load_weights",
+    "atomic_save", "checked_metadata", "describe", "export", "file_scales", "load", "load_plain",
     "plain_state_dict", "read_metadata", "save", "save_per_scale",
 ]

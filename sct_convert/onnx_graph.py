@@ -20,14 +20,19 @@ Needs ``onnx``; callers check the ``[onnx]`` extra first.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
+import os
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Sequence, Set, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Set, Tuple, TypeVar
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
+from .context import Scale
+from .files import PathLike, atomic_write, staging_directory
 from .routing import onnx_route_nodes
 
 ROUTE = "sct_route/"
@@ -242,3 +247,77 @@ def switchable_model(branches: Iterable[onnx.ModelProto], sizes: Sequence[Tuple[
                               producer_name="sct-convert")
     model.functions.extend(first.functions)
     return model
+
+
+_PROTOBUF_LIMIT = 2**31 - 2**26  # protobuf's 2 GB message limit, with room for the graph
+
+
+def _onnxruntime_reason(e: BaseException) -> str:
+    """onnxruntime's innermost reason (nested If nodes repeat the outer ones first)."""
+    text = " ".join(str(e).split())
+    return text.rsplit("Status Message: ", 1)[-1][:300]
+
+
+def check_runs(path: PathLike, probes: Sequence[Tuple[Scale, torch.Tensor]]) -> None:
+    """Run an ONNX file in onnxruntime on ``probes``; ``ValueError`` naming the scale and the fault.
+
+    Does nothing when onnxruntime is not installed, or for inputs numpy cannot hold (bfloat16).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    if any(x.dtype == torch.bfloat16 for _, x in probes):
+        return
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the failure is reported below, once
+    s: Any = None
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for s, x in probes:  # noqa: B007 - the failing scale is named below
+            session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+    except Exception as e:  # noqa: BLE001 - any runtime failure refuses the file
+        where = "when loading it" if s is None else f"at scale {s!r}"
+        raise ValueError(
+            f"the ONNX file torch.onnx produced fails in onnxruntime {where}: "
+            f"{_onnxruntime_reason(e)}; nothing was written. Export another way (a per-scale file "
+            "with scale=..., or sct.export_program) and report the model"
+        ) from None
+
+
+def write_onnx(path: PathLike, build: Callable[[ExternalTensors], onnx.ModelProto],
+                props: Dict[str, str], probes: Sequence[Tuple[Scale, torch.Tensor]] = ()) -> Path:
+    """Write the model ``build(store)`` returns, with ``props`` as its metadata; its tensor bytes
+    are streamed to ``store`` while it is built, so that no more than one copy of them is held.
+
+    Up to protobuf's 2 GB limit the file is self-contained; past it the weights go to
+    ``<name>.data`` beside it (ONNX external data, as ``torch.onnx`` and onnx do). Both are
+    written under temporary names and renamed at the end, never half-written. Before the
+    rename the file is run on ``probes`` (:func:`check_runs`): a file that fails is refused.
+    """
+    path = Path(path)
+    location = path.name + ".data"
+    staging = staging_directory(path)
+    with staging:
+        store = ExternalTensors(Path(staging.name) / location, location)
+        try:
+            model = build(store)
+        finally:
+            store.close()
+        gc.collect()  # the traced programs and plain copies, in reference cycles, before saving
+        onnx.helper.set_model_props(model, props)
+        external = store.size + model.ByteSize() > _PROTOBUF_LIMIT
+
+        def write(tmp: str) -> None:
+            if external:  # checked beside its data in the staging folder, then moved
+                staged = Path(staging.name) / path.name
+                staged.write_bytes(model.SerializeToString())
+                check_runs(staged, probes)
+                os.replace(staged, tmp)
+                os.replace(store.path, path.parent / location)
+            else:
+                onnx.external_data_helper.load_external_data_for_model(model, staging.name)
+                onnx.save_model(model, tmp)
+                check_runs(tmp, probes)
+
+        return atomic_write(path, write)

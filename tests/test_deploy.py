@@ -127,9 +127,10 @@ def test_onnx_past_protobufs_2gb_limit_keeps_weights_beside_it(model, tmp_path, 
     pytest.importorskip("onnxruntime")
     import onnx
 
+    from sct_convert import onnx_graph
     from sct_convert.onnx_graph import initializers
 
-    monkeypatch.setattr(sct.deploy, "_PROTOBUF_LIMIT", 0)  # as if this tiny model were over 2 GB
+    monkeypatch.setattr(onnx_graph, "_PROTOBUF_LIMIT", 0)  # as if this tiny model were over 2 GB
     path = sct.export_onnx(model, tmp_path / "m.onnx", scale=scale)
     data = tmp_path / "m.onnx.data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # nothing staged left

@@ -139,7 +139,7 @@ def test_pth_weights_load_weights_only(tmp_path):
     model = timm.create_model("test_resnet")
     pth = tmp_path / "w.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, pth)
-    fresh = io.load_weights(timm.create_model("test_resnet"), pth)
+    fresh = sct.load_weights(timm.create_model("test_resnet"), pth)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
 
     class Evil:
@@ -148,9 +148,9 @@ def test_pth_weights_load_weights_only(tmp_path):
 
     torch.save({"x": Evil()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=True)
     with pytest.raises(ValueError, match="not a plain weights file"):
-        io.load_weights(timm.create_model("test_resnet"), tmp_path / "evil.pth")
+        sct.load_weights(timm.create_model("test_resnet"), tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="does not match"):
-        io.load_weights(nn.Linear(2, 2), pth)
+        sct.load_weights(nn.Linear(2, 2), pth)
 
 
 def test_describe_reports_overhead(converted, tmp_path):
