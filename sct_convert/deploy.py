@@ -36,7 +36,7 @@ from .context import Scale, scale_key
 from .conversion import context_of, extract, unwrap
 from .probe import run_mode
 from .files import atomic_write
-from .zoo import arch_info
+from .io import model_metadata
 
 if TYPE_CHECKING:
     import onnx
@@ -73,18 +73,15 @@ def deploy_metadata(model: nn.Module, scale: Optional[Scale], fmt: str) -> Dict[
     from . import __version__
 
     ctx = context_of(model)
-    info = arch_info(unwrap(model))
-    lead = ctx.probe_lead
     meta = {
         "format": fmt,
         "sct_convert_version": __version__,
         "torch_version": torch.__version__,
-        "arch": info.get("arch", "") or type(unwrap(model)).__name__,
-        "source": info.get("source", "") or "custom",
+        **model_metadata(unwrap(model)),
         "scales": json.dumps([list(s) if isinstance(s, tuple) else s for s in ctx.scales]),
         "input_name": INPUT_NAME,
-        "in_chans": str(lead[1]) if len(lead) > 1 else "",
     }
+    meta["arch"] = meta["arch"] or type(unwrap(model)).__name__
     if scale is None:
         # in-graph: exact size first, else (ONNX always) nearest by pixel count
         blends = ctx.unknown_scale == "interpolate" and fmt != ONNX_FORMAT
@@ -101,9 +98,6 @@ def deploy_metadata(model: nn.Module, scale: Optional[Scale], fmt: str) -> Dict[
     else:
         meta["scale"] = scale_key(ctx.sizes[ctx.index(scale)])
         meta["routing"] = "fixed"
-    n = getattr(unwrap(model), "num_classes", None)
-    if isinstance(n, int):
-        meta["num_classes"] = str(n)
     return meta
 
 

@@ -59,13 +59,13 @@ def _in_chans(model: nn.Module) -> Optional[int]:
     return int(lead[1]) if len(lead) > 1 else None
 
 
-def _base_metadata(model: nn.Module, arch: Optional[str], source: Optional[str]) -> Dict[str, str]:
+def model_metadata(model: nn.Module, arch: Optional[str] = None, source: Optional[str] = None) -> Dict[str, str]:
+    """What every file (checkpoint, ONNX, ``.pt2``) records of the model: ``arch``, ``source``,
+    and, when known, ``num_classes`` and ``in_chans``."""
     info = arch_info(model)
     meta = {
-        "format_version": FORMAT_VERSION,
         "arch": arch or info.get("arch", ""),
         "source": source or (info.get("source", "") if not arch else "") or "custom",
-        "versions": _versions(),
     }
     n = _num_classes(model)
     if n is not None:
@@ -74,6 +74,10 @@ def _base_metadata(model: nn.Module, arch: Optional[str], source: Optional[str])
     if c is not None:
         meta["in_chans"] = str(c)
     return meta
+
+
+def _base_metadata(model: nn.Module, arch: Optional[str], source: Optional[str]) -> Dict[str, str]:
+    return {"format_version": FORMAT_VERSION, **model_metadata(model, arch, source), "versions": _versions()}
 
 
 def plain_state_dict(model: nn.Module, s: Scale) -> Dict[str, torch.Tensor]:
