@@ -260,7 +260,7 @@ def _measure_entry_size(model: nn.Module, ctx, hw, source: int, lead):
     layers = dict(scale_specific_layers(model))
     log = _SizeLog(model, {id(layer) for layer in layers.values()})
     try:
-        with scale(model, ctx.scales[source]):
+        with scale(model, ctx.scales[source]), _rng_kept(model):  # the caller's RNG stream stays
             _run_at_every_scale(model, [hw], [tuple(hw)], lead, log)
     finally:
         log.remove()

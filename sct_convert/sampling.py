@@ -88,6 +88,20 @@ class ScaleOutputs(tuple):
             "outputs.by_scale()[scale]"
         )
 
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: tuple, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        """``torch.cat`` of a sequence holding ScaleOutputs concatenates every scale's output
+        (what a train-mode FX feature extractor's output dict gives, as timm's tests use it);
+        any other torch function refuses, as a tensor operation on the outputs would drop scales."""
+        kwargs = kwargs or {}
+        if func in (torch.cat, torch.concat, torch.concatenate) and args and isinstance(args[0], (list, tuple)):
+            flat = [t for v in args[0] for t in (v if isinstance(v, ScaleOutputs) else (v,))]
+            return func(flat, *args[1:], **kwargs)
+        raise TypeError(
+            f"{getattr(func, '__name__', func)} got ScaleOutputs: it holds one output per scale; "
+            "compute the loss with sct.SCTLoss(criterion)(outputs, target), or use outputs.primary "
+            "or outputs.by_scale()[scale] for one scale")
+
     def _refuse(self, op: str, other: Any) -> Any:
         if isinstance(other, (torch.Tensor, int, float, bool)):
             raise TypeError(

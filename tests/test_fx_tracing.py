@@ -57,3 +57,38 @@ def test_traced_model_samples_in_train_routes_in_eval_and_scripts(name, tracer):
             expected = model(x)
             assert torch.equal(traced(x), expected), s
             assert torch.equal(scripted(x), expected), s
+
+
+def _timm_fx_model(model, train):
+    """What timm's tests/test_models.py builds (``_create_fx_model``): torchvision's FX feature
+    extractor returning the nodes that feed the traced graph's output."""
+    from torchvision.models.feature_extraction import (
+        NodePathTracer, create_feature_extractor, get_graph_node_names)
+
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                         param_shapes_constant=True)
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    train_return = [train_nodes[-1]]
+    if train:
+        graph_nodes = list(reversed(NodePathTracer(**tracer_kwargs).trace(model).nodes))
+        names = [n.name for n in graph_nodes]
+        train_return = [train_nodes[-names.index(n.name)] for n in graph_nodes[0]._input_nodes]
+    return create_feature_extractor(model, train_return_nodes=train_return, eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer_kwargs)
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet"])
+def test_timm_test_models_backward_fx_on_a_converted_model(name):
+    # timm's test_model_backward_fx: torch.cat the extractor's outputs, every parameter gets a gradient
+    model = sct.convert(timm.create_model(name, num_classes=42), SCALES).train()
+    num_params = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fx = _timm_fx_model(model, train=True)
+    outputs = tuple(fx(torch.randn(2, 3, 64, 64)).values())
+    outputs = torch.cat(outputs)  # ScaleOutputs: every scale's output, concatenated
+    assert outputs.shape == (2 * len(SCALES), 42)
+    outputs.mean().backward()
+    assert num_params == sum(p.grad.numel() for p in fx.parameters() if p.grad is not None)
+    with pytest.raises(TypeError, match="ScaleOutputs.*SCTLoss"):
+        torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.zeros(2, dtype=torch.long))
