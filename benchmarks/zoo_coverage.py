@@ -139,9 +139,11 @@ def contract_checks(model, original, ctx, inputs, row, source):
         model.eval()
 
     def train_step():
+        from sct_convert.training import main_logits
+
         m = copy.deepcopy(model).train()
         out = m(inputs[0])
-        logits = [sct.training.main_logits(o) for o in out]
+        logits = [main_logits(o) for o in out]
         sum(lg.float().mean() for lg in logits).backward()
         ok = all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
         return "ok" if ok and len(out) == len(ctx.scales) else "fail: non-finite grads"
