@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import FROZEN_BATCH_NORM_TYPES
-from .context import Scale, normalize_scale, pinned, scale_key
+from .context import HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
 from .conversion import context_of, scale, scale_specific_layers, unwrap
 from .probe import _SizeLog, _rng_kept, _run_at_every_scale, _training_failure
 from .routing import bracket, nearest_index
@@ -231,7 +231,7 @@ def add_scale(model: nn.Module, s: Scale, init_from: Union[Scale, str] = "interp
     return model
 
 
-def _training_failure_at(model: nn.Module, ctx, index: int, lead) -> Optional[str]:
+def _training_failure_at(model: nn.Module, ctx: ScaleContext, index: int, lead: Tuple[int, ...]) -> Optional[str]:
     """convert's train-mode check for one scale of a converted model, with sampling held off."""
     sampling, ctx.sampling = ctx.sampling, False  # one plain forward at the input's own size
     try:
@@ -251,7 +251,8 @@ def _blend_into(target: nn.Module, low: nn.Module, high: nn.Module, t: float) ->
             tensor.copy_(torch.lerp(lows[name], highs[name], t))
 
 
-def _measure_entry_size(model: nn.Module, ctx, hw, source: int, lead):
+def _measure_entry_size(model: nn.Module, ctx: ScaleContext, hw: HW, source: int,
+                        lead: Tuple[int, ...]) -> HW:
     """Spatial size the entry layer sees for an input at ``hw`` (one eval forward, the probe's).
 
     Every S-BN's ``sizes_here`` (its input size per scale, for TorchScript) gets the size it

@@ -123,7 +123,7 @@ def _dynamic_shapes(x: torch.Tensor, switchable: bool) -> Tuple[Dict[int, Any]]:
     return (dims,)
 
 
-def _size_oblivious():
+def _size_oblivious() -> contextlib.AbstractContextManager:
     """Trace sizes without dynamo's 0/1 specialisation: a program traced at the largest scale
     would otherwise carry guards (a final map of 2x2 is not 1x1) that refuse the smallest."""
     try:
@@ -171,7 +171,7 @@ def export_program_object(model: nn.Module, scale: Optional[Scale] = None,
     return _trace(_module_to_export(model, scale), _example(model, scale, example_input), scale is None)
 
 
-def _to_onnx(program: "torch.export.ExportedProgram", opset: int, optimize: bool = True):
+def _to_onnx(program: "torch.export.ExportedProgram", opset: int, optimize: bool = True) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],

@@ -17,11 +17,12 @@ from .conversion import context_of, scale_specific_layers, unwrap
 Row = Dict[str, Union[str, int, float]]
 
 
-def _gaussian_kl(mu_p, var_p, mu_q, var_q) -> torch.Tensor:
+def _gaussian_kl(mu_p: torch.Tensor, var_p: torch.Tensor, mu_q: torch.Tensor, var_q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.log(var_q / var_p) + (var_p + (mu_p - mu_q) ** 2) / var_q - 1)
 
 
-def symmetric_kl(mu_a, var_a, mu_b, var_b, eps: float = 1e-5) -> float:
+def symmetric_kl(mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor, var_b: torch.Tensor,
+                 eps: float = 1e-5) -> float:
     """Channel-averaged symmetrised KL between two sets of per-channel Gaussians."""
     mu_a, mu_b = mu_a.double(), mu_b.double()
     var_a, var_b = var_a.double() + eps, var_b.double() + eps
@@ -29,7 +30,7 @@ def symmetric_kl(mu_a, var_a, mu_b, var_b, eps: float = 1e-5) -> float:
     return float(kl.mean())
 
 
-def _label(s) -> str:
+def _label(s: object) -> str:
     return f"{s[0]}x{s[1]}" if isinstance(s, tuple) else str(s)
 
 

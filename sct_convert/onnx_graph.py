@@ -113,7 +113,7 @@ def _content_key(tensor: TensorProto) -> str:
     return digest.hexdigest()
 
 
-def _int64(name: str, values) -> TensorProto:
+def _int64(name: str, values: Any) -> TensorProto:
     array = np.asarray(values, dtype=np.int64)
     return numpy_helper.from_array(array, name)
 

@@ -163,7 +163,7 @@ def scaled_type(scales: Tuple[Scale, ...]) -> type:
     return _SCALED_TYPES[scales]
 
 
-def _flatten(outputs: "ScaleOutputs"):
+def _flatten(outputs: "ScaleOutputs") -> Tuple[List[Any], Tuple[Scale, ...]]:
     return list(outputs), outputs.scales
 
 
@@ -311,7 +311,7 @@ def converted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         set_call_routes(routes)
 
 
-def _sampling_forward(self, forward, ctx: ScaleContext, args: tuple, kwargs: Dict[str, Any]) -> ScaleOutputs:
+def _sampling_forward(self: torch.nn.Module, forward: Callable, ctx: ScaleContext, args: tuple, kwargs: Dict[str, Any]) -> ScaleOutputs:
     """SCT's sampling phase: the batch resized to every (sampled) scale, each with its branch."""
     name = type(self)._sct_image_parameter
     routes = call_routes()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +187,7 @@ def set_sampling(model: nn.Module, enabled: bool = True, scales: Optional[Sequen
 
 
 @contextlib.contextmanager
-def sampling_scales(model: nn.Module, scales: Sequence[Scale]):
+def sampling_scales(model: nn.Module, scales: Sequence[Scale]) -> Iterator[nn.Module]:
     """Train on a subset of scales inside the block (the same subset on every DDP rank!).
 
     Args:
