@@ -210,7 +210,13 @@ def fx_pin(x: torch.Tensor, key: int, index: int) -> torch.Tensor:
 
 
 for _name in ("choose_in_graph", "blend_in_graph", "fx_choose", "fx_blend", "fx_pin"):
-    torch.fx.wrap(_name)
+    torch.fx.wrap(_name)  # patches this module's globals while tracing: call them from here only
+
+
+def pin_in_graph(context: ScaleContext, x: torch.fx.Proxy, index: int) -> torch.fx.Proxy:
+    """``x`` through an :func:`fx_pin` node: a traced train-mode graph tells the S-BNs inside leaf
+    modules the scale ``index`` at run time, before they run."""
+    return fx_pin(x, context.fx_key(), index)
 
 
 def _is_symbolic(v: object) -> bool:

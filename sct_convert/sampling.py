@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from .context import CONTEXT_ATTR, HW, Route, Scale, ScaleContext, call_routes, set_call_routes
-from .routing import choose, find_image, fx_pin, route_tensor
+from .routing import choose, find_image, pin_in_graph, route_tensor
 
 
 #: Tensor methods that act on each output alike: on ScaleOutputs they apply to every scale.
@@ -321,7 +321,7 @@ def _sampling_forward(self: torch.nn.Module, forward: Callable, ctx: ScaleContex
         x = find_image(call_args, call_kwargs, name)
         if isinstance(x, torch.fx.Proxy) and isinstance(route, int):
             # the graph tells leaf modules' S-BNs the scale at run time, before they run
-            x = fx_pin(x, ctx.fx_key(), route)
+            x = pin_in_graph(ctx, x, route)
             call_args, call_kwargs = ((x,) + call_args[1:], call_kwargs) if call_args else (
                 call_args, {**call_kwargs, name: x})
         set_call_routes({**routes, ctx: Route(route, True)})

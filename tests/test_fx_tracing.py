@@ -92,3 +92,37 @@ def test_timm_test_models_backward_fx_on_a_converted_model(name):
     assert num_params == sum(p.grad.numel() for p in fx.parameters() if p.grad is not None)
     with pytest.raises(TypeError, match="ScaleOutputs.*SCTLoss"):
         torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.zeros(2, dtype=torch.long))
+
+
+def test_train_mode_graph_tells_batch_norms_inside_leaf_modules_each_scale():
+    # like timm's MobileViT / EfficientViT blocks, which timm's tracer keeps as leaves
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 3, 1)
+            self.stem_bn = torch.nn.BatchNorm2d(3)
+            self.block = Block()
+
+        def forward(self, x):
+            return self.block(self.stem_bn(self.stem(x))).mean((2, 3))
+
+    class LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, Block) or super().is_leaf_module(m, name)
+
+    model = sct.convert(Net(), SCALES).train()
+    traced = torch.fx.GraphModule(model, LeafTracer().trace(model))
+    out = traced(torch.randn(2, 3, 64, 64))
+    assert isinstance(out, sct.ScaleOutputs) and out.scales == tuple(SCALES)
+    sum(o.sum() for o in out).backward()
+    for key in ("64", "32"):
+        assert model.block.bn.branches[key].weight.grad is not None, key
