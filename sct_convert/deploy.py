@@ -34,12 +34,14 @@ from torch import nn
 
 from .context import Scale, scale_key
 from .conversion import context_of, extract, unwrap
+from .dense import iter_tensors
 from .probe import run_mode
 from .files import atomic_write
 from .io import model_metadata
 
 if TYPE_CHECKING:
     import onnx
+    import onnx_ir
 
     from .onnx_graph import ExternalTensors
 
@@ -116,10 +118,10 @@ def _example(model: nn.Module, scale: Optional[Scale], example_input: Optional[t
 
 
 def _dynamic_shapes(x: torch.Tensor, switchable: bool) -> Tuple[Dict[int, Any]]:
-    dims: Dict[int, Any] = {0: torch.export.Dim.AUTO}
+    """Batch and a clip's frames (N, C, T, H, W) always dynamic; H and W when the file switches."""
+    dims: Dict[int, Any] = {d: torch.export.Dim.AUTO for d in [0, *range(2, x.dim() - 2)]}
     if switchable:
-        for d in range(2, x.dim()):  # frames of a clip (N, C, T, H, W) too
-            dims[d] = torch.export.Dim.AUTO
+        dims.update({x.dim() - 2: torch.export.Dim.AUTO, x.dim() - 1: torch.export.Dim.AUTO})
     return (dims,)
 
 
@@ -198,11 +200,22 @@ def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.T
         graph = _to_onnx(_trace(extract(model, scale), x, dynamic_size=True), opset, optimize=False).model
         # constant folding only: the default optimizer folds BN into the convs, one copy per scale
         onnxscript.optimizer.fold_constants(graph)
+        _drop_zero_conv_bias(graph)
         onnxscript.optimizer.remove_unused_nodes(graph)
         proto = [onnx_ir.serde.serialize_model(graph)]
         del graph  # it and the traced program hold the plain copy's weights, in reference cycles:
         gc.collect()  # free them before the next scale is traced
         yield proto.pop()  # nor does this frame keep the proto alive while the next one is traced
+
+
+def _drop_zero_conv_bias(model: "onnx_ir.Model") -> None:
+    """Remove a bias-free conv's bias input, which the unoptimised graph builds as zeros of the
+    wrong shape (a ``Conv3d`` gets ``(C_out, 2)``; onnxruntime refuses it). Zeros are no bias."""
+    for node in model.graph:
+        if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) == 3 and node.inputs[2] is not None:
+            bias = node.inputs[2].const_value
+            if bias is not None and not bias.numpy().any():
+                node.resize_inputs(2)
 
 
 def _switchable_onnx(model: nn.Module, opset: int, example_input: Optional[torch.Tensor],
@@ -243,7 +256,7 @@ def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = No
         path: the ``.pt2`` file to write (atomically).
         scale: ``None`` for one program that routes every input size to its branch in the graph
             (dynamic batch, height and width); a scale for the plain architecture at that scale
-            (dynamic batch).
+            (dynamic batch). A clip's frame count (N, C, T, H, W) is dynamic in both.
         example_input: an input to trace with; by default a batch of 2 at the largest scale.
 
     Returns:
@@ -267,7 +280,7 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         scale: ``None`` for one file that routes each input size to its branch in the graph
             (``Shape``, ``ArgMin``, then one ``If`` subgraph per scale, sharing the conv weights;
             dynamic batch, height and width); a scale for the plain architecture at that scale (static
-            height and width, dynamic batch).
+            height and width, dynamic batch). A clip's frame count (N, C, T, H, W) is dynamic in both.
         opset: ONNX opset version.
         example_input: an input to trace with; by default a batch of 2 at the largest scale.
         check: when onnxruntime is installed, run the file at every scale it serves before it is
@@ -333,7 +346,9 @@ def onnx_max_relative_error(model: nn.Module, path: PathLike, sizes: Sequence[Tu
         threads: onnxruntime's intra-op threads (default: its own choice, every core).
 
     Returns:
-        One relative error per size: max absolute difference over max absolute eager output.
+        One relative error per size: max absolute difference over max absolute eager output,
+        the worst of the model's outputs (a dict or list output is compared tensor by tensor,
+        in order, with the file's outputs).
     """
     try:
         import onnxruntime as ort
@@ -353,9 +368,12 @@ def onnx_max_relative_error(model: nn.Module, path: PathLike, sizes: Sequence[Tu
         warnings.simplefilter("ignore", UserWarning)  # the nearest-branch notice for in-between sizes
         for hw in sizes:
             x = torch.randn(batch, *lead[1:], *hw, generator=g)
-            want = module(x.to(next(module.parameters()).device)).float().cpu()
-            got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-            errors.append(float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+            wants = [t.float().cpu() for t in iter_tensors(module(x.to(next(module.parameters()).device)))]
+            gots = [torch.from_numpy(a) for a in session.run(None, {name: x.numpy()})]
+            if len(gots) != len(wants):
+                raise ValueError(f"{path} has {len(gots)} outputs, the model returns {len(wants)} tensors")
+            errors.append(max(float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+                              for got, want in zip(gots, wants)))
     return errors
 
 

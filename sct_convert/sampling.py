@@ -5,7 +5,8 @@
 image's (H, W) and pins it for the duration of the call; in train mode it calls the model's
 own ``forward`` once per scale, on the batch resized to that scale with that scale's branch
 pinned, and returns :class:`ScaleOutputs`. A branch pinned by ``sct.scale`` runs the model's
-own forward unchanged. Nothing is written to the model: the route lives in a ContextVar.
+own forward unchanged. Nothing is written to the model: the route lives in a
+thread-local for the duration of the call (`context.call_routes`).
 """
 from __future__ import annotations
 

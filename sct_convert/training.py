@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import nn
 
 from .context import Scale, pinned
 from .conversion import context_of
+from .dense import MATCH_MODES, match_dense
 from .sampling import ScaleOutputs, resize_to, scale_runs
 
 Weights = Union[None, Sequence[float], Mapping[Any, float]]
@@ -27,24 +28,31 @@ Weights = Union[None, Sequence[float], Mapping[Any, float]]
 DISTILL_MODES = (None, "inplace", "ensemble")
 
 
-def main_logits(output: Any) -> torch.Tensor:
-    """The classification logits of one model output (tensor, or torchvision's aux tuples)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise TypeError(f"cannot find logits in a {type(output).__name__} output")
+def split_aux(output: Any) -> Tuple[Any, List[Tuple[torch.Tensor, float]]]:
+    """(main output, [(aux logits, default weight)]) as torchvision's GoogLeNet / Inception-v3 train them.
 
-
-def _aux_terms(output: Any) -> List[tuple]:
-    """(aux logits, default weight) pairs, as torchvision's GoogLeNet / Inception-v3 train them."""
+    Any other output is its own main output, with no aux terms.
+    """
     name = type(output).__name__
     if name == "GoogLeNetOutputs":
-        return [(t, 0.3) for t in (output.aux_logits1, output.aux_logits2) if t is not None]
-    if name == "InceptionOutputs" and output.aux_logits is not None:
-        return [(output.aux_logits, 0.4)]
-    return []
+        return output.logits, [(t, 0.3) for t in (output.aux_logits1, output.aux_logits2) if t is not None]
+    if name == "InceptionOutputs":
+        return output.logits, ([(output.aux_logits, 0.4)] if output.aux_logits is not None else [])
+    return output, []
+
+
+def main_logits(output: Any) -> torch.Tensor:
+    """The classification logits of one model output, for distillation (a tensor, or ``.logits``)."""
+    main, _ = split_aux(output)
+    if isinstance(main, torch.Tensor):
+        return main
+    logits = getattr(main, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"distillation needs the model's logits, and a {type(output).__name__} output holds no tensor "
+        "of logits (nor a .logits attribute); train dense or multi-output models with distill=None"
+    )
 
 
 def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -56,16 +64,23 @@ def _kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> tor
 class SCTLoss(nn.Module):
     """Eq. 1 of the paper: ``sum_i alpha_i * base(f(x^i), y)``, alpha_i = 1/M by default.
 
-    ``weights`` is one weight per output scale (a sequence in the model's scale order, or a
-    mapping ``{scale: weight}``). Targets pass to ``base`` unchanged, so hard labels and soft
-    (mixup / cutmix) targets work alike. torchvision GoogLeNet / Inception-v3 aux logits add
-    ``aux_weight x base(aux)`` per scale (default 0.3 each / 0.4, as their papers train them).
-    A plain model output (eval, sampling off) goes to ``base`` directly.
+    ``base`` gets each scale's output as the model returns it (a tensor, or a dict, list, named
+    tuple or dataclass, e.g. torchvision's segmentation ``{"out", "aux"}``), once per scale, with
+    the target. ``weights`` is one weight per output scale (a sequence in the model's scale order,
+    or a mapping ``{scale: weight}``). Class targets pass unchanged, so hard labels and soft
+    (mixup / cutmix) targets work alike. A per-pixel target (3 or more dims, e.g. ``(N, H, W)``
+    labels at the input's size) is matched to each scale's output (``match``, see
+    :mod:`sct_convert.dense`): by default it is resized to the output's (H, W), nearest-neighbour
+    for labels (``ignore_index`` kept), bilinear for soft ``(N, C, H, W)`` targets;
+    ``match="output"`` upsamples the outputs to the target instead. torchvision GoogLeNet /
+    Inception-v3 aux logits add ``aux_weight x base(aux)`` per scale (default 0.3 each / 0.4, as
+    their papers train them). A plain model output (eval, sampling off) goes to ``base`` directly.
 
     ``distill="inplace"`` adds, for every scale but the largest, ``distill_weight x KL`` to the
     largest scale's detached predictions; ``distill="ensemble"`` distils every scale from the
-    weighted mean of all scales' detached logits. The paper itself uses neither (off by default).
-    ``last_losses`` holds the detached per-scale base losses of the last call, for logging.
+    weighted mean of all scales' detached logits. The paper itself uses neither (off by default);
+    both need logits (a tensor output). ``last_losses`` holds the detached per-scale base losses
+    of the last call, for logging.
 
     Args:
         base: the loss of one scale's output, e.g. ``nn.CrossEntropyLoss()``.
@@ -74,6 +89,8 @@ class SCTLoss(nn.Module):
         distill: ``None``, ``"inplace"`` or ``"ensemble"``.
         distill_weight: weight of each distillation term.
         temperature: softmax temperature of the distillation KL.
+        match: how a dense target meets each scale's output: ``"target"`` (resize the target),
+            ``"output"`` (upsample the outputs) or ``"none"`` (the criterion does it).
     """
 
     def __init__(
@@ -85,16 +102,21 @@ class SCTLoss(nn.Module):
         distill: Optional[str] = None,
         distill_weight: float = 1.0,
         temperature: float = 1.0,
+        match: str = "target",
     ) -> None:
         super().__init__()
         if distill not in DISTILL_MODES:
             raise ValueError(f"distill={distill!r}: choose None, 'inplace' or 'ensemble'")
+        if match not in MATCH_MODES:
+            raise ValueError(f"match={match!r}: choose 'target' (resize per-pixel targets to each "
+                             "output), 'output' (upsample outputs to the target) or 'none'")
         self.base = base
         self.weights = weights
         self.aux_weight = aux_weight
         self.distill = distill
         self.distill_weight = distill_weight
         self.temperature = temperature
+        self.match = match
         self.last_losses: Dict[Scale, torch.Tensor] = {}
 
     def scale_weights(self, scales: Sequence[Scale]) -> List[float]:
@@ -115,13 +137,14 @@ class SCTLoss(nn.Module):
         return weights
 
     def single_loss(self, output: Any, target: Any, teacher: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Loss of one scale's output: base loss, aux heads, and the distillation term."""
-        logits = main_logits(output)
-        loss = self.base(logits, target)
-        for aux, default in _aux_terms(output):
+        """Loss of one scale's output: base loss (dense target matched), aux heads, distillation."""
+        output, target = match_dense(output, target, self.match)
+        main, aux_terms = split_aux(output)
+        loss = self.base(main, target)
+        for aux, default in aux_terms:
             loss = loss + (self.aux_weight if self.aux_weight is not None else default) * self.base(aux, target)
         if teacher is not None:
-            loss = loss + self.distill_weight * _kd(logits, teacher, self.temperature)
+            loss = loss + self.distill_weight * _kd(main_logits(output), teacher, self.temperature)
         return loss
 
     def teacher(self, outputs: ScaleOutputs, weights: Sequence[float]) -> Optional[torch.Tensor]:
@@ -265,7 +288,7 @@ def train_step(
     Args:
         model: a converted model in train mode (may be wrapped in DDP).
         x: the batch at any size; it is resized to each scale.
-        y: the targets, passed to ``criterion`` unchanged.
+        y: the targets, passed to ``criterion`` (a per-pixel target is matched to each scale).
         criterion: an :class:`SCTLoss` (scale weights, distillation), or a plain loss
             ``criterion(outputs, y)`` wrapped in one.
         optimizer: stepped once after every scale's backward.

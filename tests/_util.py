@@ -64,3 +64,21 @@ class HeadOnlyBN(torch.nn.Module):  # its only BN sees pooled features: the same
 
     def forward(self, x):
         return self.bn(self.conv(x).mean((2, 3)))
+
+
+class TinySegNet(torch.nn.Module):
+    """A user's own encoder-decoder: torchvision's output convention ({"out", "aux"} at the input size)."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        block = lambda cin, cout, stride: torch.nn.Sequential(  # noqa: E731
+            torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout), torch.nn.ReLU())
+        self.encoder = torch.nn.Sequential(block(3, 8, 2), block(8, 16, 2), block(16, 16, 1))
+        self.decoder = torch.nn.Sequential(block(16, 8, 1), torch.nn.Conv2d(8, num_classes, 1))
+        self.aux = torch.nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        features = self.encoder(x)
+        up = lambda t: torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+        return {"out": up(self.decoder(features)), "aux": up(self.aux(features))}
