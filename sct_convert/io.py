@@ -50,7 +50,11 @@ def _num_classes(model: nn.Module) -> Optional[int]:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             last = m
-    return last.out_features if last is not None else None
+    if last is not None:
+        return last.out_features
+    head = getattr(model, "classifier", None)  # torchvision segmentation: a 1x1 conv per class
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)] if isinstance(head, nn.Module) else []
+    return convs[-1].out_channels if convs else None
 
 
 def _in_chans(model: nn.Module) -> Optional[int]:
@@ -61,7 +65,7 @@ def _in_chans(model: nn.Module) -> Optional[int]:
 
 def model_metadata(model: nn.Module, arch: Optional[str] = None, source: Optional[str] = None) -> Dict[str, str]:
     """What every file (checkpoint, ONNX, ``.pt2``) records of the model: ``arch``, ``source``,
-    and, when known, ``num_classes`` and ``in_chans``."""
+    and, when known, ``num_classes``, ``in_chans`` and ``aux_loss`` (torchvision segmentation)."""
     info = arch_info(model)
     meta = {
         "arch": arch or info.get("arch", ""),
@@ -73,6 +77,8 @@ def model_metadata(model: nn.Module, arch: Optional[str] = None, source: Optiona
     c = _in_chans(model)
     if c is not None:
         meta["in_chans"] = str(c)
+    if getattr(model, "aux_classifier", None) is not None:  # torchvision segmentation's aux head
+        meta["aux_loss"] = "1"
     return meta
 
 
@@ -268,6 +274,8 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
             kwargs["num_classes"] = int(meta["num_classes"])
         if source == "timm" and meta.get("in_chans"):
             kwargs["in_chans"] = int(meta["in_chans"])
+        if source == "torchvision" and meta.get("aux_loss") == "1":
+            kwargs["aux_loss"] = True
         model, _ = create_model(arch, source, **kwargs)
         if source == "torchvision":
             model.sct_arch = {"arch": arch, "source": source}

@@ -32,6 +32,10 @@ def stem_conv(model: nn.Module) -> Optional[nn.Module]:
     return next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
 
 
+#: Clip lengths a video model is probed with, shortest (cheapest) first; the first that runs is used.
+PROBE_FRAMES = (4, 8, 16, 32)
+
+
 def _channel_candidates(model: nn.Module, in_chans: Optional[int]) -> List[int]:
     """Image channel counts to probe with, most likely first.
 
@@ -53,20 +57,30 @@ def _probe_leads(model: nn.Module, in_chans: Optional[int],
     """Leading dims of probe inputs to try, (N, C) or (N, C, T) for 3-d convs; spatial dims appended."""
     if example_input is not None:
         return [tuple(example_input.shape[:-2])]
-    volumetric = isinstance(stem_conv(model), (nn.Conv3d, nn.ConvTranspose3d))
-    return [(1, c, 4) if volumetric else (1, c) for c in _channel_candidates(model, in_chans)]
+    channels = _channel_candidates(model, in_chans)
+    if isinstance(stem_conv(model), (nn.Conv3d, nn.ConvTranspose3d)):  # a clip: (N, C, T, H, W)
+        return [(1, c, t) for c in channels for t in PROBE_FRAMES]
+    return [(1, c) for c in channels]
 
 
 def _first_lead_that_runs(model: nn.Module, leads: List[Tuple[int, ...]],
                           probe: Callable[[Tuple[int, ...]], object]) -> Tuple[Tuple[int, ...], object]:
-    """``(lead, probe(lead))`` for the first lead the model accepts; else the first lead's error."""
-    first_error = None
+    """``(lead, probe(lead))`` for the first lead the model accepts; else the first lead's error
+    (for clips, saying which clip lengths were tried)."""
+    errors: Dict[Tuple[int, ...], ConversionError] = {}
     for lead in leads:
         try:
             return lead, probe(lead)
         except ConversionError as e:
-            first_error = first_error or e
-    raise first_error
+            errors[lead] = e
+    frames = sorted({lead[2] for lead in leads if len(lead) == 3})
+    if len(frames) > 1:  # the longest clip's error: a too-short clip is no longer the cause there
+        longest = max((lead for lead in leads if lead[1] == leads[0][1]), key=lambda lead: lead[2])
+        raise ConversionError(
+            f"{errors[longest]}; clips of {', '.join(map(str, frames))} frames were tried and none ran: if "
+            "the model needs another clip length, pass example_input=torch.randn(1, C, T, H, W) with one it accepts"
+        ) from errors[longest]
+    raise errors[leads[0]]
 
 
 def _describe_failure(e: BaseException) -> str:

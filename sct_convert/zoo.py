@@ -16,11 +16,31 @@ def timm_names() -> List[str]:
     return timm.list_models()
 
 
-def torchvision_names() -> List[str]:
-    """Classification models only: their names are what users mean by 'resnet50'."""
+#: torchvision's model families sct-convert builds by name (``torchvision.models.<family>``).
+TORCHVISION_FAMILIES = ("classification", "segmentation", "video", "detection")
+
+
+def torchvision_family(name: str) -> Optional[str]:
+    """The ``torchvision.models`` family that has ``name`` (``"classification"`` for the top
+    level; also ``"optical_flow"`` / ``"quantization"``, which are not converted), or None."""
     import torchvision
 
-    return torchvision.models.list_models(module=torchvision.models)
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return "classification"
+    for family in ("segmentation", "video", "detection", "optical_flow", "quantization"):
+        if name in torchvision.models.list_models(module=getattr(torchvision.models, family)):
+            return family
+    return None
+
+
+def torchvision_names() -> List[str]:
+    """Every model of the families sct-convert builds, classification first."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    for family in TORCHVISION_FAMILIES[1:]:
+        names += torchvision.models.list_models(module=getattr(torchvision.models, family))
+    return names
 
 
 def _is_timm(name: str) -> bool:
@@ -34,11 +54,16 @@ def resolve(name: str, source: Optional[str] = None) -> str:
     if source is not None and source not in SOURCES:
         raise ValueError(f"unknown source {source!r}: choose timm or torchvision")
     in_timm = source in (None, "timm") and _is_timm(name)
-    in_tv = source in (None, "torchvision") and name in torchvision_names()
+    family = torchvision_family(name) if source in (None, "torchvision") else None
     if in_timm:
         return "timm"
-    if in_tv:
+    if family in TORCHVISION_FAMILIES:
         return "torchvision"
+    if family is not None:
+        raise ValueError(
+            f"{name!r} is a torchvision {family.replace('_', ' ')} model, which sct-convert does not "
+            f"convert; it builds torchvision's {', '.join(TORCHVISION_FAMILIES)} models"
+        )
     names: List[str] = []
     if source in (None, "timm"):
         names += timm_names()
@@ -122,6 +147,8 @@ def create_model(
                 "and nothing is downloaded at run time; pass --checkpoint FILE instead"
             )
         weights = "DEFAULT"
+    if torchvision_family(name) in ("segmentation", "detection"):
+        kwargs.setdefault("weights_backbone", None)  # else torchvision downloads ImageNet backbone weights
     model = torchvision.models.get_model(name, weights=weights, **kwargs)
     model.sct_arch = {"arch": name, "source": source}  # torchvision models do not carry it
     return model, source

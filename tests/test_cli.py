@@ -253,3 +253,27 @@ def test_unknown_scale_choices_are_the_routing_policies_and_round_trip(tmp_path)
     assert result.exit_code == 0, result.output
     info = CliRunner().invoke(cli, ["inspect", str(out)])
     assert "unknown scale:   interpolate" in info.output
+
+
+@pytest.mark.parametrize("name, shape", [("lraspp_mobilenet_v3_large", (1, 3, 48, 48)),
+                                         ("r3d_18", (1, 3, 5, 48, 48))])
+def test_torchvision_segmentation_and_video_models_by_name(tmp_path, name, shape):
+    import torch
+
+    import sct_convert as sct
+
+    out = tmp_path / "m.safetensors"
+    r = run(name, "--out", out, "--scales", "64,48", "--num-classes", "5")
+    assert r.exit_code == 0, r.output
+    assert f"converted torchvision {name}" in r.output
+    model = sct.load(out).eval()  # rebuilt offline from the file: class count kept
+    with torch.no_grad():
+        output = model(torch.randn(shape))
+    logits = output["out"] if isinstance(output, dict) else output
+    assert logits.shape[1] == 5
+
+
+def test_torchvision_names_outside_the_converted_families_are_named_not_unknown(tmp_path):
+    r = run("raft_small", "--out", tmp_path / "m.safetensors")
+    assert_one_line_error(r, "'raft_small' is a torchvision optical flow model")
+    assert "unknown" not in r.output

@@ -140,3 +140,30 @@ def test_deepcopy_keeps_its_own_routing():
         assert_equivalent(ema(x), sct.extract(model, 64).eval()(x))
         with sct.scale(model, 96):  # forcing the original forces nothing on the copy
             assert_equivalent(ema(x), sct.extract(model, 64).eval()(x))
+
+
+class NeedsFrames(torch.nn.Module):
+    """A video net whose temporal pooling needs a clip of at least ``frames`` frames (as s3d's)."""
+
+    def __init__(self, frames):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 4, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm3d(4)
+        self.pool = torch.nn.AvgPool3d((frames, 1, 1))
+
+    def forward(self, x):
+        return self.pool(self.bn(self.conv(x))).mean((2, 3, 4))
+
+
+def test_video_models_are_probed_with_a_clip_length_they_accept():
+    model = sct.convert(NeedsFrames(16), [32, 16])
+    assert sct.context_of(model).probe_lead == (1, 3, 16)
+    model.eval()
+    for frames in (16, 20):
+        x = torch.randn(2, 3, frames, 16, 16)
+        with torch.no_grad():
+            assert_equivalent(model(x), sct.extract(model, 16)(x))
+    with pytest.raises(sct.ConversionError, match=r"clips of 4, 8, 16, 32 frames were tried.*example_input"):
+        sct.convert(NeedsFrames(48), [32, 16])
+    model = sct.convert(NeedsFrames(48), [32, 16], example_input=torch.randn(1, 3, 48, 32, 32))
+    assert sct.context_of(model).probe_lead == (1, 3, 48)
