@@ -1,15 +1,23 @@
-"""One model per family (classifier, segmentation, video, detection): convert, train-mode forward,
-routing, and every deployment file run in its runtime at every trained scale and one size between.
+"""Every torchvision family (classifier, segmentation, video, detection): convert, train with
+SCTLoss, routing, per-scale checkpoints, and every deployment file run in its runtime at every
+trained scale and one size between.
 
-For each model: ``sct.convert``; a train-mode forward (sampling every scale); eval routing at every
-scale equals ``sct.extract`` at that scale; a switchable ``torch.export`` program and a switchable
-ONNX file, each run (``torch.export.load``, onnxruntime) at every scale and one in-between size
-against the eager model. A file that cannot be written must be refused with no file left behind.
+For each model: ``sct.convert`` (video models without ``example_input``: the probe finds a clip
+length); one SCT training step (``SCTLoss`` over a train-mode forward; segmentation with
+torchvision's reference criterion and label maps at the input's size; backward); eval routing
+at every scale equals ``sct.extract`` at that scale; each scale's ``sct.save_per_scale`` file
+loads strictly into a freshly built plain model; a switchable ``torch.export`` program, a
+switchable ONNX file and a per-scale ONNX file (smallest scale), each run (``torch.export.load``,
+onnxruntime) against the eager model on every output tensor, at every scale and one in-between
+size (video: clips of 6 frames, not the probe's length). A file that cannot be written must be
+refused with no file left behind.
 
-    python benchmarks/family_check.py            # ~3 min on 2 CPU cores
+    python benchmarks/family_check.py                      # every family, ~15 min on 2 CPU cores
+    python benchmarks/family_check.py --only segmentation  # one family
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import tempfile
@@ -20,58 +28,115 @@ import warnings
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 
 import sct_convert as sct
+from sct_convert.dense import iter_tensors
 
 warnings.simplefilter("ignore")
 
 
 def models():
+    """(family, name, builder of the plain model, scales, probe lead for test inputs)."""
     tv = torchvision.models
-    yield "classifier", "timm resnet18", timm.create_model("resnet18", num_classes=10), [96, 64], (1, 3)
-    yield ("segmentation", "torchvision lraspp_mobilenet_v3_large",
-           tv.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=5),
-           [96, 64], (1, 3))
-    yield "video", "torchvision r3d_18", tv.video.r3d_18(weights=None, num_classes=4), [64, 48], (1, 3, 4)
+    yield "classifier", "timm resnet18", functools.partial(timm.create_model, "resnet18", num_classes=10), [96, 64], (1, 3)
+    for name, aux in (("fcn_resnet50", True), ("deeplabv3_resnet50", True),
+                      ("deeplabv3_mobilenet_v3_large", True), ("lraspp_mobilenet_v3_large", False)):
+        kwargs = dict(weights=None, weights_backbone=None, num_classes=5, **({"aux_loss": True} if aux else {}))
+        yield "segmentation", f"torchvision {name}", functools.partial(getattr(tv.segmentation, name), **kwargs), [96, 64], (1, 3)
+    for name in ("r3d_18", "mc3_18", "r2plus1d_18"):
+        yield "video", f"torchvision {name}", functools.partial(getattr(tv.video, name), weights=None, num_classes=4), [64, 48], (1, 3, 6)
+    yield "video", "torchvision s3d", functools.partial(tv.video.s3d, weights=None, num_classes=4), [256, 224], (1, 3, 16)
     yield ("detection", "torchvision fasterrcnn_mobilenet_v3_large_320_fpn",
-           tv.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
-                                                               num_classes=3), [320, 256], (1, 3))
+           functools.partial(tv.detection.fasterrcnn_mobilenet_v3_large_320_fpn, weights=None, weights_backbone=None,
+                             num_classes=3), [320, 256], (1, 3))
 
 
-def first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return first_tensor(next(iter(out.values())))
-    if isinstance(out, (list, tuple)):
-        return first_tensor(out[0])
-    raise TypeError(type(out))
+def reference_criterion(inputs, target):
+    """torchvision's references/segmentation criterion."""
+    losses = {name: F.cross_entropy(x, target, ignore_index=255) for name, x in inputs.items()}
+    return losses["out"] if len(losses) == 1 else losses["out"] + 0.5 * losses["aux"]
 
 
-def rel(a, b) -> float:
-    b = torch.as_tensor(b) if isinstance(b, np.ndarray) else first_tensor(b)
-    a, b = first_tensor(a).float(), b.float()
-    return float((a - b).abs().max() / (a.abs().max() + 1e-12))
+def rel(want, got) -> float:
+    """Worst relative error over every output tensor (the file's outputs in order)."""
+    wants = [t.float() for t in iter_tensors(want)]
+    gots = [torch.as_tensor(np.asarray(g)).float() for g in (got if isinstance(got, list) else iter_tensors(got))]
+    if len(wants) != len(gots):
+        raise ValueError(f"{len(gots)} outputs, the eager model returns {len(wants)}")
+    return max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(wants, gots))
 
 
-def check(family, name, model, scales, lead) -> dict:
+def train_step(family, model, lead, scales) -> str:
+    model.train()
+    x = torch.randn(2, *lead[1:], scales[0], scales[0])
+    if family == "segmentation":
+        y = torch.randint(0, 5, (2, scales[0], scales[0]))
+        y[:, :4] = 255
+        criterion = sct.SCTLoss(reference_criterion)
+    else:
+        y, criterion = torch.randint(0, 3, (2,)), sct.SCTLoss(torch.nn.CrossEntropyLoss())
+    out = model(x)
+    criterion(out, y).backward()
+    model.zero_grad(set_to_none=True)
+    return f"ok ({len(out)} scales, losses {[round(v.item(), 2) for v in criterion.last_losses.values()]})"
+
+
+def check_files(model, build, scales, lead, sizes, d) -> dict:
+    row = {}
+    try:
+        paths = sct.save_per_scale(model, d, arch="m")
+        for path in paths:
+            sct.load_plain(build().eval(), path)
+        row["per-scale ckpt"] = f"ok ({len(paths)} load strictly into the plain model)"
+    except Exception as e:  # noqa: BLE001
+        row["per-scale ckpt"] = f"FAIL {type(e).__name__}: {str(e)[:100]}"
+    example = torch.randn(2, *lead[1:], scales[0], scales[0])
+    small = min(scales)
+    for fmt, write, scale in (("pt2", sct.export_program, None), ("onnx", sct.export_onnx, None),
+                              ("onnx per-scale", sct.export_onnx, small)):
+        path = os.path.join(d, f"m_{fmt.replace(' ', '_')}.{fmt.split()[0]}")
+        try:
+            write(model, path, scale, example_input=example if scale is None else
+                  torch.randn(2, *lead[1:], small, small))
+        except Exception as e:  # noqa: BLE001
+            left = [f for f in os.listdir(d) if f.startswith(os.path.basename(path))]
+            row[fmt] = f"refused ({type(e).__name__}: {str(e).splitlines()[0][:90]}); files left: {left or 'none'}"
+            continue
+        if fmt == "pt2":
+            call = torch.export.load(path).module()
+        else:
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            call = functools.partial(lambda sess, x: sess.run(None, {"images": x.numpy()}), session)
+        errs, at = [], (sizes if scale is None else [small])
+        try:
+            with torch.no_grad():
+                for s in at:
+                    x = torch.randn(2, *lead[1:], s, s)
+                    errs.append(rel(model(x), call(x)))
+            row[fmt] = f"ok at {at}, max rel err {max(errs):.1e}"
+        except Exception as e:  # noqa: BLE001
+            row[fmt] = f"RUN FAIL at size {at[len(errs)]}: {type(e).__name__}: {str(e)[:100]}"
+    return row
+
+
+def check(family, name, build, scales, lead) -> dict:
     row = {"family": family, "model": name}
     t0 = time.time()
     try:
-        model = sct.convert(model, scales, example_input=torch.randn(*lead, scales[0], scales[0]))
-        row["convert"] = "ok"
+        model = sct.convert(build(), scales)
+        row["convert"] = f"ok (probe input {'x'.join(map(str, sct.context_of(model).probe_lead))}xHxW)"
     except Exception as e:  # noqa: BLE001 - reported in the table
         row["convert"] = f"FAIL {type(e).__name__}: {str(e)[:120]}"
         return row
-    between = (scales[0] + scales[1]) // 2
-    sizes = list(scales) + [between]
+    sizes = list(scales) + [(scales[0] + scales[1]) // 2]
     try:
-        model.train()
-        out = model(torch.randn(2, *lead[1:], scales[0], scales[0]))
-        row["train forward"] = f"ok ({len(out)} scales)"
+        row["SCT train step"] = train_step(family, model, lead, scales)
     except Exception as e:  # noqa: BLE001
-        row["train forward"] = f"FAIL {type(e).__name__}: {str(e)[:100]}"
+        row["SCT train step"] = f"FAIL {type(e).__name__}: {str(e)[:100]}"
     model.eval()
     with torch.no_grad():
         errs = []
@@ -80,43 +145,23 @@ def check(family, name, model, scales, lead) -> dict:
             errs.append(rel(model(x), sct.extract(model, s).eval()(x)))
         row["route == extract"] = f"max {max(errs):.1e}"
     with tempfile.TemporaryDirectory() as d:
-        for fmt, write in (("pt2", sct.export_program), ("onnx", sct.export_onnx)):
-            path = os.path.join(d, f"m.{fmt}")
-            try:
-                write(model, path, example_input=torch.randn(2, *lead[1:], scales[0], scales[0]))
-            except Exception as e:  # noqa: BLE001
-                left = sorted(os.listdir(d))
-                row[fmt] = (f"refused ({type(e).__name__}: {str(e).splitlines()[0][:90]}); "
-                            f"files left: {[f for f in left if f.startswith('m.' + fmt)] or 'none'}")
-                continue
-            if fmt == "pt2":
-                run = torch.export.load(path).module()
-                call = run
-            else:
-                import onnxruntime as ort
-
-                session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-                call = functools.partial(lambda sess, x: sess.run(None, {"images": x.numpy()})[0], session)
-            errs = []
-            try:
-                with torch.no_grad():
-                    for s in sizes:
-                        x = torch.randn(2, *lead[1:], s, s)
-                        out = call(x)
-                        errs.append(rel(model(x), out if fmt == "pt2" else np.asarray(out)))
-                row[fmt] = f"ok at {sizes}, max rel err {max(errs):.1e}"
-            except Exception as e:  # noqa: BLE001
-                row[fmt] = f"RUN FAIL at size {sizes[len(errs)]}: {type(e).__name__}: {str(e)[:100]}"
+        row.update(check_files(model, build, scales, lead, sizes, d))
     row["seconds"] = round(time.time() - t0, 1)
     return row
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="", help="comma-separated families")
+    args = p.parse_args()
+    only = set(filter(None, args.only.split(",")))
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")
-    for family, name, model, scales, lead in models():
+    for family, name, build, scales, lead in models():
+        if only and family not in only:
+            continue
         try:
-            row = check(family, name, model, scales, lead)
+            row = check(family, name, build, scales, lead)
         except Exception:  # noqa: BLE001
             row = {"family": family, "model": name, "error": traceback.format_exc(limit=2)}
         print()
