@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -148,7 +149,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/segmentation_sct", help="where to write the per-scale checkpoints")
     args = p.parse_args()
     if args.quick:
-        args.epochs, args.canvases = 2, 800
+        args.epochs, args.canvases = 4, 2500
     torch.manual_seed(0)
     scales = [int(s) for s in args.scales.split(",")]
     x, y = make_canvases(args.canvases, "train", size=scales[0], seed=0)
@@ -161,6 +162,7 @@ def main() -> None:
     print(f"trained in {seconds:.0f} s")
 
     sizes = sorted({*scales, *range(min(scales), max(scales) + 1, 8)}, reverse=True)
+    warnings.filterwarnings("ignore", message="sct_convert: input size")  # the branch is printed below
     for size in sizes:
         branch = sct.route(model, (size, size))  # the branch a call at this size runs
         print(f"  at {size}x{size}: branch {branch}, mIoU {mean_iou(model, x_test, y_test, size):.1f}%")
