@@ -107,7 +107,7 @@ def _human_bytes(n: float) -> str:
 @cli.command("convert")
 @click.argument("model_name", metavar="MODEL")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Combined .safetensors to write.")
-@click.option("--scales", default=DEFAULT_SCALES, show_default=True, help="Comma list of ints or HxW.")
+@click.option("--scales", default=DEFAULT_SCALES, show_default=True, help="Comma list of scales, largest first: ints, or HxW for one non-square scale (224x192 is one scale, 224,192 two).")
 @click.option("--source", type=click.Choice(["timm", "torchvision"]), default=None, help="Library when both have MODEL (default: timm).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Weights (.safetensors or .pth, weights only): the original model's, or a converted "

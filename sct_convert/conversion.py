@@ -66,9 +66,11 @@ def convert(
     Args:
         model: any ``nn.Module`` (timm, torchvision or your own) with batch norms.
         scales: the training scales, largest first by convention: ints (square) or
-            ``(height, width)`` pairs. The first is the primary scale.
+            ``(height, width)`` pairs (``"224x192"`` on the CLI is one such pair, not two
+            scales). The first is the primary scale. One scale warns: that is plain training.
         unknown_scale: what an input of another size does: ``"nearest"`` (the branch of the
-            nearest scale by pixel count, warned once per size) or ``"error"``.
+            nearest scale by pixel count, warned once per size), ``"interpolate"`` (BN blended
+            in pixel count between the two bracketing branches) or ``"error"``.
         in_chans: channels of the probe input ``(1, C, H, W)``; by default from the first conv,
             then timm's config, else 3.
         example_input: an input for other layouts; its last two dims are replaced by each scale.
@@ -85,6 +87,11 @@ def convert(
     """
     _check_convertible(model)
     context = ScaleContext(scales, unknown_scale, sampling=sampling, antialias=antialias)
+    if len(context.scales) == 1:
+        warnings.warn(
+            f"sct_convert: one scale ({scale_key(context.sizes[0])}) is plain training at that size; SCT "
+            "needs two or more, e.g. scales=[224, 192, 128] (a scale written HxW, such as 224x192, is "
+            "one non-square scale, not two)", UserWarning, stacklevel=2)
     if not scale_specific_bn:
         return _install_sampling_only(model, context, example_input, in_chans)
     found, report = find_batch_norms(model)

@@ -16,7 +16,7 @@ branch and says so (metadata ``routing_note``, a warning at export). Metadata (s
 ONNX ``metadata_props`` and the ``.pt2`` archive's extra files, and ``sct-convert inspect``
 reads it back. Files are written to a temporary name and renamed, never half-written.
 
-ONNX needs the optional extra: ``pip install "sct-convert[onnx]"``.
+ONNX needs the optional extra: ``pip install -e ".[onnx]"`` in a clone.
 """
 from __future__ import annotations
 
@@ -56,8 +56,10 @@ DEFAULT_OPSET = 18
 
 
 def _missing_onnx() -> ImportError:
+    from .environment import install_command
+
     return ImportError(
-        "ONNX export needs onnx, onnxscript and onnxruntime: pip install \"sct-convert[onnx]\" "
+        f"ONNX export needs onnx, onnxscript and onnxruntime: {install_command('onnx')} "
         "(or pip install onnx onnxscript onnxruntime)"
     )
 

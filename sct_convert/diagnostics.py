@@ -69,7 +69,9 @@ def plot_divergence(rows: List[Row], path: str, title: str = "S-BN branch diverg
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ValueError("plotting needs matplotlib: pip install matplotlib") from e
+        from .environment import install_command
+
+        raise ValueError(f"plotting needs matplotlib: {install_command('plot')}") from e
     if not any(float(r["divergence"]) > 0 for r in rows):
         raise ValueError("every branch still has the same statistics (a freshly converted model): "
                          "there is no divergence to plot; train or calibrate first")

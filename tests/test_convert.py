@@ -167,3 +167,10 @@ def test_video_models_are_probed_with_a_clip_length_they_accept():
         sct.convert(NeedsFrames(48), [32, 16])
     model = sct.convert(NeedsFrames(48), [32, 16], example_input=torch.randn(1, 3, 48, 32, 32))
     assert sct.context_of(model).probe_lead == (1, 3, 48)
+
+
+@pytest.mark.parametrize("scales", [[64], [(64, 48)]])
+def test_one_scale_warns_that_it_is_plain_training(scales):
+    with pytest.warns(UserWarning, match=r"one scale \((64|64x48)\) is plain training.*224x192, is one non-square scale"):
+        model = sct.convert(timm.create_model("test_resnet"), scales)
+    assert sct.scales_of(model) == tuple(scales)

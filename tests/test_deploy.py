@@ -197,11 +197,22 @@ def test_cli_exports_every_format(model, tmp_path):
     assert result.exit_code == 1 and "--scale is required" in result.output
 
 
-def test_missing_onnx_extra_is_a_clear_error(model, tmp_path, monkeypatch):
+def test_missing_onnx_extra_is_a_clear_error_with_an_install_command_that_works_here(model, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    import sct_convert.environment
+
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
-    with pytest.raises(ImportError, match=r"sct-convert\[onnx\]"):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ImportError, match=r"pip install -e \"(.+)\[onnx\]\"") as info:
         sct.export_onnx(model, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+    clone = Path(re.search(r'pip install -e "(.+)\[onnx\]"', str(info.value)).group(1))
+    assert "onnx =" in (clone / "setup.cfg").read_text()  # the clone this runs from, which has the extra
+    monkeypatch.setattr(sct_convert.environment, "source_checkout", lambda: None)  # a wheel install
+    with pytest.raises(ImportError, match=r'pip install "sct-convert\[onnx\]"'):
+        sct.export_onnx(model, tmp_path / "m.onnx")
 
 
 def test_unwritable_target_is_a_clear_error_and_leaves_nothing(model, tmp_path, monkeypatch):
