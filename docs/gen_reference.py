@@ -26,6 +26,7 @@ SECTIONS = {
     "Train": ["SCTLoss", "ScaleOutputs", "train_step", "StepResult", "set_sampling", "sampling_scales",
               "random_scale_subset"],
     "Calibrate and change scales": ["calibrate", "add_scale", "remove_scale"],
+    "Evaluate per scale": ["evaluate", "EvaluationReport"],
     "Save, load and export": ["save", "load", "export", "save_per_scale", "load_plain", "load_weights",
                               "export_onnx", "export_program"],
     "Building blocks": ["ScaleSpecificBatchNorm", "ScaleContext"],

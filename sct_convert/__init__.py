@@ -26,12 +26,13 @@ _SOURCES = {
     "export": "io", "load": "io", "load_plain": "io", "load_weights": "weights", "save": "io",
     "save_per_scale": "io",
     "export_onnx": "deploy", "export_program": "deploy",
+    "EvaluationReport": "evaluation", "evaluate": "evaluation",
 }
 
 __all__ = [
-    "ConversionError", "FROZEN_BATCH_NORM_TYPES", "SCTLoss", "ScaleContext", "ScaleOutputs",
+    "ConversionError", "EvaluationReport", "FROZEN_BATCH_NORM_TYPES", "SCTLoss", "ScaleContext", "ScaleOutputs",
     "ScaleSpecificBatchNorm", "StepResult", "add_scale", "calibrate", "context_of", "convert",
-    "diagnostics", "export", "export_onnx", "export_program", "extract", "find_batch_norms",
+    "diagnostics", "evaluate", "export", "export_onnx", "export_program", "extract", "find_batch_norms",
     "is_batch_norm", "load", "load_plain", "load_weights", "original_class", "random_scale_subset",
     "remove_scale", "resize_to", "route", "sampling_scales", "save", "save_per_scale", "scale",
     "scale_specific_layers", "scales_of", "set_sampling", "train_step", "zoo",
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     )
     from .deploy import export_onnx, export_program
     from .discovery import ConversionError, find_batch_norms
+    from .evaluation import EvaluationReport, evaluate
     from .io import export, load, load_plain, save, save_per_scale
     from .weights import load_weights
     from .sampling import ScaleOutputs, resize_to

@@ -1,75 +1,16 @@
 """The ``sct-convert`` command line. Every error is one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import List, Optional
 
 import click
 
-if TYPE_CHECKING:
-    from .context import Scale
-
-DEFAULT_SCALES = "224,192,128"
-
-
-def parse_scales(text: str, option: str = "--scales") -> List[Scale]:
-    """``"224,192,128x96"`` -> ``[224, 192, (128, 96)]``; ``ValueError`` naming ``option`` otherwise."""
-    from .context import normalize_scales
-
-    scales: List[Scale] = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        try:
-            if "x" in part:
-                h, w = part.split("x")
-                scales.append((int(h), int(w)))
-            else:
-                scales.append(int(part))
-        except ValueError:
-            raise ValueError(
-                f"bad scale {part!r} in {option} {text!r}: use ints or HxW, e.g. "
-                + ("224,192,128x96" if option == "--scales" else "128 or 128x96")
-            ) from None
-    normalize_scales(scales)
-    return scales
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
-
-
-def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warnings.showwarning`` for the CLI: ``Warning: ...`` on one stderr line, no source path."""
-    click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
-
-
-def clean_errors(fn: Callable) -> Callable:
-    """Turn any exception from a command into click's one-line ``Error: ...`` and exit 1.
-
-    Warnings raised meanwhile (the library's or a model's) print as one ``Warning:`` line each.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            with warnings.catch_warnings():
-                warnings.showwarning = _warning_line
-                return fn(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except BrokenPipeError:  # output piped into `head`: not an error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise click.exceptions.Exit(0) from None
-        except Exception as e:  # noqa: BLE001 - the CLI contract is one line, no traceback
-            raise click.ClickException(_one_line(e)) from None
-
-    return wrapper
+from .cli_common import DEFAULT_SCALES, clean_errors, human_bytes, parse_scales, scale_text
+from .cli_evaluate import evaluate_cmd
 
 
 class ModelOrCommand(click.Group):
@@ -93,15 +34,11 @@ def cli() -> None:
     sct-convert export model.safetensors --format onnx --out model.onnx
     sct-convert calibrate model.safetensors --images DIR --out calibrated.safetensors
     sct-convert diagnose model.safetensors [--plot divergence.png]
+    sct-convert evaluate resnet50 --pretrained --images val/ --scales 224,160,128 --out report.csv
     """
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"
+cli.add_command(evaluate_cmd)
 
 
 @cli.command("convert")
@@ -158,8 +95,8 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
         extra = f"; {len(files)} per-scale checkpoints in {per_scale}"
     click.echo(
         f"converted {source} {model_name}: {layers} batch-norm layers x {len(scale_list)} scales "
-        f"({', '.join(map(_scale_text, scale_list))}); wrote {path} "
-        f"({_human_bytes(path.stat().st_size)}){extra}"
+        f"({', '.join(map(scale_text, scale_list))}); wrote {path} "
+        f"({human_bytes(path.stat().st_size)}){extra}"
     )
 
 
@@ -181,10 +118,6 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _scale_text(s: Scale) -> str:
-    return f"{s[0]}x{s[1]}" if isinstance(s, tuple) else str(s)
-
-
 @cli.command("inspect")
 @click.argument("file", type=click.Path(dir_okay=False))
 @clean_errors
@@ -197,7 +130,7 @@ def inspect_cmd(file):
         scales = [tuple(v) if isinstance(v, list) else v for v in json.loads(meta.get("scales", "[]"))]
         click.echo(f"file:            {file} ({meta.get('format')})")
         click.echo(f"architecture:    {meta.get('arch')} ({meta.get('source')})")
-        click.echo(f"scales:          {', '.join(map(_scale_text, scales))}")
+        click.echo(f"scales:          {', '.join(map(scale_text, scales))}")
         if meta.get("scale"):
             click.echo(f"this file:       scale {meta['scale']} only (plain architecture)")
         else:
@@ -216,7 +149,7 @@ def inspect_cmd(file):
     info = describe(file)
     click.echo(f"file:            {file}")
     click.echo(f"architecture:    {info['arch']} ({info['source']})")
-    click.echo(f"scales:          {', '.join(map(_scale_text, info['scales']))}")
+    click.echo(f"scales:          {', '.join(map(scale_text, info['scales']))}")
     click.echo(f"unknown scale:   {info['unknown_scale']}")
     click.echo(f"num classes:     {info['num_classes']}")
     click.echo(f"S-BN layers:     {info['layers']}")
@@ -224,7 +157,7 @@ def inspect_cmd(file):
     click.echo(
         f"per extra scale: +{info['params_per_extra_scale']:,} parameters "
         f"({100 * info['overhead_per_extra_scale']:.2f}%), "
-        f"+{_human_bytes(info['bytes_per_extra_scale'])} on disk"
+        f"+{human_bytes(info['bytes_per_extra_scale'])} on disk"
     )
 
 
@@ -232,12 +165,12 @@ def inspect_cmd(file):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "onnx", "pt2"]), default="safetensors",
               show_default=True, help="Plain checkpoint, ONNX file, or torch.export program.")
-@click.option("--scale", "scale_text", default=None,
+@click.option("--scale", "scale_option", default=None,
               help="The scale to export, e.g. 128 or 128x96 (onnx/pt2: omit for one file that serves every scale).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write.")
 @click.option("--model", "model_name", default=None, help="Architecture, when the file records none (timm/torchvision name).")
 @clean_errors
-def export_cmd(file, fmt, scale_text, out, model_name):
+def export_cmd(file, fmt, scale_option, out, model_name):
     """Write FILE as a plain checkpoint of one scale, or as an ONNX / torch.export file.
 
     ONNX and pt2 files without --scale serve every trained scale: the branch is picked in the
@@ -251,15 +184,15 @@ def export_cmd(file, fmt, scale_text, out, model_name):
         raise ValueError(f"--out {out} is the input file; exporting over it would lose the other "
                          "scales: write to another file")
     meta = io.checked_metadata(file)
-    if scale_text is not None:
-        scales_given = parse_scales(scale_text, "--scale")
+    if scale_option is not None:
+        scales_given = parse_scales(scale_option, "--scale")
         if len(scales_given) != 1:
-            raise ValueError(f"--scale takes one scale, got {scale_text!r}")
+            raise ValueError(f"--scale takes one scale, got {scale_option!r}")
         (s,) = scales_given
         if s not in io.file_scales(meta):
             raise ValueError(
-                f"scale {_scale_text(s)} is not in {file}; it holds "
-                f"{', '.join(map(_scale_text, io.file_scales(meta)))}"
+                f"scale {scale_text(s)} is not in {file}; it holds "
+                f"{', '.join(map(scale_text, io.file_scales(meta)))}"
             )
     elif fmt == "safetensors":
         raise ValueError("--scale is required for --format safetensors (a plain checkpoint holds one "
@@ -272,7 +205,7 @@ def export_cmd(file, fmt, scale_text, out, model_name):
     if model_name:
         model, _ = create_model(model_name)
     converted = io.load(file, model=model).eval()
-    what = f"at scale {_scale_text(s)}" if s is not None else "serving every scale"
+    what = f"at scale {scale_text(s)}" if s is not None else "serving every scale"
     if fmt == "safetensors":
         path = io.export(converted, s, out, arch=meta.get("arch") or model_name, source=meta.get("source"))
     else:

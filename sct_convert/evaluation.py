@@ -1,0 +1,398 @@
+"""What a model gives at each input size, before and after SCT: accuracy and latency per scale.
+
+Arms, per scale:
+
+- ``plain``: the original model as it is, fed images preprocessed at that size;
+- ``calibrated``: the model converted to those scales with every branch's BN statistics
+  re-estimated on unlabeled images (``sct.calibrate``), no training;
+- ``trained``: an SCT-trained (converted) model's own branches.
+
+Preprocessing follows the model's own data config, as timm's ``validate.py`` does: timm's
+``resolve_data_config`` (mean, std, interpolation, crop_pct; overridable), and at each size a
+resize to ``size / crop_pct`` and a center crop to the size (``timm.data.create_transform``).
+Images are read as timm reads a folder (``timm.data.ImageDataset``: class folders in natural sort
+order, RGB or, for one-channel models, L).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io as _io
+import json
+import math
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .calibration import calibrate
+from .context import HW, Scale, normalize_scale, scale_key
+from .conversion import context_of, convert, route, unwrap
+from .files import PathLike, atomic_write
+from .progress import Steps
+
+ARMS = ("plain", "calibrated", "trained")
+COLUMNS = ("scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32")
+LATENCY_BATCHES = (1, 32)
+
+
+@dataclass
+class ScaleResult:
+    """One (scale, arm) row: accuracy in percent, per-image latency in ms (batch 1 and 32)."""
+
+    scale: str
+    arm: str
+    top1: float
+    top5: float
+    images: int
+    latency_ms: Optional[float] = None
+    latency_ms_b32: Optional[float] = None
+
+
+@dataclass
+class EvaluationReport:
+    """The rows of :func:`evaluate`, what they were measured on, and writers for each format."""
+
+    rows: List[ScaleResult]
+    notes: List[str] = field(default_factory=list)
+    data_config: Dict[str, Any] = field(default_factory=dict)
+
+    def by_arm(self) -> Dict[str, List[ScaleResult]]:
+        arms: Dict[str, List[ScaleResult]] = {}
+        for row in self.rows:
+            arms.setdefault(row.arm, []).append(row)
+        return arms
+
+    def to_csv(self) -> str:
+        out = _io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
+        return out.getvalue()
+
+    def to_markdown(self) -> str:
+        def cell(v: Optional[float], digits: int) -> str:
+            return "" if v is None else f"{v:.{digits}f}"
+
+        lines = ["| scale | arm | top-1 % | top-5 % | images | ms/image b1 | ms/image b32 |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.scale} | {r.arm} | {r.top1:.1f} | {r.top5:.1f} | {r.images} | "
+                  f"{cell(r.latency_ms, 3)} | {cell(r.latency_ms_b32, 3)} |" for r in self.rows]
+        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes]) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps({"rows": [asdict(r) for r in self.rows], "notes": self.notes,
+                           "data_config": self.data_config}, indent=1, default=str)
+
+    def write(self, path: PathLike) -> Path:
+        """Write the report as ``.csv``, ``.md`` or ``.json`` (by suffix), atomically."""
+        path = Path(path)
+        render = {".csv": self.to_csv, ".md": self.to_markdown, ".json": self.to_json}.get(path.suffix)
+        if render is None:
+            raise ValueError(f"cannot write a report to {path.name}: use a .csv, .md or .json file")
+        text = render()
+        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+    def plot(self, path: PathLike) -> Path:
+        """A PNG: top-1 against size, and top-1 against batch-1 latency, one line per arm."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            from .environment import install_command
+
+            raise ValueError(f"plotting needs matplotlib: {install_command('plot')}") from e
+        fig, (by_size, by_speed) = plt.subplots(1, 2, figsize=(10, 4))
+        for arm, rows in self.by_arm().items():
+            pixels = [_pixels(r.scale) for r in rows]
+            by_size.plot([math.sqrt(p) for p in pixels], [r.top1 for r in rows], "o-", label=arm)
+            timed = [r for r in rows if r.latency_ms is not None]
+            if timed:
+                by_speed.plot([r.latency_ms for r in timed], [r.top1 for r in timed], "o-", label=arm)
+                for r in timed:
+                    by_speed.annotate(r.scale, (r.latency_ms, r.top1), fontsize=7, xytext=(3, 3),
+                                      textcoords="offset points")
+        by_size.set(xlabel="input size (sqrt of pixels)", ylabel="top-1 (%)", title="accuracy by size")
+        by_speed.set(xlabel="ms per image, batch 1", ylabel="top-1 (%)", title="accuracy by latency")
+        for ax in (by_size, by_speed):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+
+        def save(tmp: str) -> None:
+            fig.savefig(tmp, dpi=120, format="png")
+
+        try:
+            return atomic_write(path, save)
+        finally:
+            plt.close(fig)
+
+
+def _pixels(key: str) -> int:
+    h, _, w = key.partition("x")
+    return int(h) * int(w or h)
+
+
+def resolve_data_config(model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The model's eval data config (timm's ``resolve_data_config``) with ``overrides`` applied.
+
+    Args:
+        model: the model (a converted one reads its probe's channel count).
+        overrides: any of ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``.
+
+    Returns:
+        timm's data config dict; ``input_size``'s channels are the model's. A one-channel model
+        whose config still holds three-channel mean / std (timm keeps ImageNet's) is refused
+        with a ``ValueError`` asking for ``mean`` and ``std``.
+    """
+    import timm.data
+
+    channels = _channels(model)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    config = timm.data.resolve_data_config({**overrides, "in_chans": channels}, model=unwrap(model))
+    config["input_size"] = (channels, *config["input_size"][1:])  # timm keeps its config's 3 here
+    for key in ("mean", "std"):
+        if len(config[key]) != channels:
+            raise ValueError(
+                f"the model takes {channels} channel(s) but its data config has {len(config[key])} {key} "
+                f"values {tuple(config[key])}; pass the {key} it was trained with (--mean / --std)")
+    return config
+
+
+def _channels(model: nn.Module) -> int:
+    try:
+        lead = context_of(model).probe_lead
+        if len(lead) > 1:
+            return int(lead[1])
+    except ValueError:
+        pass
+    from .probe import stem_conv
+
+    conv = stem_conv(unwrap(model))
+    return int(conv.in_channels) if conv is not None else 3
+
+
+def transform_at(config: Dict[str, Any], hw: HW) -> Any:
+    """timm's eval transform (resize to ``size / crop_pct``, center crop) at ``hw``."""
+    import timm.data
+
+    return timm.data.create_transform(input_size=(config["input_size"][0], *hw), interpolation=config["interpolation"],
+                                      mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"],
+                                      crop_mode=config.get("crop_mode", "center"), is_training=False)
+
+
+def _dataset(root: PathLike, config: Dict[str, Any], class_map: Any = None) -> Any:
+    import timm.data
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"images folder {root} is not a directory")
+    mode = "RGB" if config["input_size"][0] == 3 else "L"
+    try:
+        dataset = timm.data.ImageDataset(str(root), input_img_mode=mode, class_map=class_map or "")
+    except Exception as e:  # noqa: BLE001 - timm raises several kinds for an unreadable folder
+        raise ValueError(f"cannot read images from {root}: {' '.join(str(e).split())}") from None
+    if len(dataset) == 0:
+        raise ValueError(f"no images found in {root} (expected one folder per class)")
+    return dataset
+
+
+class _At(torch.utils.data.Dataset):
+    """``dataset[indices]`` with the transform of one size (the base dataset is shared)."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int], transform: Any) -> None:
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        image, target = self.dataset[self.indices[i]]
+        return self.transform(image), target
+
+
+def _split(n: int, holdout: int, max_images: Optional[int]) -> Tuple[List[int], List[int]]:
+    """(scored, calibration) indices: a seeded shuffle, the first ``holdout`` for calibration."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    calibration, scored = order[:holdout], sorted(order[holdout:])
+    return (scored if max_images is None else scored[:max_images]), calibration
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, shape: Sequence[int], repeats: int, device: torch.device) -> float:
+    """Median milliseconds per image of ``model`` on a random batch of ``shape`` (one warm-up)."""
+    x = torch.randn(*shape, device=device)
+    model(x)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000 / shape[0]
+
+
+def _loader(dataset: Any, indices: Sequence[int], config: Dict[str, Any], hw: HW, batch_size: int,
+            workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(_At(dataset, indices, transform_at(config, hw)), batch_size=batch_size,
+                                       num_workers=workers, shuffle=False)
+
+
+@torch.inference_mode()
+def _score(models: Dict[str, nn.Module], loader: torch.utils.data.DataLoader,
+           device: torch.device) -> Dict[str, Tuple[float, float, int]]:
+    """Top-1 / top-5 (percent) and image count of each model on one pass over ``loader``."""
+    hits = {arm: [0, 0] for arm in models}
+    seen = 0
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        seen += len(targets)
+        for arm, model in models.items():
+            logits = model(images)
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hits[arm][0] += int((top[:, 0] == targets).sum())
+            hits[arm][1] += int((top == targets[:, None]).any(-1).sum())
+    return {arm: (100 * h[0] / max(seen, 1), 100 * h[1] / max(seen, 1), seen) for arm, h in hits.items()}
+
+
+def evaluate(
+    model: nn.Module,
+    images: PathLike,
+    scales: Sequence[Scale],
+    *,
+    calibrate_images: Optional[PathLike] = None,
+    holdout: int = 1000,
+    max_images: Optional[int] = None,
+    batch_size: int = 64,
+    data_config: Optional[Dict[str, Any]] = None,
+    class_map: Any = None,
+    latency_repeats: int = 5,
+    workers: int = 0,
+    progress: bool = False,
+) -> EvaluationReport:
+    """Top-1, top-5 and latency of ``model`` at each of ``scales``: plain, calibrated or trained.
+
+    A plain model is scored as it is (``arm="plain"``) and converted to ``scales`` with every
+    branch calibrated (``arm="calibrated"``; the model itself is not changed). A converted model is
+    scored with its own branches (``arm="trained"``); sizes it has no branch for follow its routing
+    policy. Images are preprocessed at each size from the model's data config (see module doc).
+
+    Args:
+        model: a plain model (its weights loaded) or a converted, SCT-trained one.
+        images: a labelled folder, one sub-folder per class (class order: natural sort, as timm).
+        scales: the input sizes to score, ints or ``(height, width)``.
+        calibrate_images: a folder of images (labels unused) for the calibrated arm. Without it,
+            ``holdout`` images of ``images`` (a seeded draw) calibrate and are not scored.
+        holdout: images held out of ``images`` for calibration when ``calibrate_images`` is None.
+        max_images: score at most this many images (after the holdout).
+        batch_size: images per batch, for scoring and calibration.
+        data_config: overrides of timm's data config: ``mean``, ``std``, ``interpolation``,
+            ``crop_pct``, ``crop_mode``.
+        class_map: timm's ``class_map`` (a file or dict of folder name to index).
+        latency_repeats: timed forwards per (arm, scale, batch size) for the median latency at
+            batch 1 and 32 on random inputs; 0 skips latency.
+        workers: ``DataLoader`` worker processes.
+        progress: report each (scale) step: a bar on a terminal, one line otherwise.
+
+    Returns:
+        An :class:`EvaluationReport` with one row per (scale, arm), scales in the given order;
+        ``report.write("r.csv" | "r.md" | "r.json")`` and ``report.plot("r.png")`` save it.
+    """
+    sizes = [normalize_scale(s) for s in scales]
+    if not sizes:
+        raise ValueError("evaluate needs at least one scale")
+    try:
+        context_of(model)
+        trained = True
+    except ValueError:
+        trained = False
+    base = unwrap(model)
+    device = next((p.device for p in base.parameters()), torch.device("cpu"))
+    config = resolve_data_config(model, data_config)
+    dataset = _dataset(images, config, class_map)
+    notes = [f"preprocessing: resize to size / crop_pct ({config['crop_pct']}), center crop, "
+             f"{config['interpolation']}, mean {tuple(config['mean'])}, std {tuple(config['std'])} "
+             "(timm's data config, as validate.py)"]
+    arms: Dict[str, nn.Module] = {}
+    if trained:
+        scored, _ = _split(len(dataset), 0, max_images)
+        arms["trained"] = model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # route's nearest-branch notice: the note says it
+            notes += [f"{scale_key(hw)} has no branch of its own: served by {route(model, hw)!r} "
+                      f"(unknown_scale={context_of(model).unknown_scale!r})"
+                      for hw in sizes if hw not in context_of(model).sizes]
+    else:
+        arms["plain"] = model
+        calibration_set, scored = _calibration_source(dataset, images, calibrate_images, config, holdout,
+                                                      max_images, class_map, notes)
+        arms["calibrated"] = _calibrated(model, sizes, calibration_set, config, batch_size, workers, progress)
+    notes.insert(0, f"{len(scored)} scored images from {images}")
+    was_training = {arm: m.training for arm, m in arms.items()}
+    for m in arms.values():
+        m.eval()
+    rows: List[ScaleResult] = []
+    try:
+        with Steps(len(sizes), "evaluate", progress) as steps, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="sct_convert: input size")  # said in the notes
+            for hw in sizes:
+                results = _score(arms, _loader(dataset, scored, config, hw, batch_size, workers), device)
+                for arm, m in arms.items():
+                    top1, top5, n = results[arm]
+                    timing = [latency_ms(m, (b, config["input_size"][0], *hw), latency_repeats, device)
+                              if latency_repeats > 0 else None for b in LATENCY_BATCHES]
+                    rows.append(ScaleResult(scale_key(hw), arm, round(top1, 2), round(top5, 2), n,
+                                            *(None if t is None else round(t, 4) for t in timing)))
+                steps.advance(f"{scale_key(hw)}: " + ", ".join(
+                    f"{arm} {results[arm][0]:.1f}%" for arm in arms))
+    finally:
+        for arm, m in arms.items():
+            m.train(was_training[arm])
+    return EvaluationReport(rows, notes, {k: v for k, v in config.items()})
+
+
+def _calibration_source(dataset: Any, images: PathLike, calibrate_images: Optional[PathLike],
+                        config: Dict[str, Any], holdout: int, max_images: Optional[int], class_map: Any,
+                        notes: List[str]) -> Tuple[Tuple[Any, List[int]], List[int]]:
+    """((dataset, indices) to calibrate on, indices of ``dataset`` to score)."""
+    if calibrate_images is not None:
+        source = _dataset(calibrate_images, config)
+        scored, _ = _split(len(dataset), 0, max_images)
+        notes.append(f"calibrated on {len(source)} images of {calibrate_images}")
+        return (source, list(range(len(source)))), scored
+    take = min(holdout, len(dataset) // 2)
+    if take < 1:
+        raise ValueError(f"{images} holds {len(dataset)} image(s): too few to hold some out for calibration; "
+                         "pass calibrate_images (--calibrate-images)")
+    scored, held = _split(len(dataset), take, max_images)
+    notes.append(f"calibrated on {take} images held out of {images} (a seeded draw), disjoint from the scored "
+                 "images; pass --calibrate-images to calibrate on another folder")
+    return (dataset, held), scored
+
+
+def _calibrated(model: nn.Module, sizes: Sequence[HW], calibration_set: Tuple[Any, List[int]],
+                config: Dict[str, Any], batch_size: int, workers: int, progress: bool) -> nn.Module:
+    """A converted copy of ``model`` with each branch calibrated on images preprocessed at its size."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="sct_convert: one scale")  # one size: still a calibration
+        converted = convert(copy.deepcopy(model), list(sizes))
+    dataset, indices = calibration_set
+    batches = math.ceil(len(indices) / batch_size)
+    with Steps(len(sizes), "calibrate", progress) as steps:
+        for hw in sizes:
+            loader = _loader(dataset, indices, config, hw, batch_size, workers)
+            calibrate(converted, loader, num_batches=batches, scales=[hw], progress=False)
+            steps.advance(scale_key(hw))
+    return converted

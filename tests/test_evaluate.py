@@ -1,0 +1,125 @@
+"""sct.evaluate / sct-convert evaluate: per-scale accuracy of a plain, calibrated or trained model,
+preprocessed as timm's validate.py does, and a report in CSV / Markdown / JSON with a plot."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import timm.data
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import sct_convert as sct
+from sct_convert.cli import cli
+
+SCALES = [64, 48, 32]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A labelled folder: 3 classes x 12 images of different sizes (a real loader resizes them)."""
+    root = tmp_path_factory.mktemp("val")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class_{c}").mkdir()
+        for i in range(12):
+            side = int(rng.integers(40, 90))
+            image = rng.integers(0, 255, (side, side + 7, 3), dtype=np.uint8)
+            image[..., c] = 255  # a colour cue per class, so the scores are not all chance
+            Image.fromarray(image).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+def manual_top1(model, root, size, indices):
+    """What timm's validate.py computes: its dataset, its eval transform at this size, top-1."""
+    config = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(input_size=(3, size, size), interpolation=config["interpolation"],
+                                           mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"])
+    dataset = timm.data.ImageDataset(str(root))
+    hits = 0
+    model.eval()
+    with torch.no_grad():
+        for i in indices:
+            image, target = dataset[i]
+            hits += int(model(transform(image)[None]).argmax() == target)
+    return 100 * hits / len(indices)
+
+
+def test_plain_and_calibrated_arms_at_every_scale(folder):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = sct.evaluate(model, folder, SCALES, holdout=6, latency_repeats=1)
+    assert [(r.scale, r.arm) for r in report.rows] == [(str(s), a) for s in SCALES for a in ("plain", "calibrated")]
+    assert all(r.images == 30 for r in report.rows)  # 36 images, 6 held out to calibrate
+    assert any("6 images held out" in n and "disjoint" in n for n in report.notes)
+    assert all(r.latency_ms > 0 and r.latency_ms_b32 > 0 for r in report.rows)
+    assert all(0 <= r.top1 <= r.top5 == 100.0 for r in report.rows)  # 3 classes: top-5 holds them all
+    # the plain arm is exactly timm's own evaluation of the scored images
+    order = torch.randperm(36, generator=torch.Generator().manual_seed(0)).tolist()
+    scored = sorted(order[6:])
+    for r in report.rows:
+        if r.arm == "plain":
+            assert r.top1 == pytest.approx(manual_top1(model, folder, int(r.scale), scored), abs=0.01)
+    # the user's model is untouched: the calibrated arm is a converted copy
+    assert not hasattr(model, "_sct_context")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_calibrated_arm_uses_another_folder_when_given(folder, tmp_path):
+    model = timm.create_model("test_resnet", num_classes=3)
+    report = sct.evaluate(model, folder, [48], calibrate_images=folder, latency_repeats=0, max_images=20)
+    assert [r.images for r in report.rows] == [20, 20]
+    assert any(f"calibrated on 36 images of {folder}" in n for n in report.notes)
+    assert report.rows[0].latency_ms is None
+    for suffix in (".csv", ".md", ".json"):
+        report.write(tmp_path / f"r{suffix}")
+    rows = list(csv.DictReader(open(tmp_path / "r.csv")))
+    assert list(rows[0]) == ["scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32"]
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["arm"] == "calibrated"
+    assert "| 48 | calibrated |" in (tmp_path / "r.md").read_text()
+    with pytest.raises(ValueError, match=r"\.csv, \.md or \.json"):
+        report.write(tmp_path / "r.txt")
+
+
+def test_an_sct_model_is_scored_with_its_own_branches(folder):
+    model = sct.convert(timm.create_model("test_resnet", num_classes=3), [64, 32])
+    report = sct.evaluate(model, folder, [64, 48, 32], latency_repeats=0)
+    assert {r.arm for r in report.rows} == {"trained"} and report.rows[0].images == 36
+
+
+def test_a_grayscale_model_needs_its_own_mean_and_std(folder):
+    model = timm.create_model("test_resnet", num_classes=3, in_chans=1)
+    with pytest.raises(ValueError, match=r"takes 1 channel.*--mean / --std"):
+        sct.evaluate(model, folder, [48], latency_repeats=0)
+    report = sct.evaluate(model, folder, [48], latency_repeats=0, holdout=6,
+                          data_config={"mean": (0.5,), "std": (0.25,)})
+    assert len(report.rows) == 2
+
+
+def test_cli_evaluate_writes_the_report_and_plot(folder, tmp_path):
+    model = timm.create_model("test_resnet", num_classes=3)
+    safetensors.torch.save_file(model.state_dict(), str(tmp_path / "plain.safetensors"))
+    out, plot = tmp_path / "report.csv", tmp_path / "curve.png"
+    r = CliRunner().invoke(cli, ["evaluate", "test_resnet", "--checkpoint", str(tmp_path / "plain.safetensors"),
+                                 "--num-classes", "3", "--images", str(folder), "--scales", "64,32", "--holdout", "6",
+                                 "--out", str(out), "--plot", str(plot), "--latency-repeats", "1"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(out)))
+    assert [(row["scale"], row["arm"]) for row in rows] == [("64", "plain"), ("64", "calibrated"),
+                                                           ("32", "plain"), ("32", "calibrated")]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "evaluate: 2/2" in r.output  # one progress line per scale when not on a terminal
+    bad = CliRunner().invoke(cli, ["evaluate", "test_resnet", "--images", str(folder), "--out", str(tmp_path / "r.txt")])
+    assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1 and ".csv, .md or .json" in bad.output
+    bad = CliRunner().invoke(cli, ["evaluate", "test_resnet", "--images", str(tmp_path / "none"), "--out", str(out)])
+    assert bad.exit_code != 0 and "is not a directory" in bad.output
+
+
+def test_sizes_without_a_branch_say_what_served_them(folder):
+    model = sct.convert(timm.create_model("test_resnet", num_classes=3), [64, 32])
+    report = sct.evaluate(model, folder, [48], latency_repeats=0)
+    assert any("48 has no branch of its own: served by 32 (unknown_scale='nearest')" in n for n in report.notes)
