@@ -21,6 +21,7 @@ from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
 from .conversion import context_of, scale, scale_specific_layers, unwrap
 from .probe import _SizeLog, _rng_kept, _run_at_every_scale, _training_failure
+from .progress import Steps
 from .routing import bracket, nearest_index
 from .sampling import resize_to, scale_runs
 
@@ -133,7 +134,7 @@ def calibrate(
         data: an iterable of batches, e.g. a ``DataLoader`` (labels are ignored).
         num_batches: batches to use per scale, at most.
         scales: the scales to calibrate (default: every scale).
-        progress: show a progress bar.
+        progress: report each scale: a bar on a terminal, one line on stderr otherwise.
 
     Returns:
         ``model``, with every module's train/eval state as it was.
@@ -160,22 +161,13 @@ def calibrate(
             f"({sum(int(x.shape[0]) for x in batches)} images); the statistics come from those. "
             "Pass num_batches to match, or more data for steadier statistics",
             UserWarning, stacklevel=2)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches) * len(chosen), desc="calibrate", unit="batch")
-    try:
+    with Steps(len(chosen), "calibrate", progress) as steps:
         for _, hw, route in scale_runs(ctx, [ctx.index(s) for s in chosen]):
             with torch.no_grad(), _collecting(inner, scale_key(hw)) as bns, pinned(ctx, route):
                 for x in batches:
                     inner(resize_to(x.to(device, non_blocking=True), hw, ctx.antialias))
-                    if bar is not None:
-                        bar.update(1)
                 _reduce_across_ranks(bns)
-    finally:
-        if bar is not None:
-            bar.close()
+            steps.advance(f"scale {scale_key(hw)}, {len(batches)} batches")
     return model
 
 

@@ -91,7 +91,7 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     layers = len(model._sct_context.report.converted)
     extra = ""
     if per_scale:
-        files = io.save_per_scale(model, per_scale, arch=model_name, source=source)
+        files = io.save_per_scale(model, per_scale, arch=model_name, source=source, progress=True)
         extra = f"; {len(files)} per-scale checkpoints in {per_scale}"
     click.echo(
         f"converted {source} {model_name}: {layers} batch-norm layers x {len(scale_list)} scales "
@@ -212,7 +212,7 @@ def export_cmd(file, fmt, scale_option, out, model_name):
         from . import deploy
 
         write = deploy.export_onnx if fmt == "onnx" else deploy.export_program
-        path = write(converted, out, s)
+        path = write(converted, out, s, progress=True)
     click.echo(f"wrote {path}: {meta.get('arch') or model_name} {what} ({fmt})")
 
 

@@ -27,17 +27,18 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .context import Scale, scale_key
+from .context import Scale, normalize_scale, scale_key
 from .conversion import context_of, extract, unwrap
 from .dense import iter_tensors
 from .probe import run_mode
 from .files import atomic_write
 from .io import model_metadata
+from .progress import Steps
 
 if TYPE_CHECKING:
     import onnx
@@ -182,7 +183,8 @@ def _to_onnx(program: "torch.export.ExportedProgram", opset: int, optimize: bool
                                  verbose=False, optimize=optimize)
 
 
-def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor]) -> Iterator["onnx.ModelProto"]:
+def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor],
+                   on_step: Callable[[str], None]) -> Iterator["onnx.ModelProto"]:
     """Each scale's plain model as ONNX, dynamic in batch, height and width, BN left unfolded so
     that the branches can share the conv weights (the runtime folds each branch's BN at load).
 
@@ -207,6 +209,7 @@ def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.T
         proto = [onnx_ir.serde.serialize_model(graph)]
         del graph  # it and the traced program hold the plain copy's weights, in reference cycles:
         gc.collect()  # free them before the next scale is traced
+        on_step(f"traced scale {scale_key(normalize_scale(scale))}")
         yield proto.pop()  # nor does this frame keep the proto alive while the next one is traced
 
 
@@ -221,19 +224,21 @@ def _drop_zero_conv_bias(model: "onnx_ir.Model") -> None:
 
 
 def _switchable_onnx(model: nn.Module, opset: int, example_input: Optional[torch.Tensor],
-                     store: "ExternalTensors") -> "onnx.ModelProto":
+                     on_step: Callable[[str], None], store: "ExternalTensors") -> "onnx.ModelProto":
     from .onnx_graph import switchable_model
 
     sizes = context_of(model).sizes
-    return switchable_model(_onnx_branches(model, opset, example_input), sizes,
+    return switchable_model(_onnx_branches(model, opset, example_input, on_step), sizes,
                             [scale_key(s) for s in sizes], INPUT_NAME, store)
 
 
 def _per_scale_onnx(model: nn.Module, scale: Scale, opset: int, example_input: Optional[torch.Tensor],
-                    store: "ExternalTensors") -> "onnx.ModelProto":
+                    on_step: Callable[[str], None], store: "ExternalTensors") -> "onnx.ModelProto":
     from .onnx_graph import externalized
 
-    return externalized(_to_onnx(export_program_object(model, scale, example_input), opset).model_proto, store)
+    proto = _to_onnx(export_program_object(model, scale, example_input), opset).model_proto
+    on_step(f"traced scale {scale_key(normalize_scale(scale))}")
+    return externalized(proto, store)
 
 
 def _probe_inputs(model: nn.Module, scale: Optional[Scale],
@@ -250,7 +255,7 @@ def _probe_inputs(model: nn.Module, scale: Optional[Scale],
 
 
 def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
-                   example_input: Optional[torch.Tensor] = None) -> Path:
+                   example_input: Optional[torch.Tensor] = None, progress: bool = False) -> Path:
     """Write a ``torch.export`` program (``.pt2``) that serves every scale, or one.
 
     Args:
@@ -260,20 +265,25 @@ def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = No
             (dynamic batch, height and width); a scale for the plain architecture at that scale
             (dynamic batch). A clip's frame count (N, C, T, H, W) is dynamic in both.
         example_input: an input to trace with; by default a batch of 2 at the largest scale.
+        progress: report the trace and the write (a bar on a terminal, lines otherwise).
 
     Returns:
         The path written. ``torch.export.load(path).module()`` runs it; the metadata is in the
         archive's extra file ``sct_convert.json`` (``sct-convert inspect`` prints it).
     """
-    program = export_program_object(model, scale, example_input)
-    meta = deploy_metadata(model, scale, PROGRAM_FORMAT)
-    return atomic_write(path, lambda tmp: torch.export.save(
-        program, tmp, extra_files={PROGRAM_METADATA: json.dumps(meta)}))
+    with Steps(2, "export pt2", progress) as steps:
+        program = export_program_object(model, scale, example_input)
+        steps.advance("traced" + ("" if scale is None else f" scale {scale_key(normalize_scale(scale))}"))
+        meta = deploy_metadata(model, scale, PROGRAM_FORMAT)
+        path = atomic_write(path, lambda tmp: torch.export.save(
+            program, tmp, extra_files={PROGRAM_METADATA: json.dumps(meta)}))
+        steps.advance("written")
+    return path
 
 
 def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
                 opset: int = DEFAULT_OPSET, example_input: Optional[torch.Tensor] = None,
-                check: bool = True) -> Path:
+                check: bool = True, progress: bool = False) -> Path:
     """Write an ONNX file that serves every scale, or one (needs the ``[onnx]`` extra).
 
     Args:
@@ -289,21 +299,25 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
             renamed into place, and refuse (``ValueError`` naming the scale and onnxruntime's
             reason, nothing written) a file that fails. Costs one session's memory and a forward
             per scale.
+        progress: report each step (a scale traced, the file written, a scale run): a bar on a
+            terminal, one line on stderr otherwise.
 
     Returns:
         The path written. Its ``metadata_props`` hold the scales, routing and architecture.
         The input is named ``images``.
     """
     _require_onnx()
+    from .onnx_graph import will_check, write_onnx
+
     meta = deploy_metadata(model, scale, ONNX_FORMAT)
     meta["opset"] = str(opset)
     props = {f"sct_convert.{k}": v for k, v in meta.items()}
-    build = (functools.partial(_switchable_onnx, model, opset, example_input) if scale is None
-             else functools.partial(_per_scale_onnx, model, scale, opset, example_input))
-    from .onnx_graph import write_onnx
-
-    probes = _probe_inputs(model, scale, example_input) if check else ()
-    return write_onnx(path, build, props, probes)
+    probes = _probe_inputs(model, scale, example_input) if check else []
+    traces = len(context_of(model).scales) if scale is None else 1
+    with Steps(traces + 1 + (len(probes) if will_check(probes) else 0), "export onnx", progress) as steps:
+        build = (functools.partial(_switchable_onnx, model, opset, example_input, steps.advance) if scale is None
+                 else functools.partial(_per_scale_onnx, model, scale, opset, example_input, steps.advance))
+        return write_onnx(path, build, props, probes, steps.advance)
 
 
 def read_deploy_metadata(path: PathLike) -> Dict[str, str]:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .context import Scale, normalize_scale, scale_key
+from .progress import Steps
 from .files import atomic_save
 from .conversion import context_of, convert, scale_specific_layers, unwrap
 from .zoo import arch_info, create_model
@@ -164,7 +165,7 @@ def export(
 
 def save_per_scale(
     model: nn.Module, directory: PathLike, *, arch: Optional[str] = None,
-    source: Optional[str] = None,
+    source: Optional[str] = None, progress: bool = False,
 ) -> List[Path]:
     """One plain checkpoint per scale in ``directory``, named ``<arch>_<scale>.safetensors``.
 
@@ -173,6 +174,7 @@ def save_per_scale(
         directory: where to write (created if missing).
         arch: architecture name for the file names and metadata (default: detected).
         source: ``"timm"`` or ``"torchvision"`` (default: detected).
+        progress: report each file (a bar on a terminal, one line on stderr otherwise).
 
     Returns:
         The paths written, one per scale, in the model's scale order.
@@ -184,10 +186,12 @@ def save_per_scale(
     model = unwrap(model)
     name = arch or arch_info(model).get("arch") or type(model).__name__.lower()
     ctx = context_of(model)
-    return [
-        export(model, s, directory / f"{name}_{scale_key(hw)}.safetensors", arch=arch, source=source)
-        for s, hw in zip(ctx.scales, ctx.sizes)
-    ]
+    paths = []
+    with Steps(len(ctx.scales), "per-scale files", progress) as steps:
+        for s, hw in zip(ctx.scales, ctx.sizes):
+            paths.append(export(model, s, directory / f"{name}_{scale_key(hw)}.safetensors", arch=arch, source=source))
+            steps.advance(paths[-1].name)
+    return paths
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:

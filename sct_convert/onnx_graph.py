@@ -258,17 +258,25 @@ def _onnxruntime_reason(e: BaseException) -> str:
     return text.rsplit("Status Message: ", 1)[-1][:300]
 
 
-def check_runs(path: PathLike, probes: Sequence[Tuple[Scale, torch.Tensor]]) -> None:
+def will_check(probes: Sequence[Tuple[Scale, torch.Tensor]]) -> bool:
+    """Whether :func:`check_runs` can run ``probes``: onnxruntime installed, numpy-held dtypes."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return bool(probes) and not any(x.dtype == torch.bfloat16 for _, x in probes)
+
+
+def check_runs(path: PathLike, probes: Sequence[Tuple[Scale, torch.Tensor]],
+               on_step: Callable[[str], None] = lambda label: None) -> None:
     """Run an ONNX file in onnxruntime on ``probes``; ``ValueError`` naming the scale and the fault.
 
     Does nothing when onnxruntime is not installed, or for inputs numpy cannot hold (bfloat16).
     """
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    if not will_check(probes):
         return
-    if any(x.dtype == torch.bfloat16 for _, x in probes):
-        return
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 4  # the failure is reported below, once
     s: Any = None
@@ -276,6 +284,7 @@ def check_runs(path: PathLike, probes: Sequence[Tuple[Scale, torch.Tensor]]) -> 
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for s, x in probes:  # noqa: B007 - the failing scale is named below
             session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+            on_step(f"ran scale {s} in onnxruntime")
     except Exception as e:  # noqa: BLE001 - any runtime failure refuses the file
         where = "when loading it" if s is None else f"at scale {s!r}"
         raise ValueError(
@@ -286,7 +295,8 @@ def check_runs(path: PathLike, probes: Sequence[Tuple[Scale, torch.Tensor]]) -> 
 
 
 def write_onnx(path: PathLike, build: Callable[[ExternalTensors], onnx.ModelProto],
-                props: Dict[str, str], probes: Sequence[Tuple[Scale, torch.Tensor]] = ()) -> Path:
+               props: Dict[str, str], probes: Sequence[Tuple[Scale, torch.Tensor]] = (),
+               on_step: Callable[[str], None] = lambda label: None) -> Path:
     """Write the model ``build(store)`` returns, with ``props`` as its metadata; its tensor bytes
     are streamed to ``store`` while it is built, so that no more than one copy of them is held.
 
@@ -294,6 +304,7 @@ def write_onnx(path: PathLike, build: Callable[[ExternalTensors], onnx.ModelProt
     ``<name>.data`` beside it (ONNX external data, as ``torch.onnx`` and onnx do). Both are
     written under temporary names and renamed at the end, never half-written. Before the
     rename the file is run on ``probes`` (:func:`check_runs`): a file that fails is refused.
+    ``on_step`` is told when the file is written and as each probe runs.
     """
     path = Path(path)
     location = path.name + ".data"
@@ -312,12 +323,14 @@ def write_onnx(path: PathLike, build: Callable[[ExternalTensors], onnx.ModelProt
             if external:  # checked beside its data in the staging folder, then moved
                 staged = Path(staging.name) / path.name
                 staged.write_bytes(model.SerializeToString())
-                check_runs(staged, probes)
+                on_step("written")
+                check_runs(staged, probes, on_step)
                 os.replace(staged, tmp)
                 os.replace(store.path, path.parent / location)
             else:
                 onnx.external_data_helper.load_external_data_for_model(model, staging.name)
                 onnx.save_model(model, tmp)
-                check_runs(tmp, probes)
+                on_step("written")
+                check_runs(tmp, probes, on_step)
 
         return atomic_write(path, write)

@@ -192,6 +192,12 @@ def test_cli_exports_every_format(model, tmp_path):
         result = runner.invoke(cli, args + (["--scale", scale] if scale else []))
         assert result.exit_code == 0, result.output
         assert (tmp_path / out).is_file()
+        if fmt == "onnx":  # progress: one line per step when not on a terminal (3 traces, write, 3 runs)
+            steps = [line for line in result.output.splitlines() if line.startswith("export onnx: ")]
+            assert [line.split()[2] for line in steps] == [f"{i}/7" for i in range(1, 8)], result.output
+            assert "traced scale 64" in steps[0] and "ran scale 32 in onnxruntime" in steps[-1]
+        if fmt == "pt2":
+            assert "export pt2: 2/2 written" in result.output
     assert onnx_max_relative_error(model, tmp_path / "all.onnx", [(48, 48)])[0] < 1e-4
     result = runner.invoke(cli, ["export", str(combined), "--format", "safetensors", "--out", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1 and "--scale is required" in result.output
