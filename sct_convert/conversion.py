@@ -299,12 +299,12 @@ def route(model: nn.Module, size: Any) -> Union[Scale, ScaleBlend]:
         One of ``scales_of(model)``; under ``unknown_scale="interpolate"``, for a size strictly
         between two scales (by pixel count), a :class:`ScaleBlend` ``(low, high, t)``: the two
         scales whose BN tensors are blended, ``lerp(low, high, t)``. Raises ``ValueError`` for an
-        untrained size under ``unknown_scale="error"``; warns once per size under ``"nearest"``,
-        as a forward does.
+        untrained size under ``unknown_scale="error"``. It never warns: it answers the question
+        (a forward at an untrained size warns once under ``"nearest"``).
     """
     ctx = context_of(model)
     hw = (int(size.shape[-2]), int(size.shape[-1])) if isinstance(size, torch.Tensor) else normalize_scale(size)
-    chosen = route_size(ctx, hw)
+    chosen = route_size(ctx, hw, warn=False)
     if isinstance(chosen, int):
         return ctx.scales[chosen]
     return ScaleBlend(ctx.scales[chosen.low], ctx.scales[chosen.high], chosen.t)

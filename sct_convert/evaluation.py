@@ -329,11 +329,9 @@ def evaluate(
     if trained:
         scored, _ = _split(len(dataset), 0, max_images)
         arms["trained"] = model
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # route's nearest-branch notice: the note says it
-            notes += [f"{scale_key(hw)} has no branch of its own: served by {route(model, hw)!r} "
-                      f"(unknown_scale={context_of(model).unknown_scale!r})"
-                      for hw in sizes if hw not in context_of(model).sizes]
+        notes += [f"{scale_key(hw)} has no branch of its own: served by {route(model, hw)!r} "
+                  f"(unknown_scale={context_of(model).unknown_scale!r})"
+                  for hw in sizes if hw not in context_of(model).sizes]
     else:
         arms["plain"] = model
         calibration_set, scored = _calibration_source(dataset, images, calibrate_images, config, holdout,

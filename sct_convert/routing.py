@@ -108,8 +108,8 @@ def choose(hw: HW, sizes: Sequence[HW], policy: str) -> Optional[Union[int, Blen
 
 
 def route_size(context: ScaleContext, hw: HW, table: Optional[Sequence[HW]] = None,
-               where: str = "input") -> Union[int, Blend]:
-    """:func:`choose` under ``context``'s policy; warns once per size, or raises ``ValueError``.
+               where: str = "input", warn: bool = True) -> Union[int, Blend]:
+    """:func:`choose` under ``context``'s policy; warns once per size (``warn``), or raises ``ValueError``.
 
     ``table`` holds each scale's size at the layer that routes (the image sizes by default,
     ``context.entry_sizes`` at the entry layer).
@@ -124,7 +124,7 @@ def route_size(context: ScaleContext, hw: HW, table: Optional[Sequence[HW]] = No
             "and unknown_scale='error'; resize the input, force a branch with "
             "sct.scale(model, s), or convert with unknown_scale='nearest'"
         )
-    if isinstance(choice, int) and table[choice] != hw and (hw, where) not in context.warned:
+    if warn and isinstance(choice, int) and table[choice] != hw and (hw, where) not in context.warned:
         context.warned.add((hw, where))
         warnings.warn(
             f"sct_convert: {what} {hw} is not a trained scale; using the nearest branch "

@@ -16,13 +16,20 @@ def _quickstart() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_quickstart_runs_as_pasted(tmp_path, monkeypatch):
+def test_quickstart_runs_as_pasted_and_says_what_it_did(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = _quickstart()
-    assert len(code.strip().splitlines()) <= 25
+    assert len(code.strip().splitlines()) <= 32
     namespace: dict = {}
     exec(compile(code, "README.md quickstart", "exec"), namespace)
     import sct_convert as sct
+
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed[:2]] == ["step 0", "step 1"]
+    assert "per scale {128: " in printed[0] and ", 64: " in printed[0]
+    assert printed[2:5] == ["a 128x128 image runs branch 128", "a 112x112 image runs branch 96",
+                            "a 64x64 image runs branch 64"]  # 112 is nearer 96 than 128 in pixels
+    assert printed[5] == "wrote resnet18_sct.safetensors, resnet18_64.safetensors, resnet18_sct.pt2"
 
     assert namespace["fast"].shape == namespace["best"].shape == (1, 10)
     reloaded = sct.load(tmp_path / "resnet18_sct.safetensors")

@@ -274,3 +274,12 @@ def test_a_clip_model_exports_onnx_files_with_dynamic_batch_frames_and_size(tmp_
                 with torch.no_grad():
                     want = clip(x).numpy()
                 assert np.allclose(session.run(None, {"images": x.numpy()})[0], want, atol=1e-5), (path.name, side)
+
+
+def test_route_answers_without_warning_and_a_forward_still_warns_once():
+    model = sct.convert(Net(), [32, 16]).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sct.route(model, (20, 20)) == 16
+    with pytest.warns(UserWarning, match=r"input size \(20, 20\) is not a trained scale"):
+        model(torch.randn(1, 3, 20, 20))
