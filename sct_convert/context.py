@@ -80,11 +80,14 @@ class Route(NamedTuple):
     ``pinned`` routes hold for the whole call (set by the model's forward, from the image's
     size, a ``sct.scale`` pin or a sampling step); an unpinned route is the entry layer's own
     choice for a call that did not come through the model's forward
-    (``model.forward_features(x)``) and is replaced by the next such call.
+    (``model.forward_features(x)``) and is replaced by the next such call. ``size`` is the size a
+    model that resizes its own input (a detection transform) resizes to in this call, set by
+    ``sct.scale`` pins and sampling; ``None`` keeps the model's own size.
     """
 
     index: Any
     pinned: bool
+    size: Optional[HW] = None
 
 
 _NO_ROUTES: Mapping["ScaleContext", Any] = types.MappingProxyType({})
@@ -151,6 +154,8 @@ class ScaleContext:
         scale_specific_bn: ``False`` for shared norm layers (sampling only).
         report: what ``convert`` found (a ``ConversionReport``).
         hook_id: id of the entry router's hook, when the entry layer is not an S-BN.
+        resizer: the module that resizes the model's input itself (a torchvision detection
+            transform), ``""`` for none; when set, a call routes by that module's size.
     """
 
     scales: Tuple[Scale, ...]
@@ -165,6 +170,7 @@ class ScaleContext:
     scale_specific_bn: bool = True
     report: Any = None
     hook_id: Optional[int] = None
+    resizer: str = ""
     sizes: Tuple[HW, ...] = field(init=False)
     keys: Tuple[str, ...] = field(init=False)
     warned: Set[Any] = field(init=False, repr=False)  # sizes already warned about

@@ -22,8 +22,10 @@ from torch import nn
 
 from .bn import ScaleSpecificBatchNorm, is_batch_norm
 from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
+from .detection import find_resizer, install_sized_transform, remove_sized_transform, sized_attributes
 from .discovery import ConversionError, ConversionReport, find_batch_norms
-from .probe import _first_lead_that_runs, _probe_leads, _rng_kept, _training_failure, probe_entry
+from .probe import (_describe_failure, _first_lead_that_runs, _probe_leads, _rng_kept, _training_failure, probe_entry,
+                    run_mode)
 from .routing import EntryRouter, ScaleBlend, route_size
 from .sampling import converted_forward, image_parameter, scaled_type
 from .scripting import ScriptedRouter
@@ -92,6 +94,10 @@ def convert(
             f"sct_convert: one scale ({scale_key(context.sizes[0])}) is plain training at that size; SCT "
             "needs two or more, e.g. scales=[224, 192, 128] (a scale written HxW, such as 224x192, is "
             "one non-square scale, not two)", UserWarning, stacklevel=2)
+    context.scale_specific_bn = scale_specific_bn
+    resizer = find_resizer(model)
+    if resizer:  # torchvision detection: the scale is the size its transform resizes to
+        return _convert_resizing_model(model, context, resizer)
     if not scale_specific_bn:
         return _install_sampling_only(model, context, example_input, in_chans)
     found, report = find_batch_norms(model)
@@ -154,6 +160,42 @@ def _branch_batch_norms(model: nn.Module, context: ScaleContext, found: List[Tup
     replace_modules(model, replacements)
     entry = replacements.get(id(entry), entry)
     context.hook_id = entry.register_forward_pre_hook(EntryRouter(context)).id
+
+
+def _convert_resizing_model(model: nn.Module, context: ScaleContext, resizer: str) -> nn.Module:
+    """Convert a model that resizes its own input (a torchvision detection model): every scale
+    reaches the backbone at the size its transform resizes to, so there is no entry layer to
+    probe for; each scale is run once (eval, one image) to check the model accepts it."""
+    transform = model.get_submodule(resizer)
+    found, report = find_batch_norms(model) if context.scale_specific_bn else ([], ConversionReport(traced=False))
+    if context.scale_specific_bn and not found:
+        raise ConversionError(f"{type(model).__name__} has no batch-norm layer, so there is nothing to make "
+                              "scale-specific; pass scale_specific_bn=False for SCT sampling alone")
+    with _rng_kept(model), run_mode(model), torch.no_grad():
+        saved = dict(vars(transform))
+        for s, hw in zip(context.scales, context.sizes):
+            vars(transform).update(sized_attributes(transform, hw))
+            try:
+                model([torch.rand(3, *hw, device=_device_of(model))])
+            except Exception as e:  # noqa: BLE001 - any failure means the scale cannot be served
+                raise ConversionError(f"model cannot run with its transform at scale {s!r}: "
+                                      f"{_describe_failure(e)}; drop that scale") from e
+            finally:
+                vars(transform).clear()
+                vars(transform).update(saved)
+    context.resizer = context.entry_name = resizer
+    context.entry_sizes, context.probe_lead = list(context.sizes), (1, 3)
+    report.converted, report.entry = [n for n, _ in found], resizer
+    context.report = report
+    if context.scale_specific_bn:
+        _branch_batch_norms(model, context, found, {})
+    install_sized_transform(transform, context)
+    _install(model, context)
+    return model
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _install_sampling_only(model: nn.Module, context: ScaleContext, example_input: Optional[torch.Tensor],
@@ -358,6 +400,10 @@ def _plain_copy(model: nn.Module, s: Scale, share_tensors: bool = False) -> nn.M
     plain = copy.deepcopy(inner, memo)
     plain.__class__ = original_class(inner)
     vars(plain).pop(CONTEXT_ATTR, None)
+    if ctx.resizer:  # a detection model's copy resizes to its scale
+        transform = plain.get_submodule(ctx.resizer)
+        remove_sized_transform(transform)
+        transform.__dict__.update(sized_attributes(transform, ctx.sizes[ctx.index(s)]))
     for m in plain.modules():
         for hook_id, hook in list(m._forward_pre_hooks.items()):
             if isinstance(hook, EntryRouter):

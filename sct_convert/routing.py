@@ -346,7 +346,11 @@ class EntryRouter:
         if route is not None and route.pinned:
             return
         index: Any = context.pinned_index()
-        if index is None:
+        if index is None and context.resizer:  # a detection transform: its own size decides
+            from .detection import transform_size
+
+            index = route_size(context, transform_size(module), where=f"of '{context.resizer}'")
+        elif index is None:
             index = route_call(context, args, {}, table=context.entry_sizes,
                                where=f"at layer '{context.entry_name}'")
         if index is not None:

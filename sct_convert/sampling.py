@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from .context import CONTEXT_ATTR, HW, Route, Scale, ScaleContext, call_routes, set_call_routes
-from .routing import choose, find_image, pin_in_graph, route_tensor
+from .detection import resizer_forward, transform_size
+from .routing import choose, find_image, pin_in_graph, route_size, route_tensor
 
 
 #: Tensor methods that act on each output alike: on ScaleOutputs they apply to every scale.
@@ -298,6 +299,11 @@ def converted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     if route is not None and route.pinned:  # called from inside an outer call of this model
         return forward(self, *args, **kwargs)
     index = ctx.pinned_index()  # sct.scale: that branch, no sampling
+    if ctx.resizer:  # a detection model: the scale is its transform's size
+        return resizer_forward(
+            self, forward, ctx, index, lambda: scale_runs(ctx, between=ctx.sample_between),
+            lambda: route_size(ctx, transform_size(self.get_submodule(ctx.resizer)), where=f"of '{ctx.resizer}'"),
+            args, kwargs)
     if index is None:
         x = find_image(args, kwargs, cls._sct_image_parameter)
         if x is None:  # no image among the inputs: the entry layer routes from what reaches it

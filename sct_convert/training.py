@@ -264,11 +264,21 @@ class StepResult:
     per_scale: Dict[Scale, torch.Tensor] = field(default_factory=dict)
 
 
+def _sum_of_losses(output: Dict[str, torch.Tensor], target: Any) -> torch.Tensor:
+    """A torchvision detection model's loss: the sum of its dict of losses, as its references take it."""
+    return sum(output.values())
+
+
+def _device(x: Any) -> torch.device:
+    first = x if isinstance(x, torch.Tensor) else next(iter(x))
+    return first.device
+
+
 def train_step(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Any,
     y: Any,
-    criterion: Callable[..., torch.Tensor],
+    criterion: Optional[Callable[..., torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     scaler: Optional[Any] = None,
     *,
@@ -287,10 +297,13 @@ def train_step(
 
     Args:
         model: a converted model in train mode (may be wrapped in DDP).
-        x: the batch at any size; it is resized to each scale.
-        y: the targets, passed to ``criterion`` (a per-pixel target is matched to each scale).
+        x: the batch at any size; it is resized to each scale. For a torchvision detection model,
+            its list of images (its transform resizes them to each scale).
+        y: the targets, passed to ``criterion`` (a per-pixel target is matched to each scale);
+            a detection model's list of target dicts goes to the model, ``model(x, y)``.
         criterion: an :class:`SCTLoss` (scale weights, distillation), or a plain loss
-            ``criterion(outputs, y)`` wrapped in one.
+            ``criterion(outputs, y)`` wrapped in one; ``None`` for a detection model, whose
+            loss is the sum of the dict of losses it returns.
         optimizer: stepped once after every scale's backward.
         scaler: a ``torch.amp.GradScaler`` for fp16.
         scales: the scales to run (default: those the model samples, see :func:`set_sampling`).
@@ -303,7 +316,10 @@ def train_step(
         loss, detached.
     """
     ctx = context_of(model)
-    loss_fn = criterion if isinstance(criterion, SCTLoss) else SCTLoss(criterion)
+    if criterion is None and not ctx.resizer:
+        raise ValueError("train_step needs a criterion; only a detection model, which returns its own "
+                         "losses, takes criterion=None")
+    loss_fn = criterion if isinstance(criterion, SCTLoss) else SCTLoss(criterion or _sum_of_losses)
     if loss_fn.distill == "ensemble":
         raise ValueError(
             "distill='ensemble' needs every scale's logits before any backward; use the drop-in "
@@ -326,12 +342,13 @@ def train_step(
     for n, pos in enumerate(order):
         last = n == len(order) - 1
         sync = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-        autocast = (torch.autocast(device_type=x.device.type, dtype=amp_dtype)
+        autocast = (torch.autocast(device_type=_device(x).type, dtype=amp_dtype)
                     if amp_dtype is not None else contextlib.nullcontext())
         with sync:
             _, hw, route = runs[pos]
             with pinned(ctx, route), autocast:
-                output = model(resize_to(x, hw, ctx.antialias))
+                # a detection model resizes its images (and boxes) itself, to the pinned scale
+                output = model(x, y) if ctx.resizer else model(resize_to(x, hw, ctx.antialias))
                 loss = weights[pos] * loss_fn.single_loss(output, y, None if pos == teacher_pos else teacher)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if pos == teacher_pos:
