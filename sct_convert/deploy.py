@@ -169,10 +169,30 @@ def _trace(module: nn.Module, x: torch.Tensor, dynamic_size: bool) -> "torch.exp
     return program
 
 
+def _refuse_upstream_limits(model: nn.Module, example_input: Optional[torch.Tensor]) -> None:
+    """A detection model exports only where torchvision's plain model does with this torch: try
+    the plain model (the first scale) and refuse, in one line, when it cannot be traced either."""
+    ctx = context_of(model)
+    if not ctx.resizer:
+        return
+    plain = extract(model, ctx.scales[0])
+    try:
+        _trace(plain, _example(model, ctx.scales[0], example_input), dynamic_size=False)
+    except Exception as e:  # noqa: BLE001 - any failure of the plain model is upstream
+        reason = " ".join(str(e).split())[:160]
+        raise ValueError(
+            f"torch.export cannot trace torchvision's plain {type(plain).__name__} with torch "
+            f"{torch.__version__} either ({type(e).__name__}: {reason}): the limit is upstream "
+            "(data-dependent shapes in its post-processing), so no file was written; save each scale "
+            "with sct.save_per_scale, whose checkpoints load into the plain model") from None
+    finally:
+        del plain
+
+
 def export_program_object(model: nn.Module, scale: Optional[Scale] = None,
                           example_input: Optional[torch.Tensor] = None) -> "torch.export.ExportedProgram":
     """``torch.export`` of the switchable model (``scale=None``) or of one scale's plain model."""
-    context_of(model)
+    _refuse_upstream_limits(model, example_input)
     return _trace(_module_to_export(model, scale), _example(model, scale, example_input), scale is None)
 
 
@@ -307,6 +327,7 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         The input is named ``images``.
     """
     _require_onnx()
+    _refuse_upstream_limits(model, example_input)
     from .onnx_graph import will_check, write_onnx
 
     meta = deploy_metadata(model, scale, ONNX_FORMAT)

@@ -151,3 +151,25 @@ def test_a_user_built_detector_converts_and_per_scale_files_load_strictly(tmp_pa
     with torch.no_grad(), sct.scale(model, 128):
         same_detections(model(images), plain(images))
 
+
+
+def test_export_where_torchvisions_own_model_exports_else_one_line_naming_the_upstream_limit(tmp_path):
+    model = sct.convert(build("ssdlite320_mobilenet_v3_large"), SCALES).eval()
+    plain = sct.extract(model, 160)
+    try:
+        torch.export.export(plain, (torch.rand(2, 3, 160, 160),), strict=False)
+    except Exception:  # noqa: BLE001 - torchvision's own model cannot be exported with this torch
+        upstream = True
+    else:
+        upstream = False
+    writers = [(sct.export_program, "m.pt2")]
+    if pytest.importorskip("onnxruntime"):
+        writers.append((sct.export_onnx, "m.onnx"))
+    for write, name in writers:
+        for scale in (None, 128):
+            if upstream:
+                with pytest.raises(ValueError, match=r"cannot trace torchvision's plain SSD .* the limit is upstream"):
+                    write(model, tmp_path / name, scale)
+                assert list(tmp_path.iterdir()) == []
+            else:  # the day torchvision's model exports, ours must too
+                assert write(model, tmp_path / name, scale).is_file()
