@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import io
 import json
 import os
 import warnings
@@ -176,8 +177,9 @@ def _refuse_upstream_limits(model: nn.Module, example_input: Optional[torch.Tens
     if not ctx.resizer:
         return
     plain = extract(model, ctx.scales[0])
-    try:
-        _trace(plain, _example(model, ctx.scales[0], example_input), dynamic_size=False)
+    try:  # torch prints the whole partial graph of a failed trace to stderr: keep the one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            _trace(plain, _example(model, ctx.scales[0], example_input), dynamic_size=False)
     except Exception as e:  # noqa: BLE001 - any failure of the plain model is upstream
         reason = " ".join(str(e).split())[:160]
         raise ValueError(

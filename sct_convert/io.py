@@ -44,9 +44,15 @@ def _versions() -> str:
 
 
 def _num_classes(model: nn.Module) -> Optional[int]:
-    n = getattr(model, "num_classes", None)
-    if isinstance(n, int):
-        return n
+    for m in model.modules():  # the model (timm), or a detection head (RetinaNet, FCOS, SSD)
+        n = getattr(m, "num_classes", None)
+        if not isinstance(n, int) and type(m).__name__.endswith("ClassificationHead"):
+            n = getattr(m, "num_columns", None)  # torchvision's SSD heads
+        if isinstance(n, int):
+            return n
+    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)  # R-CNN
+    if isinstance(getattr(predictor, "cls_score", None), nn.Linear):
+        return predictor.cls_score.out_features
     last = None
     for m in model.modules():
         if isinstance(m, nn.Linear):
