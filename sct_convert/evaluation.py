@@ -56,7 +56,13 @@ class ScaleResult:
 
 @dataclass
 class EvaluationReport:
-    """The rows of :func:`evaluate`, what they were measured on, and writers for each format."""
+    """The rows of :func:`evaluate`, what they were measured on, and writers for each format.
+
+    Args:
+        rows: one :class:`ScaleResult` per (scale, arm), in the order measured.
+        notes: what the rows were measured on (images, calibration source, preprocessing).
+        data_config: timm's data config the images were preprocessed with.
+    """
 
     rows: List[ScaleResult]
     notes: List[str] = field(default_factory=list)
