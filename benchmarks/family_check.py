@@ -48,9 +48,14 @@ def models():
     for name in ("r3d_18", "mc3_18", "r2plus1d_18"):
         yield "video", f"torchvision {name}", functools.partial(getattr(tv.video, name), weights=None, num_classes=4), [64, 48], (1, 3, 6)
     yield "video", "torchvision s3d", functools.partial(tv.video.s3d, weights=None, num_classes=4), [256, 224], (1, 3, 16)
-    yield ("detection", "torchvision fasterrcnn_mobilenet_v3_large_320_fpn",
-           functools.partial(tv.detection.fasterrcnn_mobilenet_v3_large_320_fpn, weights=None, weights_backbone=None,
-                             num_classes=3), [320, 256], (1, 3))
+    for name in tv.list_models(module=tv.detection):  # every detector; scales are transform sizes
+        scales = [320, 256] if ("320" in name or name.startswith("ssd")) else [256, 192]
+        if name == "ssd300_vgg16":
+            scales = [300, 256]
+        kwargs = dict(weights=None, weights_backbone=None, num_classes=3)
+        if name.startswith("keypointrcnn"):
+            kwargs["num_keypoints"] = 5
+        yield "detection", f"torchvision {name}", functools.partial(getattr(tv.detection, name), **kwargs), scales, (1, 3)
 
 
 def reference_criterion(inputs, target):
@@ -65,11 +70,34 @@ def rel(want, got) -> float:
     gots = [torch.as_tensor(np.asarray(g)).float() for g in (got if isinstance(got, list) else iter_tensors(got))]
     if len(wants) != len(gots):
         raise ValueError(f"{len(gots)} outputs, the eager model returns {len(wants)}")
-    return max(float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(wants, gots))
+    return max((float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(wants, gots) if a.numel()),
+               default=0.0)
+
+
+def detection_batch(keypoints: bool = False, masks: bool = False):
+    images = [torch.rand(3, 200, 260), torch.rand(3, 240, 180)]
+    targets = []
+    for image in images:
+        h, w = image.shape[-2:]
+        t = {"boxes": torch.tensor([[10.0, 20.0, 120.0, 150.0]]), "labels": torch.tensor([1])}
+        if masks:
+            t["masks"] = torch.zeros(1, h, w, dtype=torch.uint8)
+            t["masks"][0, 20:150, 10:120] = 1
+        if keypoints:
+            t["keypoints"] = torch.tensor([[[20.0, 30.0, 1.0]] * 5])
+        targets.append(t)
+    return images, targets
 
 
 def train_step(family, model, lead, scales) -> str:
     model.train()
+    if family == "detection":  # torchvision's reference loop: the model returns its losses
+        names = {type(m).__name__ for m in model.modules()}
+        images, targets = detection_batch("KeypointRCNNHeads" in names, "MaskRCNNHeads" in names)
+        loss_dict = model(images, targets)
+        sum(loss_dict.values()).backward()
+        model.zero_grad(set_to_none=True)
+        return f"ok ({len(loss_dict.per_scale)} scales, losses {[round(float(sum(v.values())), 2) for v in loss_dict.per_scale.values()]})"
     x = torch.randn(2, *lead[1:], scales[0], scales[0])
     if family == "segmentation":
         y = torch.randint(0, 5, (2, scales[0], scales[0]))
@@ -141,6 +169,11 @@ def check(family, name, build, scales, lead) -> dict:
     with torch.no_grad():
         errs = []
         for s in scales:
+            if family == "detection":  # the branch and the transform's size, against the plain model at s
+                images, _ = detection_batch()
+                with sct.scale(model, s):
+                    errs.append(rel(model(images), sct.extract(model, s).eval()(images)))
+                continue
             x = torch.randn(*lead, s, s)
             errs.append(rel(model(x), sct.extract(model, s).eval()(x)))
         row["route == extract"] = f"max {max(errs):.1e}"
