@@ -83,14 +83,29 @@ class _SizedByRoute:
 _SIZED_CLASSES: Dict[type, type] = {}
 
 
+def sized_class(cls: type) -> type:
+    """The same-named subclass of transform class ``cls`` that resizes to the call's scale (one
+    per class, so pickling and ``copy.deepcopy`` rebuild the same type)."""
+    if cls not in _SIZED_CLASSES:
+        _SIZED_CLASSES[cls] = type(cls.__name__, (_SizedByRoute, cls), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__reduce_ex__": _reduce_sized})
+    return _SIZED_CLASSES[cls]
+
+
+def _reduce_sized(self: nn.Module, protocol: int) -> tuple:
+    # The generated class cannot be found by name; rebuild it from the transform's own class.
+    return (_new_sized, (type(self).__mro__[2],), self.__dict__)
+
+
+def _new_sized(cls: type) -> nn.Module:
+    sub = sized_class(cls)
+    return sub.__new__(sub)
+
+
 def install_sized_transform(transform: nn.Module, context: ScaleContext) -> None:
     """Give ``transform`` a same-named subclass that resizes to the call's scale."""
-    cls = type(transform)
-    if cls not in _SIZED_CLASSES:
-        _SIZED_CLASSES[cls] = type(cls.__name__, (_SizedByRoute, cls), {"__module__": cls.__module__,
-                                                                         "__qualname__": cls.__qualname__})
     transform.__dict__[CONTEXT_ATTR] = context
-    transform.__class__ = _SIZED_CLASSES[cls]
+    transform.__class__ = sized_class(type(transform))
 
 
 def remove_sized_transform(transform: nn.Module) -> None:

@@ -189,3 +189,19 @@ def test_cli_builds_detectors_by_name_and_their_files_load(tmp_path):
     r = CliRunner().invoke(cli, ["export", str(out), "--format", "pt2", "--out", str(tmp_path / "m.pt2")])
     if r.exit_code != 0:  # torchvision's own SSD does not trace with this torch: one line says so
         assert len(r.output.strip().splitlines()) == 1 and "the limit is upstream" in r.output, r.output
+
+
+def test_a_converted_detector_pickles_and_deep_copies():
+    import copy
+    import io
+
+    model = sct.convert(build("ssdlite320_mobilenet_v3_large"), SCALES).eval()
+    perturb_branches(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    images, _ = images_and_targets()
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert sct.context_of(other) is other.transform._sct_context  # one context, as in the model
+        with torch.no_grad(), sct.scale(model, 128), sct.scale(other, 128):
+            same_detections(other(images), model(images))
