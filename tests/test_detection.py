@@ -205,3 +205,24 @@ def test_a_converted_detector_pickles_and_deep_copies():
         assert sct.context_of(other) is other.transform._sct_context  # one context, as in the model
         with torch.no_grad(), sct.scale(model, 128), sct.scale(other, 128):
             same_detections(other(images), model(images))
+
+
+def test_threads_serving_different_scales_of_one_detector_get_their_own():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = sct.convert(build("ssdlite320_mobilenet_v3_large"), SCALES).eval()
+    perturb_branches(model)
+    images, _ = images_and_targets()
+    with torch.no_grad():
+        want = {}
+        for s in SCALES:
+            with sct.scale(model, s):
+                want[s] = model(images)
+
+    def serve(s):
+        with torch.no_grad(), sct.scale(model, s):  # the pin (and the size) hold for this thread only
+            return s, model(images)
+
+    with ThreadPoolExecutor(4) as pool:
+        for s, got in pool.map(serve, SCALES * 4):
+            same_detections(got, want[s])
