@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .context import ScaleContext, call_routes
+from .context import Route, ScaleContext, call_routes
 from .routing import Blend, script_choose
 
 
@@ -125,6 +125,9 @@ class ScaleSpecificBatchNorm(nn.Module):
         if torch.jit.is_scripting():
             return self._scripted_forward(x)
         route = call_routes().get(self.context)
+        if route is None or not route.pinned:  # no call of the model: an sct.scale pin decides
+            index = self.context.pinned_index()
+            route = route if index is None else Route(index, True)
         if route is None:
             raise RuntimeError(
                 "sct_convert: a scale-specific batch norm ran without a route: no call of the "

@@ -230,8 +230,17 @@ def test_a_batch_norm_run_outside_any_call_is_a_clear_error(served):
     t.start()
     t.join()
     assert raised and "ran without a route" in raised[0] and "sct.scale(model, s)" in raised[0]
-    with sct.scale(model, 32), torch.no_grad():  # a pin says which branch
-        model.layer1(feats)
+
+    def pinned_thread():  # a pin says which branch, in a thread where the model never ran
+        with sct.scale(model, 32), torch.no_grad():
+            raised.append(model.layer1(feats))
+
+    t = threading.Thread(target=pinned_thread)
+    t.start()
+    t.join()
+    with torch.no_grad():
+        want = sct.extract(model, 32).eval().layer1(feats)
+    assert torch.equal(raised[1], want)  # branch 32, not whatever ran last in another thread
 
 
 def test_keyword_input_samples_like_a_positional_one(served):
