@@ -67,7 +67,8 @@ def reference_criterion(inputs, target):
 def rel(want, got) -> float:
     """Worst relative error over every output tensor (the file's outputs in order)."""
     wants = [t.float() for t in iter_tensors(want)]
-    gots = [torch.as_tensor(np.asarray(g)).float() for g in (got if isinstance(got, list) else iter_tensors(got))]
+    onnx_outputs = isinstance(got, list) and all(isinstance(g, np.ndarray) for g in got)
+    gots = [torch.as_tensor(np.asarray(g)).float() for g in (got if onnx_outputs else iter_tensors(got))]
     if len(wants) != len(gots):
         raise ValueError(f"{len(gots)} outputs, the eager model returns {len(wants)}")
     return max((float((a - b).abs().max() / (a.abs().max() + 1e-12)) for a, b in zip(wants, gots) if a.numel()),

@@ -121,9 +121,9 @@ def _example(model: nn.Module, scale: Optional[Scale], example_input: Optional[t
     return torch.randn(2, *lead[1:], *hw, device=device, dtype=dtype)
 
 
-def _dynamic_shapes(x: torch.Tensor, switchable: bool) -> Tuple[Dict[int, Any]]:
-    """Batch and a clip's frames (N, C, T, H, W) always dynamic; H and W when the file switches."""
-    dims: Dict[int, Any] = {d: torch.export.Dim.AUTO for d in [0, *range(2, x.dim() - 2)]}
+def _dynamic_shapes(x: torch.Tensor, switchable: bool, frames: bool = True) -> Tuple[Dict[int, Any]]:
+    """Batch and (``frames``) a clip's frames (N, C, T, H, W) dynamic; H and W when the file switches."""
+    dims: Dict[int, Any] = {d: torch.export.Dim.AUTO for d in [0, *(range(2, x.dim() - 2) if frames else ())]}
     if switchable:
         dims.update({x.dim() - 2: torch.export.Dim.AUTO, x.dim() - 1: torch.export.Dim.AUTO})
     return (dims,)
@@ -164,7 +164,15 @@ def _check_size_stays_dynamic(program: "torch.export.ExportedProgram", x: torch.
 def _trace(module: nn.Module, x: torch.Tensor, dynamic_size: bool) -> "torch.export.ExportedProgram":
     with run_mode(module), warnings.catch_warnings(), _size_oblivious():
         warnings.simplefilter("ignore", UserWarning)
-        program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(x, dynamic_size), strict=False)
+        try:
+            program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(x, dynamic_size), strict=False)
+        except Exception:
+            if x.dim() != 5:
+                raise
+            # a clip model whose frame count torch.export cannot keep symbolic (s3d's pooling
+            # arithmetic): the frames stay at the example's length
+            program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(x, dynamic_size, frames=False),
+                                          strict=False)
     if dynamic_size:
         _check_size_stays_dynamic(program, x)
     return program
@@ -276,6 +284,42 @@ def _probe_inputs(model: nn.Module, scale: Optional[Scale],
     return probes
 
 
+def _program_failure(program: "torch.export.ExportedProgram",
+                     probes: Sequence[Tuple[Scale, torch.Tensor]]) -> Optional[Tuple[Scale, str]]:
+    """The first probe's (scale, reason) at which ``program`` fails to run, or None."""
+    module = program.module()
+    for s, x in probes:
+        try:
+            with torch.no_grad():
+                module(x)
+        except Exception as e:  # noqa: BLE001 - any failure means the file would not serve s
+            return s, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return None
+
+
+def _checked_program(model: nn.Module, scale: Optional[Scale],
+                     example_input: Optional[torch.Tensor]) -> "torch.export.ExportedProgram":
+    """The program, run at every scale it serves; a switchable one traced at the largest scale
+    that fails at another (a size guard torch.export kept) is traced again at the smallest."""
+    probes = _probe_inputs(model, scale, example_input)
+    program = export_program_object(model, scale, example_input)
+    failure = _program_failure(program, probes)
+    if failure is not None and scale is None and example_input is None:
+        ctx = context_of(model)
+        smallest = min(ctx.scales, key=lambda s: normalize_scale(s)[0] * normalize_scale(s)[1])
+        try:
+            retry = export_program_object(model, None, _example(model, smallest, None))
+        except Exception:  # noqa: BLE001 - the first program's failure is the one to report
+            retry = None
+        if retry is not None and _program_failure(retry, probes) is None:
+            return retry
+    if failure is not None:
+        raise ValueError(
+            f"the torch.export program fails at scale {failure[0]!r} ({failure[1]}); nothing was written. "
+            "Export each scale on its own (scale=...)")
+    return program
+
+
 def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
                    example_input: Optional[torch.Tensor] = None, progress: bool = False) -> Path:
     """Write a ``torch.export`` program (``.pt2``) that serves every scale, or one.
@@ -286,16 +330,20 @@ def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = No
         scale: ``None`` for one program that routes every input size to its branch in the graph
             (dynamic batch, height and width); a scale for the plain architecture at that scale
             (dynamic batch). A clip's frame count (N, C, T, H, W) is dynamic in both.
-        example_input: an input to trace with; by default a batch of 2 at the largest scale.
+        example_input: an input to trace with; by default a batch of 2 at the largest scale (and,
+            if that program fails at another scale, at the smallest).
         progress: report the trace and the write (a bar on a terminal, lines otherwise).
+
+    The program is run at every scale it serves before it is written; one that fails is refused
+    (``ValueError`` naming the scale and the reason, nothing written).
 
     Returns:
         The path written. ``torch.export.load(path).module()`` runs it; the metadata is in the
         archive's extra file ``sct_convert.json`` (``sct-convert inspect`` prints it).
     """
     with Steps(2, "export pt2", progress) as steps:
-        program = export_program_object(model, scale, example_input)
-        steps.advance("traced" + ("" if scale is None else f" scale {scale_key(normalize_scale(scale))}"))
+        program = _checked_program(model, scale, example_input)
+        steps.advance("traced and run" + ("" if scale is None else f" at scale {scale_key(normalize_scale(scale))}"))
         meta = deploy_metadata(model, scale, PROGRAM_FORMAT)
         path = atomic_write(path, lambda tmp: torch.export.save(
             program, tmp, extra_files={PROGRAM_METADATA: json.dumps(meta)}))

@@ -283,3 +283,27 @@ def test_route_answers_without_warning_and_a_forward_still_warns_once():
         assert sct.route(model, (20, 20)) == 16
     with pytest.warns(UserWarning, match=r"input size \(20, 20\) is not a trained scale"):
         model(torch.randn(1, 3, 20, 20))
+
+
+class SizeBranch(nn.Module):  # Python control flow on the size: torch.export keeps it as a guard
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        if x.shape[-1] > 40:
+            x = torch.nn.functional.avg_pool2d(x, 2)
+        return x.mean((2, 3))
+
+
+def test_a_torch_export_program_that_fails_at_a_scale_is_never_written(tmp_path):
+    model = sct.convert(SizeBranch(), [64, 32]).eval()
+    with pytest.raises(ValueError, match=r"fails at scale 32 \(AssertionError: Guard failed.*nothing was written"):
+        sct.export_program(model, tmp_path / "m.pt2")  # traced at 64, then at 32: each guards the other out
+    assert os.listdir(tmp_path) == []
+    program = torch.export.load(sct.export_program(model, tmp_path / "m32.pt2", 32)).module()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(program(x), model(x))  # one scale on its own works
