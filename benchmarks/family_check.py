@@ -131,7 +131,7 @@ def check_files(model, build, scales, lead, sizes, d) -> dict:
                   torch.randn(2, *lead[1:], small, small))
         except Exception as e:  # noqa: BLE001
             left = [f for f in os.listdir(d) if f.startswith(os.path.basename(path))]
-            row[fmt] = f"refused ({type(e).__name__}: {str(e).splitlines()[0][:90]}); files left: {left or 'none'}"
+            row[fmt] = f"refused ({type(e).__name__}: {' '.join(str(e).split())[:150]}); files left: {left or 'none'}"
             continue
         if fmt == "pt2":
             call = torch.export.load(path).module()
