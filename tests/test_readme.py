@@ -47,7 +47,7 @@ def test_every_linked_file_and_named_example_exists():
 
 
 @pytest.mark.parametrize("example", ["train_fashion_mnist.py", "ddp_torchrun.py", "lightning_sct.py",
-                                     "segmentation_sct.py"])
+                                     "segmentation_sct.py", "detection_sct.py"])
 def test_examples_answer_help(example):
     if example == "lightning_sct.py":
         pytest.importorskip("lightning")
