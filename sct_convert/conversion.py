@@ -278,6 +278,11 @@ def _install(model: nn.Module, context: ScaleContext) -> None:
 
 def _scriptable_router(model: nn.Module) -> nn.Module:
     ctx = context_of(model)
+    if ctx.resizer:
+        raise ConversionError(
+            "a converted detection model cannot be scripted: the scripted router routes one image "
+            "batch by its size, and a detector's scale is its transform's size; script each scale's "
+            "plain model instead (torch.jit.script(sct.extract(model, s)))")
     if ctx.unknown_scale == "interpolate":
         raise ConversionError(
             "a model converted with unknown_scale='interpolate' cannot be scripted: TorchScript "

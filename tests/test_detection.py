@@ -191,6 +191,17 @@ def test_cli_builds_detectors_by_name_and_their_files_load(tmp_path):
         assert len(r.output.strip().splitlines()) == 1 and "the limit is upstream" in r.output, r.output
 
 
+def test_scripting_a_converted_detector_is_refused_and_each_scale_scripts():
+    model = sct.convert(build("fasterrcnn_mobilenet_v3_large_320_fpn"), SCALES).eval()
+    with pytest.raises(sct.ConversionError, match=r"cannot be scripted.*sct.extract\(model, s\)"):
+        torch.jit.script(model)
+    plain = sct.extract(model, 128)
+    scripted = torch.jit.script(plain)
+    images, _ = images_and_targets()
+    with torch.no_grad():
+        same_detections(scripted(images)[1], plain(images))  # torchvision's scripted detectors return (losses, dets)
+
+
 def test_a_converted_detector_pickles_and_deep_copies():
     import copy
     import io
