@@ -20,10 +20,8 @@ ONNX needs the optional extra: ``pip install -e ".[onnx]"`` in a clone.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
-import io
 import json
 import os
 import warnings
@@ -40,6 +38,8 @@ from .probe import run_mode
 from .files import atomic_write
 from .io import model_metadata
 from .progress import Steps
+from .tracing import (checked_program, example_for, export_program_object, probe_inputs, refuse_upstream_limits,
+                      trace)
 
 if TYPE_CHECKING:
     import onnx
@@ -107,105 +107,6 @@ def deploy_metadata(model: nn.Module, scale: Optional[Scale], fmt: str) -> Dict[
     return meta
 
 
-def _example(model: nn.Module, scale: Optional[Scale], example_input: Optional[torch.Tensor]) -> torch.Tensor:
-    """A batch-2 input at ``scale`` (or the largest scale) on the model's device and dtype."""
-    ctx = context_of(model)
-    if example_input is not None:
-        return example_input
-    hw = ctx.sizes[ctx.index(scale)] if scale is not None else max(ctx.sizes, key=lambda s: s[0] * s[1])
-    lead = tuple(ctx.probe_lead)
-    param = next((p for p in unwrap(model).parameters() if p.is_floating_point()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-    # batch 2: a batch of 1 would be specialised to 1 (dynamo's 0/1 rule)
-    return torch.randn(2, *lead[1:], *hw, device=device, dtype=dtype)
-
-
-def _dynamic_shapes(x: torch.Tensor, switchable: bool, frames: bool = True) -> Tuple[Dict[int, Any]]:
-    """Batch and (``frames``) a clip's frames (N, C, T, H, W) dynamic; H and W when the file switches."""
-    dims: Dict[int, Any] = {d: torch.export.Dim.AUTO for d in [0, *(range(2, x.dim() - 2) if frames else ())]}
-    if switchable:
-        dims.update({x.dim() - 2: torch.export.Dim.AUTO, x.dim() - 1: torch.export.Dim.AUTO})
-    return (dims,)
-
-
-def _size_oblivious() -> contextlib.AbstractContextManager:
-    """Trace sizes without dynamo's 0/1 specialisation: a program traced at the largest scale
-    would otherwise carry guards (a final map of 2x2 is not 1x1) that refuse the smallest."""
-    try:
-        from torch.fx.experimental import _config
-
-        return _config.patch(backed_size_oblivious=True)
-    except (ImportError, AttributeError):  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-
-
-def _module_to_export(model: nn.Module, scale: Optional[Scale]) -> nn.Module:
-    return extract(model, scale) if scale is not None else unwrap(model)
-
-
-def _check_size_stays_dynamic(program: "torch.export.ExportedProgram", x: torch.Tensor) -> None:
-    """A switchable program whose H or W export fixed to one value cannot switch: say so."""
-    signature = program.graph_signature
-    placeholder = next(n for n in program.graph.nodes if n.op == "placeholder"
-                       and n.name not in signature.inputs_to_parameters
-                       and n.name not in signature.inputs_to_buffers
-                       and n.name not in signature.inputs_to_lifted_tensor_constants)
-    shape = placeholder.meta["val"].shape
-    static = [i for i in (x.dim() - 2, x.dim() - 1) if not isinstance(shape[i], torch.SymInt)]
-    if static:
-        raise ValueError(
-            f"torch.export fixed the input's {'height' if x.dim() - 2 in static else 'width'} to "
-            f"{int(shape[static[0]])}: this architecture does not accept a dynamic image size, so one "
-            "file cannot serve every scale; export each scale instead (scale=...)"
-        )
-
-
-def _trace(module: nn.Module, x: torch.Tensor, dynamic_size: bool) -> "torch.export.ExportedProgram":
-    with run_mode(module), warnings.catch_warnings(), _size_oblivious():
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(x, dynamic_size), strict=False)
-        except Exception:
-            if x.dim() != 5:
-                raise
-            # a clip model whose frame count torch.export cannot keep symbolic (s3d's pooling
-            # arithmetic): the frames stay at the example's length
-            program = torch.export.export(module, (x,), dynamic_shapes=_dynamic_shapes(x, dynamic_size, frames=False),
-                                          strict=False)
-    if dynamic_size:
-        _check_size_stays_dynamic(program, x)
-    return program
-
-
-def _refuse_upstream_limits(model: nn.Module, example_input: Optional[torch.Tensor]) -> None:
-    """A detection model exports only where torchvision's plain model does with this torch: try
-    the plain model (the first scale) and refuse, in one line, when it cannot be traced either."""
-    ctx = context_of(model)
-    if not ctx.resizer:
-        return
-    plain = extract(model, ctx.scales[0])
-    try:  # torch prints the whole partial graph of a failed trace to stderr: keep the one line
-        with contextlib.redirect_stderr(io.StringIO()):
-            _trace(plain, _example(model, ctx.scales[0], example_input), dynamic_size=False)
-    except Exception as e:  # noqa: BLE001 - any failure of the plain model is upstream
-        reason = " ".join(str(e).split())[:160]
-        raise ValueError(
-            f"torch.export cannot trace torchvision's plain {type(plain).__name__} with torch "
-            f"{torch.__version__} either ({type(e).__name__}: {reason}): the limit is upstream "
-            "(data-dependent shapes in its post-processing), so no file was written; save each scale "
-            "with sct.save_per_scale, whose checkpoints load into the plain model") from None
-    finally:
-        del plain
-
-
-def export_program_object(model: nn.Module, scale: Optional[Scale] = None,
-                          example_input: Optional[torch.Tensor] = None) -> "torch.export.ExportedProgram":
-    """``torch.export`` of the switchable model (``scale=None``) or of one scale's plain model."""
-    _refuse_upstream_limits(model, example_input)
-    return _trace(_module_to_export(model, scale), _example(model, scale, example_input), scale is None)
-
-
 def _to_onnx(program: "torch.export.ExportedProgram", opset: int, optimize: bool = True) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -227,11 +128,11 @@ def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.T
     import onnxscript.optimizer
 
     for scale in context_of(model).scales:
-        x = _example(model, scale, None)
+        x = example_for(model, scale, None)
         if example_input is not None:  # the caller's leading dims and dtype, at this scale's size
             x = torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype,
                             device=example_input.device)
-        graph = _to_onnx(_trace(extract(model, scale), x, dynamic_size=True), opset, optimize=False).model
+        graph = _to_onnx(trace(extract(model, scale), x, dynamic_size=True), opset, optimize=False).model
         # constant folding only: the default optimizer folds BN into the convs, one copy per scale
         onnxscript.optimizer.fold_constants(graph)
         _drop_zero_conv_bias(graph)
@@ -271,55 +172,6 @@ def _per_scale_onnx(model: nn.Module, scale: Scale, opset: int, example_input: O
     return externalized(proto, store)
 
 
-def _probe_inputs(model: nn.Module, scale: Optional[Scale],
-                  example_input: Optional[torch.Tensor]) -> List[Tuple[Scale, torch.Tensor]]:
-    """An input at every scale a file serves (the caller's leading dims and dtype, if given)."""
-    ctx = context_of(model)
-    probes = []
-    for s in (ctx.scales if scale is None else [scale]):
-        x = _example(model, s, None)
-        if example_input is not None:
-            x = torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype)
-        probes.append((s, x))
-    return probes
-
-
-def _program_failure(program: "torch.export.ExportedProgram",
-                     probes: Sequence[Tuple[Scale, torch.Tensor]]) -> Optional[Tuple[Scale, str]]:
-    """The first probe's (scale, reason) at which ``program`` fails to run, or None."""
-    module = program.module()
-    for s, x in probes:
-        try:
-            with torch.no_grad():
-                module(x)
-        except Exception as e:  # noqa: BLE001 - any failure means the file would not serve s
-            return s, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-    return None
-
-
-def _checked_program(model: nn.Module, scale: Optional[Scale],
-                     example_input: Optional[torch.Tensor]) -> "torch.export.ExportedProgram":
-    """The program, run at every scale it serves; a switchable one traced at the largest scale
-    that fails at another (a size guard torch.export kept) is traced again at the smallest."""
-    probes = _probe_inputs(model, scale, example_input)
-    program = export_program_object(model, scale, example_input)
-    failure = _program_failure(program, probes)
-    if failure is not None and scale is None and example_input is None:
-        ctx = context_of(model)
-        smallest = min(ctx.scales, key=lambda s: normalize_scale(s)[0] * normalize_scale(s)[1])
-        try:
-            retry = export_program_object(model, None, _example(model, smallest, None))
-        except Exception:  # noqa: BLE001 - the first program's failure is the one to report
-            retry = None
-        if retry is not None and _program_failure(retry, probes) is None:
-            return retry
-    if failure is not None:
-        raise ValueError(
-            f"the torch.export program fails at scale {failure[0]!r} ({failure[1]}); nothing was written. "
-            "Export each scale on its own (scale=...)")
-    return program
-
-
 def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
                    example_input: Optional[torch.Tensor] = None, progress: bool = False) -> Path:
     """Write a ``torch.export`` program (``.pt2``) that serves every scale, or one.
@@ -342,7 +194,7 @@ def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = No
         archive's extra file ``sct_convert.json`` (``sct-convert inspect`` prints it).
     """
     with Steps(2, "export pt2", progress) as steps:
-        program = _checked_program(model, scale, example_input)
+        program = checked_program(model, scale, example_input)
         steps.advance("traced and run" + ("" if scale is None else f" at scale {scale_key(normalize_scale(scale))}"))
         meta = deploy_metadata(model, scale, PROGRAM_FORMAT)
         path = atomic_write(path, lambda tmp: torch.export.save(
@@ -377,13 +229,13 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         The input is named ``images``.
     """
     _require_onnx()
-    _refuse_upstream_limits(model, example_input)
+    refuse_upstream_limits(model, example_input)
     from .onnx_graph import will_check, write_onnx
 
     meta = deploy_metadata(model, scale, ONNX_FORMAT)
     meta["opset"] = str(opset)
     props = {f"sct_convert.{k}": v for k, v in meta.items()}
-    probes = _probe_inputs(model, scale, example_input) if check else []
+    probes = probe_inputs(model, scale, example_input) if check else []
     traces = len(context_of(model).scales) if scale is None else 1
     with Steps(traces + 1 + (len(probes) if will_check(probes) else 0), "export onnx", progress) as steps:
         build = (functools.partial(_switchable_onnx, model, opset, example_input, steps.advance) if scale is None
