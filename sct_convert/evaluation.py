@@ -132,13 +132,8 @@ class EvaluationReport:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        path = Path(path)
-
-        def save(tmp: str) -> None:
-            fig.savefig(tmp, dpi=120, format="png")
-
         try:
-            return atomic_write(path, save)
+            return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
         finally:
             plt.close(fig)
 
