@@ -229,7 +229,8 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         The input is named ``images``.
     """
     _require_onnx()
-    refuse_upstream_limits(model, example_input)
+    if scale is None:  # a per-scale file traces through export_program_object, which checks this
+        refuse_upstream_limits(model, example_input)
     from .onnx_graph import will_check, write_onnx
 
     meta = deploy_metadata(model, scale, ONNX_FORMAT)
