@@ -80,6 +80,50 @@ def recall_at_half(model, images, targets, score: float = 0.2) -> float:
     return 100 * found / max(total, 1)
 
 
+def mean_ap_50(model, images, targets) -> float:
+    """COCO-style mAP at IoU 0.5 (percent), by torchmetrics' ``MeanAveragePrecision`` (pycocotools).
+
+    Raises:
+        ImportError: naming the install command when torchmetrics or pycocotools is missing.
+    """
+    try:
+        from torchmetrics.detection import MeanAveragePrecision
+        import pycocotools  # noqa: F401  (torchmetrics' default backend)
+    except ImportError as e:
+        raise ImportError(f"mAP needs torchmetrics and pycocotools ({e.name} is missing): "
+                          "pip install torchmetrics pycocotools") from None
+    metric = MeanAveragePrecision(iou_thresholds=[0.5])  # COCO's rule: the 100 best detections per image
+    metric.warn_on_many_detections = False
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(images), 16):
+            metric.update(model(images[i:i + 16]), targets[i:i + 16])
+    return 100 * float(metric.compute()["map_50"])
+
+
+def train(model, images, targets, epochs: int, batch: int = 16, lr: float = 0.05, log=print) -> float:
+    """torchvision's reference loop (SGD, one-cycle LR; order from torch's global RNG); returns seconds."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=4e-5)
+    steps = epochs * (len(images) // batch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
+    start = time.time()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(images)).tolist()
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i:i + batch]
+            loss_dict = model([images[j] for j in idx], [targets[j] for j in idx])
+            losses = sum(loss for loss in loss_dict.values())
+            optimizer.zero_grad()
+            losses.backward()
+            optimizer.step()
+            scheduler.step()
+        per_scale = getattr(loss_dict, "per_scale", {})  # the SCT dict's losses at each scale
+        per_scale = {s: round(sum(v.values()).item(), 3) for s, v in per_scale.items()}
+        log(f"epoch {epoch + 1}/{epochs}: loss {losses.item():.3f}" + (f", per scale {per_scale}" if per_scale else ""))
+    return time.time() - start
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small run (< 2 min on 2 CPU cores)")
@@ -99,28 +143,16 @@ def main() -> None:
     model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=11)
     model = sct.convert(model, scales=scales)              # the SCT change
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=4e-5)
-    batch = 16
-    steps = args.epochs * (len(images) // batch)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.05, total_steps=steps, pct_start=0.1)
-    start = time.time()
-    for epoch in range(args.epochs):                         # torchvision's reference loop
-        model.train()
-        order = torch.randperm(len(images)).tolist()
-        for i in range(0, len(order) - batch + 1, batch):
-            idx = order[i:i + batch]
-            loss_dict = model([images[j] for j in idx], [targets[j] for j in idx])
-            losses = sum(loss for loss in loss_dict.values())
-            optimizer.zero_grad()
-            losses.backward()
-            optimizer.step()
-            scheduler.step()
-        per_scale = {s: round(sum(v.values()).item(), 3) for s, v in loss_dict.per_scale.items()}
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {losses.item():.3f}, per scale {per_scale}")
-    print(f"trained in {time.time() - start:.0f} s")
+    seconds = train(model, images, targets, args.epochs)   # torchvision's reference loop
+    print(f"trained in {seconds:.0f} s")
     for s in scales:
         with sct.scale(model, s):                            # branch s, images resized to s
-            print(f"  at {s}x{s}: recall@0.5 {recall_at_half(model, test_images, test_targets):.1f}%")
+            line = f"  at {s}x{s}: recall@0.5 {recall_at_half(model, test_images, test_targets):.1f}%"
+            try:
+                line += f", mAP@0.5 {mean_ap_50(model, test_images, test_targets):.1f}%"
+            except ImportError as e:
+                line += f" (no mAP: {e})"
+            print(line)
     paths = sct.save_per_scale(model, args.out, arch="ssdlite")
     print("wrote", ", ".join(str(path) for path in paths))
 

@@ -1,6 +1,9 @@
 """torchvision detection models: the scale is the size the model's transform resizes to; eval
 routes by it, sct.scale sets it, train mode returns torchvision's dict of losses (Eq. 1 over the
 scales), frozen batch norms stay frozen per scale, and per-scale checkpoints are the plain model."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -237,3 +240,27 @@ def test_threads_serving_different_scales_of_one_detector_get_their_own():
     with ThreadPoolExecutor(4) as pool:
         for s, got in pool.map(serve, SCALES * 4):
             same_detections(got, want[s])
+
+
+def test_the_examples_map_scores_perfect_detections_100_and_misses_lower():
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("pycocotools")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import detection_sct
+
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0], [70.0, 20.0, 100.0, 40.0]]),
+                "labels": torch.tensor([3, 5])}]
+
+    class Oracle(torch.nn.Module):  # returns fixed detections as torchvision's eval output
+        def __init__(self, detections):
+            super().__init__()
+            self.detections = detections
+
+        def forward(self, images):
+            return self.detections
+
+    perfect = [{"boxes": targets[0]["boxes"], "labels": targets[0]["labels"], "scores": torch.tensor([0.9, 0.8])}]
+    assert detection_sct.mean_ap_50(Oracle(perfect), [torch.zeros(3, 128, 128)], targets) == pytest.approx(100.0)
+    # class 5 missed (AP 0), class 3 found (AP 1); class 6, with no true box, is not averaged (COCO)
+    wrong_class = [{**perfect[0], "labels": torch.tensor([3, 6])}]
+    assert detection_sct.mean_ap_50(Oracle(wrong_class), [torch.zeros(3, 128, 128)], targets) == pytest.approx(50.0)
