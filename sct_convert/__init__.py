@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 _SOURCES = {
     "FROZEN_BATCH_NORM_TYPES": "bn", "ScaleSpecificBatchNorm": "bn", "is_batch_norm": "bn",
     "ScaleContext": "context",
-    "ConversionError": "discovery", "context_of": "conversion", "convert": "conversion", "extract": "conversion",
-    "find_batch_norms": "discovery", "original_class": "conversion", "route": "conversion", "scale": "conversion",
-    "scale_specific_layers": "conversion", "scales_of": "conversion",
+    "ConversionError": "discovery", "context_of": "converted", "convert": "conversion", "extract": "converted",
+    "find_batch_norms": "discovery", "original_class": "converted", "route": "converted", "scale": "converted",
+    "scale_specific_layers": "converted", "scales_of": "converted",
     "ScaleOutputs": "sampling", "resize_to": "sampling",
     "SCTLoss": "training", "StepResult": "training", "random_scale_subset": "training",
     "sampling_scales": "training", "set_sampling": "training", "train_step": "training",
@@ -26,7 +26,7 @@ _SOURCES = {
     "export": "io", "load": "io", "load_plain": "io", "load_weights": "weights", "save": "io",
     "save_per_scale": "io",
     "export_onnx": "deploy", "export_program": "deploy",
-    "EvaluationReport": "evaluation", "evaluate": "evaluation",
+    "EvaluationReport": "evaluation_report", "evaluate": "evaluation",
 }
 
 __all__ = [
@@ -58,19 +58,12 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from .bn import FROZEN_BATCH_NORM_TYPES, ScaleSpecificBatchNorm, is_batch_norm
     from .calibration import add_scale, calibrate, remove_scale
     from .context import ScaleContext
-    from .conversion import (
-        context_of,
-        convert,
-        extract,
-        original_class,
-        route,
-        scale,
-        scale_specific_layers,
-        scales_of,
-    )
+    from .conversion import convert
+    from .converted import context_of, extract, original_class, route, scale, scale_specific_layers, scales_of
     from .deploy import export_onnx, export_program
     from .discovery import ConversionError, find_batch_norms
-    from .evaluation import EvaluationReport, evaluate
+    from .evaluation import evaluate
+    from .evaluation_report import EvaluationReport
     from .io import export, load, load_plain, save, save_per_scale
     from .weights import load_weights
     from .sampling import ScaleOutputs, resize_to

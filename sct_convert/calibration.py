@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import FROZEN_BATCH_NORM_TYPES
 from .context import HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
-from .conversion import context_of, scale, scale_specific_layers, unwrap
+from .converted import context_of, scale, scale_specific_layers, unwrap
 from .probe import _SizeLog, _rng_kept, _run_at_every_scale, _training_failure
 from .progress import Steps
 from .routing import bracket, nearest_index

@@ -11,24 +11,20 @@ that forward.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .bn import ScaleSpecificBatchNorm, is_batch_norm
-from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
-from .detection import find_resizer, install_sized_transform, remove_sized_transform, sized_attributes
+from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, scale_key
+from .converted import install
+from .detection import find_resizer, install_sized_transform, sized_attributes
 from .discovery import ConversionError, ConversionReport, find_batch_norms
 from .probe import (_describe_failure, _first_lead_that_runs, _probe_leads, _rng_kept, _training_failure, probe_entry,
                     run_mode)
-from .routing import EntryRouter, ScaleBlend, route_size
-from .sampling import converted_forward, image_parameter, scaled_type
-from .scripting import ScriptedRouter
+from .routing import EntryRouter
 
 def replace_modules(model: nn.Module, replacements: Dict[int, nn.Module]) -> None:
     """Swap submodules by identity (``id(old) -> new``) under every parent that holds them."""
@@ -56,14 +52,11 @@ def convert(
     the branch of the scale with that size; other sizes follow ``unknown_scale``. A model that
     cannot be converted is left unchanged.
 
-    Conversion runs the model once per scale (eval, no grad) to check it accepts that size
-    and to find the layer the input reaches first, then once in train mode at the smallest
-    scale (batch 2, no grad; buffers restored), warning when only training fails there. The
-    caller's RNG stream is not advanced.
-
-    With ``sampling`` (the default) a train-mode forward is SCT's sampling phase: the batch
-    is resized (bilinear, ``antialias`` when shrinking) to every scale, each resized batch runs
-    with its own branch, and the forward returns :class:`ScaleOutputs`.
+    Conversion runs the model once per scale (eval, no grad) to check it accepts that size and
+    find the layer the input reaches first, then once in train mode at the smallest scale (batch
+    2, no grad; buffers restored), warning when only training fails; the RNG is not advanced.
+    With ``sampling`` a train-mode forward is SCT's sampling phase: the batch is resized
+    (bilinear) to every scale, each runs with its own branch, and it returns :class:`ScaleOutputs`.
 
     Args:
         model: any ``nn.Module`` (timm, torchvision or your own) with batch norms.
@@ -88,18 +81,24 @@ def convert(
         cannot be converted.
     """
     _check_convertible(model)
-    context = ScaleContext(scales, unknown_scale, sampling=sampling, antialias=antialias)
+    context = ScaleContext(scales, unknown_scale, sampling=sampling, antialias=antialias,
+                           scale_specific_bn=scale_specific_bn)
     if len(context.scales) == 1:
         warnings.warn(
             f"sct_convert: one scale ({scale_key(context.sizes[0])}) is plain training at that size; SCT "
             "needs two or more, e.g. scales=[224, 192, 128] (a scale written HxW, such as 224x192, is "
             "one non-square scale, not two)", UserWarning, stacklevel=2)
-    context.scale_specific_bn = scale_specific_bn
     resizer = find_resizer(model)
     if resizer:  # torchvision detection: the scale is the size its transform resizes to
         return _convert_resizing_model(model, context, resizer)
     if not scale_specific_bn:
         return _install_sampling_only(model, context, example_input, in_chans)
+    return _convert_batch_norms(model, context, example_input, in_chans)
+
+
+def _convert_batch_norms(model: nn.Module, context: ScaleContext, example_input: Optional[torch.Tensor],
+                         in_chans: Optional[int]) -> nn.Module:
+    """The usual path: find the batch norms, probe the entry layer at every scale, branch them."""
     found, report = find_batch_norms(model)
     if not found:
         raise ConversionError(
@@ -115,18 +114,18 @@ def convert(
                                      {id(m) for _, m in found}, bn_sizes))
         training_failure = _training_failure(model, context.sizes, context.scales, lead)
     if training_failure:
-        warnings.warn(training_failure, UserWarning, stacklevel=2)
+        warnings.warn(training_failure, UserWarning, stacklevel=3)
     for s, hw in zip(context.scales, entry_sizes):
         if hw[0] * hw[1] <= 1:
             warnings.warn(
                 f"scale {s!r}: the model's first layer that normalises ('{entry_name}') sees this "
                 "input as a single pixel, so the scale carries nothing useful; use a larger one",
-                UserWarning, stacklevel=2)
+                UserWarning, stacklevel=3)
     context.entry_name, context.entry_sizes, context.probe_lead = entry_name, entry_sizes, tuple(lead)
     report.converted, report.entry = [n for n, _ in found], entry_name
     context.report = report
     _branch_batch_norms(model, context, found, bn_sizes)
-    _install(model, context)
+    install(model, context)
     return model
 
 
@@ -190,7 +189,7 @@ def _convert_resizing_model(model: nn.Module, context: ScaleContext, resizer: st
     if context.scale_specific_bn:
         _branch_batch_norms(model, context, found, {})
     install_sized_transform(transform, context)
-    _install(model, context)
+    install(model, context)
     return model
 
 
@@ -208,223 +207,7 @@ def _install_sampling_only(model: nn.Module, context: ScaleContext, example_inpu
         training_failure = _training_failure(model, context.sizes, context.scales, lead)
     if training_failure:
         warnings.warn(training_failure, UserWarning, stacklevel=3)
-    context.scale_specific_bn = False
     context.entry_name, context.hook_id, context.probe_lead = "", None, tuple(lead)
     context.report = ConversionReport(traced=False)
-    _install(model, context)
+    install(model, context)
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# The converted class: a generated subclass, the way torch.nn.utils.parametrize does it
-
-_CONVERTED_CLASSES: Dict[type, type] = {}
-
-
-def converted_class(cls: Type[nn.Module]) -> Type[nn.Module]:
-    """The subclass of ``cls`` a converted model has: same name, ``forward`` routes and samples.
-
-    One class per original class, so pickling, ``copy.deepcopy`` and ``nn.DataParallel``
-    replicas rebuild the same type. ``forward`` keeps the original's signature
-    (``inspect.signature``, ``torch.export``'s ``dynamic_shapes`` matching).
-    """
-    if cls not in _CONVERTED_CLASSES:
-        original = cls.forward
-
-        @functools.wraps(original)
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return converted_forward(self, *args, **kwargs)
-
-        _CONVERTED_CLASSES[cls] = type(cls.__name__, (cls,), {
-            "forward": forward,
-            "__prepare_scriptable__": _scriptable_router,
-            "__reduce_ex__": _reduce_converted,
-            "_sct_original_class": cls,
-            "_sct_original_forward": original,
-            "_sct_image_parameter": image_parameter(original),
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-        })
-    return _CONVERTED_CLASSES[cls]
-
-
-def original_class(model: nn.Module) -> Type[nn.Module]:
-    """The class ``model`` had before :func:`convert`.
-
-    Args:
-        model: a converted model.
-
-    Returns:
-        The original class (``convert`` swaps in a generated subclass of the same name).
-    """
-    return getattr(type(model), "_sct_original_class", type(model))
-
-
-def _reduce_converted(self: nn.Module, protocol: int) -> tuple:
-    # The generated class cannot be found by name; rebuild it from the original class.
-    return (_new_converted, (self._sct_original_class,), self.__dict__)
-
-
-def _new_converted(cls: Type[nn.Module]) -> nn.Module:
-    sub = converted_class(cls)
-    return sub.__new__(sub)
-
-
-def _install(model: nn.Module, context: ScaleContext) -> None:
-    setattr(model, CONTEXT_ATTR, context)
-    model.__class__ = converted_class(type(model))
-    scaled_type(tuple(context.scales))  # the train-mode output's type, made outside any compile
-
-
-def _scriptable_router(model: nn.Module) -> nn.Module:
-    ctx = context_of(model)
-    if ctx.resizer:
-        raise ConversionError(
-            "a converted detection model cannot be scripted: the scripted router routes one image "
-            "batch by its size, and a detector's scale is its transform's size; script each scale's "
-            "plain model instead (torch.jit.script(sct.extract(model, s)))")
-    if ctx.unknown_scale == "interpolate":
-        raise ConversionError(
-            "a model converted with unknown_scale='interpolate' cannot be scripted: TorchScript "
-            "routes to one branch per call; export it with sct.export_program (which blends), or "
-            "script a model converted with unknown_scale='nearest'")
-    views = [_plain_copy(model, s, share_tensors=True) for s in ctx.scales]
-    return ScriptedRouter(views, ctx.sizes, ctx.unknown_scale == "error").train(model.training)
-
-
-# ---------------------------------------------------------------------------------------------
-# Queries and the scale override
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP / DataParallel / ``torch.compile`` wrapper (itself otherwise)."""
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module) and isinstance(getattr(inner, CONTEXT_ATTR, None), ScaleContext):
-            return inner
-    return model
-
-
-def context_of(model: nn.Module) -> ScaleContext:
-    """The :class:`ScaleContext` of a converted model: its scales, sizes and routing policy.
-
-    Args:
-        model: a converted model, or one wrapped in DDP, DataParallel or ``torch.compile``.
-
-    Returns:
-        The context shared by the model's S-BN layers. Raises ``ValueError`` if ``model`` is not
-        converted.
-    """
-    ctx = getattr(unwrap(model), CONTEXT_ATTR, None)
-    if isinstance(ctx, ScaleContext):
-        return ctx
-    raise ValueError(
-        f"{type(model).__name__} is not a converted model; call sct.convert(model, scales) first"
-    )
-
-
-def scales_of(model: nn.Module) -> Tuple[Scale, ...]:
-    """The model's scales, in the order given to :func:`convert`.
-
-    Args:
-        model: a converted model.
-
-    Returns:
-        A tuple of ints and ``(height, width)`` pairs.
-    """
-    return context_of(model).scales
-
-
-def route(model: nn.Module, size: Any) -> Union[Scale, ScaleBlend]:
-    """The scale whose branch serves an input of ``size``, by the model's routing policy.
-
-    Args:
-        model: a converted model.
-        size: an image batch (its last two dims are read), an ``(h, w)`` pair or an int side.
-
-    Returns:
-        One of ``scales_of(model)``; under ``unknown_scale="interpolate"``, for a size strictly
-        between two scales (by pixel count), a :class:`ScaleBlend` ``(low, high, t)``: the two
-        scales whose BN tensors are blended, ``lerp(low, high, t)``. Raises ``ValueError`` for an
-        untrained size under ``unknown_scale="error"``. It never warns: it answers the question
-        (a forward at an untrained size warns once under ``"nearest"``).
-    """
-    ctx = context_of(model)
-    hw = (int(size.shape[-2]), int(size.shape[-1])) if isinstance(size, torch.Tensor) else normalize_scale(size)
-    chosen = route_size(ctx, hw, warn=False)
-    if isinstance(chosen, int):
-        return ctx.scales[chosen]
-    return ScaleBlend(ctx.scales[chosen.low], ctx.scales[chosen.high], chosen.t)
-
-
-def scale_specific_layers(model: nn.Module) -> Iterator[Tuple[str, ScaleSpecificBatchNorm]]:
-    """Every S-BN layer of a converted model, in module order.
-
-    Args:
-        model: a converted model.
-
-    Returns:
-        An iterator of ``(qualified name, ScaleSpecificBatchNorm)``.
-    """
-    for name, m in model.named_modules():
-        if isinstance(m, ScaleSpecificBatchNorm):
-            yield name, m
-
-
-@contextlib.contextmanager
-def scale(model: nn.Module, s: Scale) -> Iterator[nn.Module]:
-    """Run every forward of ``model`` inside the block with branch ``s``, whatever the input size.
-
-    The override holds for calls made from this thread (and asyncio task) only, so other
-    threads serving the same model keep routing by size; it ends with the block. Train-mode
-    calls inside it run that one scale (no sampling).
-
-    Args:
-        model: a converted model.
-        s: one of its scales.
-
-    Returns:
-        A context manager yielding ``model``.
-    """
-    ctx = context_of(model)
-    with pinned(ctx, ctx.index(s)):
-        yield model
-
-
-def _plain_copy(model: nn.Module, s: Scale, share_tensors: bool = False) -> nn.Module:
-    """The original architecture with branch ``s`` in place of every S-BN; ``model`` untouched."""
-    inner = unwrap(model)
-    ctx = context_of(inner)
-    key = scale_key(ctx.sizes[ctx.index(s)])
-    memo: Dict[int, Any] = {id(ctx): ctx}
-    if share_tensors:
-        for t in list(inner.parameters()) + list(inner.buffers()):
-            memo[id(t)] = t
-    for _, sbn in scale_specific_layers(inner):
-        memo[id(sbn)] = copy.deepcopy(sbn.branches[key], memo)
-    plain = copy.deepcopy(inner, memo)
-    plain.__class__ = original_class(inner)
-    vars(plain).pop(CONTEXT_ATTR, None)
-    if ctx.resizer:  # a detection model's copy resizes to its scale
-        transform = plain.get_submodule(ctx.resizer)
-        remove_sized_transform(transform)
-        transform.__dict__.update(sized_attributes(transform, ctx.sizes[ctx.index(s)]))
-    for m in plain.modules():
-        for hook_id, hook in list(m._forward_pre_hooks.items()):
-            if isinstance(hook, EntryRouter):
-                del m._forward_pre_hooks[hook_id]
-    return plain
-
-
-def extract(model: nn.Module, s: Scale) -> nn.Module:
-    """A copy of the original architecture (original classes, no S-BN) with branch ``s``'s state.
-
-    Args:
-        model: a converted model (or a DDP / DataParallel wrapper of one); left unchanged.
-        s: one of its scales.
-
-    Returns:
-        A new module of the model's original class whose ``state_dict`` has exactly the
-        original keys; in eval mode it computes what the converted model computes at ``s``.
-    """
-    return _plain_copy(model, s)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .context import Scale, normalize_scale, scale_key
-from .conversion import context_of, extract, unwrap
+from .converted import context_of, extract, unwrap
 from .dense import iter_tensors
 from .probe import run_mode
 from .files import atomic_write

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .conversion import context_of, scale_specific_layers, unwrap
+from .converted import context_of, scale_specific_layers, unwrap
 
 Row = Dict[str, Union[str, int, float]]
 

@@ -16,131 +16,25 @@ order, RGB or, for one-channel models, L).
 from __future__ import annotations
 
 import copy
-import csv
-import io as _io
-import json
 import math
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .calibration import calibrate
 from .context import HW, Scale, normalize_scale, scale_key
-from .conversion import context_of, convert, route, unwrap
-from .files import PathLike, atomic_write
+from .conversion import convert
+from .converted import context_of, is_converted, route, unwrap
+from .evaluation_report import EvaluationReport, ScaleResult
+from .files import PathLike
 from .progress import Steps
 
-ARMS = ("plain", "calibrated", "trained")
-COLUMNS = ("scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32")
 LATENCY_BATCHES = (1, 32)
-
-
-@dataclass
-class ScaleResult:
-    """One (scale, arm) row: accuracy in percent, per-image latency in ms (batch 1 and 32)."""
-
-    scale: str
-    arm: str
-    top1: float
-    top5: float
-    images: int
-    latency_ms: Optional[float] = None
-    latency_ms_b32: Optional[float] = None
-
-
-@dataclass
-class EvaluationReport:
-    """The rows of :func:`evaluate`, what they were measured on, and writers for each format.
-
-    Args:
-        rows: one :class:`ScaleResult` per (scale, arm), in the order measured.
-        notes: what the rows were measured on (images, calibration source, preprocessing).
-        data_config: timm's data config the images were preprocessed with.
-    """
-
-    rows: List[ScaleResult]
-    notes: List[str] = field(default_factory=list)
-    data_config: Dict[str, Any] = field(default_factory=dict)
-
-    def by_arm(self) -> Dict[str, List[ScaleResult]]:
-        arms: Dict[str, List[ScaleResult]] = {}
-        for row in self.rows:
-            arms.setdefault(row.arm, []).append(row)
-        return arms
-
-    def to_csv(self) -> str:
-        out = _io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in self.rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
-        return out.getvalue()
-
-    def to_markdown(self) -> str:
-        def cell(v: Optional[float], digits: int) -> str:
-            return "" if v is None else f"{v:.{digits}f}"
-
-        lines = ["| scale | arm | top-1 % | top-5 % | images | ms/image b1 | ms/image b32 |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r.scale} | {r.arm} | {r.top1:.1f} | {r.top5:.1f} | {r.images} | "
-                  f"{cell(r.latency_ms, 3)} | {cell(r.latency_ms_b32, 3)} |" for r in self.rows]
-        return "\n".join(lines + [""] + [f"- {n}" for n in self.notes]) + "\n"
-
-    def to_json(self) -> str:
-        return json.dumps({"rows": [asdict(r) for r in self.rows], "notes": self.notes,
-                           "data_config": self.data_config}, indent=1, default=str)
-
-    def write(self, path: PathLike) -> Path:
-        """Write the report as ``.csv``, ``.md`` or ``.json`` (by suffix), atomically."""
-        path = Path(path)
-        render = {".csv": self.to_csv, ".md": self.to_markdown, ".json": self.to_json}.get(path.suffix)
-        if render is None:
-            raise ValueError(f"cannot write a report to {path.name}: use a .csv, .md or .json file")
-        text = render()
-        return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-    def plot(self, path: PathLike) -> Path:
-        """A PNG: top-1 against size, and top-1 against batch-1 latency, one line per arm."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            from .environment import install_command
-
-            raise ValueError(f"plotting needs matplotlib: {install_command('plot')}") from e
-        fig, (by_size, by_speed) = plt.subplots(1, 2, figsize=(10, 4))
-        for arm, rows in self.by_arm().items():
-            pixels = [_pixels(r.scale) for r in rows]
-            by_size.plot([math.sqrt(p) for p in pixels], [r.top1 for r in rows], "o-", label=arm)
-            timed = [r for r in rows if r.latency_ms is not None]
-            if timed:
-                by_speed.plot([r.latency_ms for r in timed], [r.top1 for r in timed], "o-", label=arm)
-                for r in timed:
-                    by_speed.annotate(r.scale, (r.latency_ms, r.top1), fontsize=7, xytext=(3, 3),
-                                      textcoords="offset points")
-        by_size.set(xlabel="input size (sqrt of pixels)", ylabel="top-1 (%)", title="accuracy by size")
-        by_speed.set(xlabel="ms per image, batch 1", ylabel="top-1 (%)", title="accuracy by latency")
-        for ax in (by_size, by_speed):
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        try:
-            return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-        finally:
-            plt.close(fig)
-
-
-def _pixels(key: str) -> int:
-    h, _, w = key.partition("x")
-    return int(h) * int(w or h)
 
 
 def resolve_data_config(model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -299,8 +193,7 @@ def evaluate(
         holdout: images held out of ``images`` for calibration when ``calibrate_images`` is None.
         max_images: score at most this many images (after the holdout).
         batch_size: images per batch, for scoring and calibration.
-        data_config: overrides of timm's data config: ``mean``, ``std``, ``interpolation``,
-            ``crop_pct``, ``crop_mode``.
+        data_config: overrides of timm's data config (``mean``, ``std``, ``crop_pct``, ...).
         class_map: timm's ``class_map`` (a file or dict of folder name to index).
         latency_repeats: timed forwards per (arm, scale, batch size) for the median latency at
             batch 1 and 32 on random inputs; 0 skips latency.
@@ -314,31 +207,40 @@ def evaluate(
     sizes = [normalize_scale(s) for s in scales]
     if not sizes:
         raise ValueError("evaluate needs at least one scale")
-    try:
-        context_of(model)
-        trained = True
-    except ValueError:
-        trained = False
-    base = unwrap(model)
-    device = next((p.device for p in base.parameters()), torch.device("cpu"))
     config = resolve_data_config(model, data_config)
     dataset = _dataset(images, config, class_map)
-    notes = [f"preprocessing: resize to size / crop_pct ({config['crop_pct']}), center crop, "
-             f"{config['interpolation']}, mean {tuple(config['mean'])}, std {tuple(config['std'])} "
-             "(timm's data config, as validate.py)"]
-    arms: Dict[str, nn.Module] = {}
-    if trained:
+    notes = [_preprocessing_note(config)]
+    if is_converted(model):
         scored, _ = _split(len(dataset), 0, max_images)
-        arms["trained"] = model
-        notes += [f"{scale_key(hw)} has no branch of its own: served by {route(model, hw)!r} "
-                  f"(unknown_scale={context_of(model).unknown_scale!r})"
-                  for hw in sizes if hw not in context_of(model).sizes]
+        arms: Dict[str, nn.Module] = {"trained": model}
+        notes += _untrained_size_notes(model, sizes)
     else:
-        arms["plain"] = model
         calibration_set, scored = _calibration_source(dataset, images, calibrate_images, config, holdout,
                                                       max_images, class_map, notes)
-        arms["calibrated"] = _calibrated(model, sizes, calibration_set, config, batch_size, workers, progress)
+        arms = {"plain": model,
+                "calibrated": _calibrated(model, sizes, calibration_set, config, batch_size, workers, progress)}
     notes.insert(0, f"{len(scored)} scored images from {images}")
+    loaders = (_loader(dataset, scored, config, hw, batch_size, workers) for hw in sizes)
+    rows = _score_each_size(arms, sizes, loaders, config["input_size"][0], latency_repeats, progress)
+    return EvaluationReport(rows, notes, {k: v for k, v in config.items()})
+
+
+def _preprocessing_note(config: Dict[str, Any]) -> str:
+    return (f"preprocessing: resize to size / crop_pct ({config['crop_pct']}), center crop, "
+            f"{config['interpolation']}, mean {tuple(config['mean'])}, std {tuple(config['std'])} "
+            "(timm's data config, as validate.py)")
+
+
+def _untrained_size_notes(model: nn.Module, sizes: List[HW]) -> List[str]:
+    ctx = context_of(model)
+    return [f"{scale_key(hw)} has no branch of its own: served by {route(model, hw)!r} "
+            f"(unknown_scale={ctx.unknown_scale!r})" for hw in sizes if hw not in ctx.sizes]
+
+
+def _score_each_size(arms: Dict[str, nn.Module], sizes: List[HW], loaders: Iterable[Any], channels: int,
+                     latency_repeats: int, progress: bool) -> List[ScaleResult]:
+    """One row per (size, arm): accuracy on that size's loader, then latency; arms in eval meanwhile."""
+    device = next((p.device for p in unwrap(next(iter(arms.values()))).parameters()), torch.device("cpu"))
     was_training = {arm: m.training for arm, m in arms.items()}
     for m in arms.values():
         m.eval()
@@ -346,11 +248,11 @@ def evaluate(
     try:
         with Steps(len(sizes), "evaluate", progress) as steps, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="sct_convert: input size")  # said in the notes
-            for hw in sizes:
-                results = _score(arms, _loader(dataset, scored, config, hw, batch_size, workers), device)
+            for hw, loader in zip(sizes, loaders):
+                results = _score(arms, loader, device)
                 for arm, m in arms.items():
                     top1, top5, n = results[arm]
-                    timing = [latency_ms(m, (b, config["input_size"][0], *hw), latency_repeats, device)
+                    timing = [latency_ms(m, (b, channels, *hw), latency_repeats, device)
                               if latency_repeats > 0 else None for b in LATENCY_BATCHES]
                     rows.append(ScaleResult(scale_key(hw), arm, round(top1, 2), round(top5, 2), n,
                                             *(None if t is None else round(t, 4) for t in timing)))
@@ -359,7 +261,7 @@ def evaluate(
     finally:
         for arm, m in arms.items():
             m.train(was_training[arm])
-    return EvaluationReport(rows, notes, {k: v for k, v in config.items()})
+    return rows
 
 
 def _calibration_source(dataset: Any, images: PathLike, calibrate_images: Optional[PathLike],

@@ -20,7 +20,8 @@ from torch import nn
 from .context import Scale, normalize_scale, scale_key
 from .progress import Steps
 from .files import atomic_save
-from .conversion import context_of, convert, scale_specific_layers, unwrap
+from .conversion import convert
+from .converted import context_of, is_converted, scale_specific_layers, unwrap
 from .zoo import arch_info, create_model
 
 PathLike = Union[str, os.PathLike]
@@ -289,12 +290,11 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
         model, _ = create_model(arch, source, **kwargs)
         if source == "torchvision":
             model.sct_arch = {"arch": arch, "source": source}
-    try:
-        ctx = context_of(model)
-    except ValueError:
+    if not is_converted(model):
         model = convert(model, scales, meta.get("unknown_scale", "nearest"),
                         scale_specific_bn=meta.get("scale_specific_bn", "1") == "1")
     else:
+        ctx = context_of(model)
         if list(ctx.scales) != scales:
             raise ValueError(
                 f"{path} holds scales {scales} but the model was converted with "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .context import Scale, normalize_scale
-from .conversion import context_of, extract, unwrap
+from .converted import context_of, extract, unwrap
 from .probe import run_mode
 
 

@@ -10,6 +10,7 @@ Drop-in use changes two lines of an existing loop::
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context import Scale, pinned
-from .conversion import context_of
+from .context import HW, Scale, ScaleContext, pinned
+from .converted import context_of
 from .dense import MATCH_MODES, match_dense
 from .sampling import ScaleOutputs, resize_to, scale_runs
 
@@ -316,6 +317,20 @@ def train_step(
         loss, detached.
     """
     ctx = context_of(model)
+    loss_fn = _step_criterion(ctx, criterion)
+    indices = None if scales is None else sorted({ctx.index(s) for s in scales})
+    runs = scale_runs(ctx, indices, between=ctx.sample_between and scales is None)
+    if zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+    autocast = functools.partial(torch.autocast, device_type=_device(x).type, dtype=amp_dtype) \
+        if amp_dtype is not None else contextlib.nullcontext
+    per_scale = _backward_each_scale(model, ctx, x, y, runs, loss_fn, scaler, autocast)
+    _optimizer_step(optimizer, scaler, clip_grad_norm)
+    return StepResult(sum(per_scale.values()), per_scale)
+
+
+def _step_criterion(ctx: ScaleContext, criterion: Optional[Callable[..., torch.Tensor]]) -> SCTLoss:
+    """``train_step``'s criterion as an :class:`SCTLoss`; refuses what one scale at a time cannot do."""
     if criterion is None and not ctx.resizer:
         raise ValueError("train_step needs a criterion; only a detection model, which returns its own "
                          "losses, takes criterion=None")
@@ -325,8 +340,13 @@ def train_step(
             "distill='ensemble' needs every scale's logits before any backward; use the drop-in "
             "loop (criterion(model(x), y)) or distill='inplace' with train_step"
         )
-    indices = None if scales is None else sorted({ctx.index(s) for s in scales})
-    runs = scale_runs(ctx, indices, between=ctx.sample_between and scales is None)
+    return loss_fn
+
+
+def _backward_each_scale(model: nn.Module, ctx: ScaleContext, x: Any, y: Any, runs: List[Tuple[Scale, HW, Any]],
+                         loss_fn: SCTLoss, scaler: Optional[Any],
+                         autocast: Callable[[], Any]) -> Dict[Scale, torch.Tensor]:
+    """Forward and backward each scale in turn (the in-place teacher first); the weighted losses."""
     chosen = [s for s, _, _ in runs]
     weights = loss_fn.scale_weights(chosen)
     order = list(range(len(runs)))
@@ -334,19 +354,14 @@ def train_step(
     if teacher_pos is not None:  # the teacher runs first; its detached logits teach the rest
         order.remove(teacher_pos)
         order.insert(0, teacher_pos)
-    if zero_grad:
-        optimizer.zero_grad(set_to_none=True)
     no_sync = getattr(model, "no_sync", None)
     teacher = None
     per_scale: Dict[Scale, torch.Tensor] = {}
     for n, pos in enumerate(order):
         last = n == len(order) - 1
-        sync = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
-        autocast = (torch.autocast(device_type=_device(x).type, dtype=amp_dtype)
-                    if amp_dtype is not None else contextlib.nullcontext())
-        with sync:
+        with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
             _, hw, route = runs[pos]
-            with pinned(ctx, route), autocast:
+            with pinned(ctx, route), autocast():
                 # a detection model resizes its images (and boxes) itself, to the pinned scale
                 output = model(x, y) if ctx.resizer else model(resize_to(x, hw, ctx.antialias))
                 loss = weights[pos] * loss_fn.single_loss(output, y, None if pos == teacher_pos else teacher)
@@ -355,6 +370,10 @@ def train_step(
             teacher = main_logits(output).detach()
         per_scale[chosen[pos]] = loss.detach()
         del output, loss
+    return per_scale
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: Optional[Any], clip_grad_norm: Optional[float]) -> None:
     if clip_grad_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -365,4 +384,3 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-    return StepResult(sum(per_scale.values()), per_scale)

@@ -1,6 +1,7 @@
 """torchvision detection models: the scale is the size the model's transform resizes to; eval
 routes by it, sct.scale sets it, train mode returns torchvision's dict of losses (Eq. 1 over the
 scales), frozen batch norms stay frozen per scale, and per-scale checkpoints are the plain model."""
+import contextlib
 import sys
 from pathlib import Path
 
@@ -194,15 +195,25 @@ def test_cli_builds_detectors_by_name_and_their_files_load(tmp_path):
         assert len(r.output.strip().splitlines()) == 1 and "the limit is upstream" in r.output, r.output
 
 
-def test_scripting_a_converted_detector_is_refused_and_each_scale_scripts():
+def test_scripting_a_detector_gives_the_branch_its_transform_serves_and_says_so():
     model = sct.convert(build("fasterrcnn_mobilenet_v3_large_320_fpn"), SCALES).eval()
-    with pytest.raises(sct.ConversionError, match=r"cannot be scripted.*sct.extract\(model, s\)"):
-        torch.jit.script(model)
-    plain = sct.extract(model, 128)
-    scripted = torch.jit.script(plain)
+    perturb_branches(model)
     images, _ = images_and_targets()
-    with torch.no_grad():
-        same_detections(scripted(images)[1], plain(images))  # torchvision's scripted detectors return (losses, dets)
+    for size, pin in ((160, None), (128, None), (140, None), (None, 128)):
+        if size is not None:
+            model.transform.min_size = (size,)
+        with sct.scale(model, pin) if pin else contextlib.nullcontext():
+            with pytest.warns(UserWarning, match=r"a scripted detector serves one branch: (160|128)"):
+                scripted = torch.jit.script(model)
+            with torch.no_grad():
+                eager = model(images)
+        with torch.no_grad():  # torchvision's scripted detectors return (losses, detections)
+            same_detections(scripted(images)[1], eager)
+    model.transform.min_size = (160,)
+    interpolating = sct.convert(build("fasterrcnn_mobilenet_v3_large_320_fpn"), SCALES, "interpolate").eval()
+    interpolating.transform.min_size = (144,)
+    with pytest.raises(sct.ConversionError, match=r"between two scales.*sct.extract\(model, s\)"):
+        torch.jit.script(interpolating)
 
 
 def test_a_converted_detector_pickles_and_deep_copies():
