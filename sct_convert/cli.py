@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import click
 
@@ -216,7 +216,7 @@ def export_cmd(file, fmt, scale_option, out, model_name):
     click.echo(f"wrote {path}: {meta.get('arch') or model_name} {what} ({fmt})")
 
 
-def _preprocessing(model, meta):
+def _preprocessing(model: Any, meta: Dict[str, str]) -> Any:
     """The model's own eval transform: timm's data config, or torchvision's weights transform."""
     if meta.get("source") == "timm":
         import timm.data

@@ -5,7 +5,7 @@ import functools
 import os
 import sys
 import warnings
-from typing import TYPE_CHECKING, Callable, List
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Union
 
 import click
 
@@ -42,7 +42,8 @@ def one_line(e: BaseException) -> str:
     return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
 
 
-def warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+def warning_line(message: Union[Warning, str], category: type, filename: str, lineno: int, file: Any = None,
+                 line: Optional[str] = None) -> None:
     """``warnings.showwarning`` for the CLI: ``Warning: ...`` on one stderr line, no source path."""
     click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
 
@@ -54,7 +55,7 @@ def clean_errors(fn: Callable) -> Callable:
     """
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = warning_line

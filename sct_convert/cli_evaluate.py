@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional, Tuple
 
 import click
 
@@ -10,7 +11,8 @@ from .cli_common import DEFAULT_SCALES, clean_errors, parse_scales
 REPORT_SUFFIXES = (".csv", ".md", ".json")
 
 
-def _model(model_arg: str, source, checkpoint, pretrained, num_classes, in_chans):
+def _model(model_arg: str, source: str, checkpoint: Optional[str], pretrained: bool, num_classes: Optional[int],
+           in_chans: Optional[int]) -> Tuple[Any, str]:
     """(model, description): an sct file's converted model, or a named model with its weights."""
     from . import io, weights
     from .zoo import create_model
@@ -40,7 +42,7 @@ def _model(model_arg: str, source, checkpoint, pretrained, num_classes, in_chans
     return model, what
 
 
-def _floats(text, option):
+def _floats(text: Optional[str], option: str) -> Optional[Tuple[float, ...]]:
     if text is None:
         return None
     try:

@@ -40,7 +40,7 @@ def converted_class(cls: Type[nn.Module]) -> Type[nn.Module]:
         original = cls.forward
 
         @functools.wraps(original)
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
+        def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             return converted_forward(self, *args, **kwargs)
 
         _CONVERTED_CLASSES[cls] = type(cls.__name__, (cls,), {
