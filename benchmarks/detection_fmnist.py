@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
 import detection_sct as det  # noqa: E402
+import _seeds as seeds  # noqa: E402
 from _host import write_atomic  # noqa: E402
 
 import sct_convert as sct  # noqa: E402
@@ -129,64 +129,23 @@ def step_cost(repeats: int = 12) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_jobs(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def summarise(results: list) -> dict:
-    rows = {}
+    table = {}
     for arm in ARMS:
         runs = [r for r in results if r["arm"] == arm]
         for key, label in (("map50", arm), ("map50_interpolate", f"{arm} (interpolate)")):
-            if not runs or key not in runs[0]:
-                continue
-            row = {}
-            for s in SIZES:
-                values = [r[key][str(s)] for r in runs]
-                se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-                row[s] = (statistics.mean(values), se)
-            rows[label] = {"seeds": len(runs), "map50": row}
-    return rows
-
-
-def markdown(table: dict) -> str:
-    lines = ["| arm | seeds | " + " | ".join(f"{s}" for s in SIZES) + " |",
-             "|---|---|" + "---|" * len(SIZES)]
-    for arm, row in table.items():
-        cells = [f"{m:.1f} ± {se:.1f}" for m, se in (row["map50"][s] for s in SIZES)]
-        lines.append(f"| {arm} | {row['seeds']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(table: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, row in table.items():
-        means = [row["map50"][s][0] for s in SIZES]
-        ses = [0 if math.isnan(row["map50"][s][1]) else row["map50"][s][1] for s in SIZES]
-        ax.errorbar(SIZES, means, yerr=ses, marker="o", capsize=3, label=arm,
-                    linestyle="--" if "interpolate" in arm else "-")
-    ax.set_xlabel("transform size (px)")
-    ax.set_ylabel("mAP@0.5 (%)")
-    ax.set_title("Fashion-MNIST canvases, SSDlite, trained at {128} or {128, 64}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            if runs and key in runs[0]:
+                table[label] = {"seeds": len(runs), "map50": seeds.by_size(runs, key, SIZES)}
+    return table
 
 
 def report(results: list, out_dir: Path) -> None:
     table = summarise(results)
-    text = markdown(table)
+    text = seeds.markdown(table, "map50", SIZES)
     write_atomic(out_dir / "detection_fmnist.md", text)
-    write_atomic(out_dir / "detection_fmnist.json", json.dumps(
-        {arm: {**row, "map50": {str(s): v for s, v in row["map50"].items()}} for arm, row in table.items()},
-        indent=1))
-    plot(table, out_dir / "detection_fmnist.png")
+    write_atomic(out_dir / "detection_fmnist.json", seeds.json_table(table, "map50"))
+    seeds.plot(table, "map50", SIZES, out_dir / "detection_fmnist.png", "transform size (px)", "mAP@0.5 (%)",
+               "Fashion-MNIST canvases, SSDlite, trained at {128} or {128, 64}")
     print(text)
 
 
@@ -210,7 +169,7 @@ def main() -> None:
         return
     jobs_file = out_dir / "detection_fmnist_jobs.jsonl"
     if not args.report_only:
-        done = {(r["arm"], r["seed"]) for r in read_jobs(jobs_file)}
+        done = {(r["arm"], r["seed"]) for r in seeds.read_jobs(jobs_file)}
         todo = [(a, int(s)) for s in args.seeds.split(",") for a in args.arms.split(",") if (a, int(s)) not in done]
         if todo:
             x, y = det.make_canvases(SETTINGS["canvases"], "train", seed=0)
@@ -221,7 +180,7 @@ def main() -> None:
                     f.write(json.dumps(result) + "\n")
                 print(f"{arm} seed {seed}: " + ", ".join(f"{s}: {v:.1f}" for s, v in result["map50"].items())
                       + f" ({result['train_seconds']:.0f} s)", flush=True)
-    report(read_jobs(jobs_file), out_dir)
+    report(seeds.read_jobs(jobs_file), out_dir)
 
 
 if __name__ == "__main__":

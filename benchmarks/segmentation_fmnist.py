@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import warnings
@@ -36,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 sys.path.insert(0, str(HERE))
 import segmentation_sct as seg  # noqa: E402
+import _seeds as seeds  # noqa: E402
 from _host import write_atomic  # noqa: E402
 
 import sct_convert as sct  # noqa: E402
@@ -68,63 +68,24 @@ def run_job(arm: str, seed: int, data) -> dict:
             "settings": SETTINGS, "torch": torch.__version__}
 
 
-def read_jobs(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def summarise(results: list) -> dict:
     table = {}
     for arm in ARMS:
         runs = [r for r in results if r["arm"] == arm]
-        if not runs:
-            continue
-        row = {}
-        for s in SIZES:
-            values = [r["miou"][str(s)] for r in runs]
-            se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-            row[s] = (statistics.mean(values), se)
-        table[arm] = {"seeds": len(runs), "miou": row,
-                      "train_seconds": statistics.mean(r["train_seconds"] for r in runs)}
+        if runs:
+            table[arm] = {"seeds": len(runs), "miou": seeds.by_size(runs, "miou", SIZES),
+                          "train_seconds": statistics.mean(r["train_seconds"] for r in runs)}
     return table
 
 
-def markdown(table: dict) -> str:
-    # (training seconds are in the JSON; they are not comparable when jobs share the CPU)
-    lines = ["| arm | seeds | " + " | ".join(f"{s}" for s in SIZES) + " |",
-             "|---|---|" + "---|" * len(SIZES)]
-    for arm, row in table.items():
-        cells = [f"{m:.1f} ± {se:.1f}" for m, se in (row["miou"][s] for s in SIZES)]
-        lines.append(f"| {arm} | {row['seeds']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(table: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, row in table.items():
-        means = [row["miou"][s][0] for s in SIZES]
-        ses = [0 if math.isnan(row["miou"][s][1]) else row["miou"][s][1] for s in SIZES]
-        ax.errorbar(SIZES, means, yerr=ses, marker="o", capsize=3, label=arm)
-    ax.set_xlabel("test size (px)")
-    ax.set_ylabel("mIoU (%)")
-    ax.set_title("Fashion-MNIST canvases, SegNet, trained at {64} or {64, 32}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def report(results: list, out_dir: Path) -> None:
+    # (training seconds are in the JSON; they are not comparable when jobs share the CPU)
     table = summarise(results)
-    text = markdown(table)
+    text = seeds.markdown(table, "miou", SIZES)
     write_atomic(out_dir / "segmentation_fmnist.md", text)
-    write_atomic(out_dir / "segmentation_fmnist.json", json.dumps(
-        {arm: {**row, "miou": {str(s): v for s, v in row["miou"].items()}} for arm, row in table.items()}, indent=1))
-    plot(table, out_dir / "segmentation_fmnist.png")
+    write_atomic(out_dir / "segmentation_fmnist.json", seeds.json_table(table, "miou"))
+    seeds.plot(table, "miou", SIZES, out_dir / "segmentation_fmnist.png", "test size (px)", "mIoU (%)",
+               "Fashion-MNIST canvases, SegNet, trained at {64} or {64, 32}")
     print(text)
 
 
@@ -139,7 +100,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs_file = out_dir / "segmentation_fmnist_jobs.jsonl"
     if not args.report_only:
-        done = {(r["arm"], r["seed"]) for r in read_jobs(jobs_file)}
+        done = {(r["arm"], r["seed"]) for r in seeds.read_jobs(jobs_file)}
         todo = [(a, int(s)) for s in args.seeds.split(",") for a in args.arms.split(",") if (a, int(s)) not in done]
         if todo:
             x, y = seg.make_canvases(SETTINGS["canvases"], "train", seed=0)
@@ -150,7 +111,7 @@ def main() -> None:
                     f.write(json.dumps(result) + "\n")
                 print(f"{arm} seed {seed}: " + ", ".join(f"{s}: {v:.1f}" for s, v in result["miou"].items())
                       + f" ({result['train_seconds']:.0f} s)", flush=True)
-    report(read_jobs(jobs_file), out_dir)
+    report(seeds.read_jobs(jobs_file), out_dir)
 
 
 if __name__ == "__main__":
