@@ -52,7 +52,7 @@ def run_pytest(test_dir: Path, args: list, converted: bool, upstream: str, junit
         env["SCT_UPSTREAM"] = upstream
         command[4:4] = ["-p", "sct_upstream_plugin"]
     out = subprocess.run(command, cwd=test_dir, env=env, capture_output=True, text=True)
-    return out.stdout[-3000:]
+    return out.stdout[-20000:]
 
 
 def timm_tests(workdir: Path) -> Path:
@@ -94,7 +94,8 @@ def vision_tests(source: Path, workdir: Path, select: list) -> tuple:
 
 
 def table(plain: dict, converted: dict, header: list) -> str:
-    lines = header + ["", "| test | plain | converted |", "|---|---|---|"]
+    lines = header + ["", "Tests whose outcome differs (skipped: CUDA tests on a host without a GPU):", "",
+                      "| test | plain | converted |", "|---|---|---|"]
     differ = [t for t in sorted(plain) if plain[t] != converted.get(t)]
     lines += [f"| {t} | {plain[t]} | {converted.get(t, 'missing')} |" for t in differ] or ["| (none differ) | | |"]
     for name, res in (("plain", plain), ("converted", converted)):
@@ -120,7 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.upstream == "timm":
-            test_dir, notes = timm_tests(work), []
+            test_dir, notes = timm_tests(work), []  # type: list
             target = "tests/test_models.py"
             env = {}
         else:
@@ -135,6 +136,9 @@ def main() -> None:
             tail = run_pytest(test_dir, [target, *select], converted, args.upstream, junit, env)
             print(tail.splitlines()[-1] if tail.strip() else "(no output)", flush=True)
             results[converted] = outcomes(junit)
+            if converted:  # what the plugin converted, and what it had to hand over as it was
+                notes += [line.strip() for line in tail.splitlines()
+                          if line.startswith(("sct_upstream_plugin:", "  unconverted "))]
     header = [f"# {args.upstream}'s own model tests, plain vs converted",
               f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}; "
               f"`python benchmarks/upstream_tests.py {' '.join(sys.argv[1:])}`"] + [f"- {n}" for n in notes]
