@@ -195,8 +195,7 @@ def evaluate(
         batch_size: images per batch, for scoring and calibration.
         data_config: overrides of timm's data config (``mean``, ``std``, ``crop_pct``, ...).
         class_map: timm's ``class_map`` (a file or dict of folder name to index).
-        latency_repeats: timed forwards per (arm, scale, batch size) for the median latency at
-            batch 1 and 32 on random inputs; 0 skips latency.
+        latency_repeats: timed forwards per (arm, scale, batch) for the median latency at batch 1, 32; 0: none.
         workers: ``DataLoader`` worker processes.
         progress: report each (scale) step: a bar on a terminal, one line otherwise.
 
