@@ -123,7 +123,7 @@ def main() -> None:
         if args.upstream == "timm":
             test_dir, notes = timm_tests(work), []  # type: list
             target = "tests/test_models.py"
-            env = {}
+            env = {"HF_HUB_OFFLINE": "1"}  # the tests build models with random weights; never wait on a download
         else:
             if args.vision_tests is None:
                 p.error("torchvision needs --vision-tests DIR (pytorch/vision's test/ folder)")
