@@ -61,3 +61,17 @@ def json_table(table: dict, key: str) -> str:
     """The table as JSON (sizes as string keys)."""
     return json.dumps({arm: {**row, key: {str(s): v for s, v in row[key].items()}} for arm, row in table.items()},
                       indent=1)
+
+
+def run_missing(jobs_file: Path, arms: str, seeds: str, load_data, run_job, key: str) -> None:
+    """Run each (arm, seed) not yet in ``jobs_file`` (comma-separated lists), appending its row as
+    it finishes; ``load_data()`` is called once, only when something is left to run."""
+    done = {(r["arm"], r["seed"]) for r in read_jobs(jobs_file)}
+    todo = [(a, int(s)) for s in seeds.split(",") for a in arms.split(",") if (a, int(s)) not in done]
+    data = load_data() if todo else None
+    for arm, seed in todo:
+        result = run_job(arm, seed, data)
+        with open(jobs_file, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"{arm} seed {seed}: " + ", ".join(f"{s}: {v:.1f}" for s, v in result[key].items())
+              + f" ({result['train_seconds']:.0f} s)", flush=True)

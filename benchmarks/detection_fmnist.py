@@ -27,7 +27,6 @@ step of the SCT model against the sum of the plain model's steps at each scale a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -169,17 +168,9 @@ def main() -> None:
         return
     jobs_file = out_dir / "detection_fmnist_jobs.jsonl"
     if not args.report_only:
-        done = {(r["arm"], r["seed"]) for r in seeds.read_jobs(jobs_file)}
-        todo = [(a, int(s)) for s in args.seeds.split(",") for a in args.arms.split(",") if (a, int(s)) not in done]
-        if todo:
-            x, y = det.make_canvases(SETTINGS["canvases"], "train", seed=0)
-            x_test, y_test = det.make_canvases(SETTINGS["test_canvases"], "test", seed=1)
-            for arm, seed in todo:
-                result = run_job(arm, seed, (x, y, x_test, y_test))
-                with open(jobs_file, "a") as f:
-                    f.write(json.dumps(result) + "\n")
-                print(f"{arm} seed {seed}: " + ", ".join(f"{s}: {v:.1f}" for s, v in result["map50"].items())
-                      + f" ({result['train_seconds']:.0f} s)", flush=True)
+        seeds.run_missing(jobs_file, args.arms, args.seeds, lambda: (
+            *det.make_canvases(SETTINGS["canvases"], "train", seed=0),
+            *det.make_canvases(SETTINGS["test_canvases"], "test", seed=1)), run_job, "map50")
     report(seeds.read_jobs(jobs_file), out_dir)
 
 

@@ -23,7 +23,6 @@ Jobs (arm x seed) are appended to a JSONL file as they finish and skipped on a r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import warnings
@@ -100,17 +99,9 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs_file = out_dir / "segmentation_fmnist_jobs.jsonl"
     if not args.report_only:
-        done = {(r["arm"], r["seed"]) for r in seeds.read_jobs(jobs_file)}
-        todo = [(a, int(s)) for s in args.seeds.split(",") for a in args.arms.split(",") if (a, int(s)) not in done]
-        if todo:
-            x, y = seg.make_canvases(SETTINGS["canvases"], "train", seed=0)
-            x_test, y_test = seg.make_canvases(SETTINGS["test_canvases"], "test", seed=1)
-            for arm, seed in todo:
-                result = run_job(arm, seed, (x, y, x_test, y_test))
-                with open(jobs_file, "a") as f:
-                    f.write(json.dumps(result) + "\n")
-                print(f"{arm} seed {seed}: " + ", ".join(f"{s}: {v:.1f}" for s, v in result["miou"].items())
-                      + f" ({result['train_seconds']:.0f} s)", flush=True)
+        seeds.run_missing(jobs_file, args.arms, args.seeds, lambda: (
+            *seg.make_canvases(SETTINGS["canvases"], "train", seed=0),
+            *seg.make_canvases(SETTINGS["test_canvases"], "test", seed=1)), run_job, "miou")
     report(seeds.read_jobs(jobs_file), out_dir)
 
 
