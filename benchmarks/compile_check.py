@@ -31,6 +31,10 @@ def snapshot():
             "breaks": sum(counters["graph_break"].values())}
 
 
+def break_reasons() -> dict:
+    return {k.splitlines()[0]: v for k, v in counters["graph_break"].items()}
+
+
 def scales_for(count: int, largest: int, step: int):
     return [largest - i * step for i in range(count)]
 
@@ -80,6 +84,8 @@ def main():
         sizes = ",".join(map(str, scales))
         print(f"{count:6d} {sizes[:28]:28s} {orig_graphs:11d} {graphs:11d} {breaks:11d} {worst:10.2e}",
               flush=True)
+        if breaks:  # per row, so a run stopped early still says why
+            print("  graph break reasons:", break_reasons(), flush=True)
 
     scales = scales_for(3, args.largest, args.step)
     model = sct.convert(copy.deepcopy(original), scales).train()
@@ -100,7 +106,7 @@ def main():
     print(f"train step at {scales} (sampling, {args.backend}): loss diff {abs(loss_c.item() - loss_e.item()):.2e}, "
           f"max grad diff {gdiff:.2e}, graphs {after['graphs']}, breaks {after['breaks']}")
     if counters["graph_break"]:
-        print("graph break reasons:", {k.splitlines()[0]: v for k, v in counters["graph_break"].items()})
+        print("graph break reasons:", break_reasons())
 
 
 if __name__ == "__main__":
