@@ -42,7 +42,7 @@ def _convert(model, name: str, side: int):
 
 
 def _torchvision_side(model) -> int:
-    from sct_convert.detection import find_resizer, transform_size
+    from sct_convert.resizers import find_resizer, transform_size
 
     resizer = find_resizer(model)
     return transform_size(model.get_submodule(resizer))[0] if resizer else 224

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .context import Route, ScaleContext, call_routes
+from .call_route import resolve
+from .context import ScaleContext
 from .routing import Blend, script_choose
 
 
@@ -124,10 +125,7 @@ class ScaleSpecificBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._scripted_forward(x)
-        route = call_routes().get(self.context)
-        if route is None or not route.pinned:  # no call of the model: an sct.scale pin decides
-            index = self.context.pinned_index()
-            route = route if index is None else Route(index, True)
+        route = resolve(self.context)
         if route is None:
             raise RuntimeError(
                 "sct_convert: a scale-specific batch norm ran without a route: no call of the "
@@ -135,7 +133,7 @@ class ScaleSpecificBatchNorm(nn.Module):
                 "chose a branch in this thread; call the model, or run the part under "
                 "sct.scale(model, s)"
             )
-        index = route.index
+        index = route.branch
         if isinstance(index, int):
             return self._branch_forward(x, index)
         if isinstance(index, Blend):

@@ -18,7 +18,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bn import FROZEN_BATCH_NORM_TYPES
-from .context import HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
+from .call_route import pinned
+from .context import ScaleContext
+from .scales import HW, Scale, normalize_scale, scale_key, model_device
 from .converted import context_of, scale, scale_specific_layers, unwrap
 from .probe import _SizeLog, _rng_kept, _run_at_every_scale, _training_failure
 from .progress import Steps
@@ -148,7 +150,7 @@ def calibrate(
     if num_batches < 1:
         raise ValueError("num_batches must be at least 1")
     batches: List[torch.Tensor] = []
-    device = next((p.device for p in inner.parameters()), torch.device("cpu"))
+    device = model_device(inner)
     for batch in data:
         batches.append(_images(batch))
         if len(batches) >= num_batches:
@@ -162,12 +164,12 @@ def calibrate(
             "Pass num_batches to match, or more data for steadier statistics",
             UserWarning, stacklevel=2)
     with Steps(len(chosen), "calibrate", progress) as steps:
-        for _, hw, route in scale_runs(ctx, [ctx.index(s) for s in chosen]):
-            with torch.no_grad(), _collecting(inner, scale_key(hw)) as bns, pinned(ctx, route):
+        for _, route in scale_runs(ctx, [ctx.index(s) for s in chosen]):
+            with torch.no_grad(), _collecting(inner, scale_key(route.size)) as bns, pinned(ctx, route):
                 for x in batches:
-                    inner(resize_to(x.to(device, non_blocking=True), hw, ctx.antialias))
+                    inner(resize_to(x.to(device, non_blocking=True), route.size, ctx.antialias))
                 _reduce_across_ranks(bns)
-            steps.advance(f"scale {scale_key(hw)}, {len(batches)} batches")
+            steps.advance(f"scale {scale_key(route.size)}, {len(batches)} batches")
     return model
 
 

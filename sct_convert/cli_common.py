@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Union
 import click
 
 if TYPE_CHECKING:
-    from .context import Scale
+    from .scales import Scale
 
 DEFAULT_SCALES = "224,192,128"
 
 
 def parse_scales(text: str, option: str = "--scales") -> List[Scale]:
     """``"224,192,128x96"`` -> ``[224, 192, (128, 96)]``; ``ValueError`` naming ``option`` otherwise."""
-    from .context import normalize_scales
+    from .scales import normalize_scales
 
     scales: List[Scale] = []
     for part in text.split(","):

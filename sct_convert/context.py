@@ -1,29 +1,20 @@
-"""A converted model's scales and settings, and the per-call record of its branch.
+"""A converted model's scales and settings, shared by the model and its S-BN layers.
 
 A :class:`ScaleContext` is a plain object (not a module, so it never enters ``state_dict``)
 holding what does not change from call to call: the scales, the routing policy, sampling
 settings. The converted model and every S-BN layer hold the same instance; a
 ``copy.deepcopy`` or pickle of the model copies it once and keeps that sharing.
 
-Which branch a call runs is *not* stored on the model. The model's forward records it in a
-thread-local for the duration of the call and restores it after: every thread sees only its
-own calls, so one model serves several sizes from many threads, and ``nn.DataParallel``
-replicas, which share the model's attributes, route independently. ``sct.scale`` pins are a
-ContextVar, so they hold for the calling thread or asyncio task only.
+Which branch a call runs is *not* stored here, nor anywhere on the model: that is the call's
+route (:mod:`sct_convert.call_route`), held per thread for the duration of the call.
 """
-import contextlib
-import contextvars
-import threading
-import types
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, List, Optional, Set, Tuple
 
 import torch
-import torch.fx
 
-Scale = Union[int, Tuple[int, int]]
-HW = Tuple[int, int]
+from .scales import HW, Scale, normalize_scale, normalize_scales, scale_key
 
 ROUTING_POLICIES = ("nearest", "error", "interpolate")
 
@@ -31,114 +22,12 @@ ROUTING_POLICIES = ("nearest", "error", "interpolate")
 CONTEXT_ATTR = "_sct_context"
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def normalize_scale(scale: object) -> HW:
-    """Return ``(h, w)`` for an int or an ``(h, w)`` pair; ``ValueError`` for anything else."""
-    if _is_int(scale):
-        hw = (scale, scale)
-    elif isinstance(scale, (tuple, list)) and len(scale) == 2 and all(_is_int(v) for v in scale):
-        hw = (int(scale[0]), int(scale[1]))
-    else:
-        raise ValueError(
-            f"invalid scale {scale!r}: a scale is an int (square side, e.g. 224) "
-            "or an (height, width) pair of ints, e.g. (128, 96)"
-        )
-    if hw[0] <= 0 or hw[1] <= 0:
-        raise ValueError(f"invalid scale {scale!r}: sides must be positive")
-    return hw
-
-
-def scale_key(hw: HW) -> str:
-    """Name of a scale's branch in ``state_dict`` keys and file names: ``224`` or ``128x96``."""
-    return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"
-
-
-def normalize_scales(scales: Iterable[object]) -> Tuple[Tuple[Scale, ...], Tuple[HW, ...]]:
-    """Validate a list of scales; return them as given (ints or tuples) and as ``(h, w)`` pairs."""
-    if isinstance(scales, (str, bytes)) or not isinstance(scales, Iterable):
-        raise ValueError(f"scales must be a list of ints or (h, w) pairs, got {scales!r}")
-    given = list(scales)
-    if not given:
-        raise ValueError("scales is empty: give at least one, e.g. scales=[224, 192, 128]")
-    pairs = [normalize_scale(s) for s in given]
-    seen: Dict[HW, object] = {}
-    for s, hw in zip(given, pairs):
-        if hw in seen:
-            raise ValueError(f"duplicate scale {s!r} (same size as {seen[hw]!r}); each scale once")
-        seen[hw] = s
-    as_given = tuple(s if _is_int(s) else (int(s[0]), int(s[1])) for s in given)
-    return as_given, tuple(pairs)
-
-
-class Route(NamedTuple):
-    """One call's route (what :mod:`sct_convert.routing` chose) and whether it holds for the call.
-
-    ``index`` is an ``int`` or a ``routing.Blend`` in eager mode, index tensors when traced.
-    ``pinned`` routes hold for the whole call (set by the model's forward, from the image's
-    size, a ``sct.scale`` pin or a sampling step); an unpinned route is the entry layer's own
-    choice for a call that did not come through the model's forward
-    (``model.forward_features(x)``) and is replaced by the next such call. ``size`` is the size a
-    model that resizes its own input (a detection transform) resizes to in this call, set by
-    ``sct.scale`` pins and sampling; ``None`` keeps the model's own size.
-    """
-
-    index: Any
-    pinned: bool
-    size: Optional[HW] = None
-
-
-_NO_ROUTES: Mapping["ScaleContext", Any] = types.MappingProxyType({})
-
-
-# The routes of the calls running in this thread. A thread-local, not a ContextVar: torch.compile
-# traces its reads and writes without a graph break, and a forward never awaits, so
-# setting it on entry and restoring it on exit cannot leak into another asyncio task.
-class _Calls(threading.local):
-    def __init__(self) -> None:  # runs once per thread: the attribute always exists (no guard flip)
-        self.routes: Mapping["ScaleContext", Route] = _NO_ROUTES
-
-
-_CALLS = _Calls()
-
-# sct.scale pins, read once per call by the model's forward: a ContextVar, so a pin made in
-# one asyncio task or thread is not seen by another.
-_PINS: contextvars.ContextVar[Mapping["ScaleContext", int]] = contextvars.ContextVar(
-    "sct_convert_pins", default=_NO_ROUTES)
-
-
-def call_routes() -> Mapping["ScaleContext", Route]:
-    """Routes of the calls this thread is running, by model context."""
-    return _CALLS.routes
-
-
-def set_call_routes(routes: Mapping["ScaleContext", Route]) -> None:
-    _CALLS.routes = routes
-
-
-@contextlib.contextmanager
-def pinned(context: "ScaleContext", index: int) -> Iterator[None]:
-    """Pin branch ``index`` for every call of ``context``'s model inside the block (this thread / task)."""
-    token = _PINS.set({**_PINS.get(), context: index})
-    try:
-        yield
-    finally:
-        _PINS.reset(token)
-
-
-def set_unpinned_route(context: "ScaleContext", index: Any) -> None:
-    """The entry layer's route for a call that did not come through the model's forward."""
-    set_call_routes({**call_routes(), context: Route(index, False)})
-
-
 @dataclass(eq=False)  # identity equality and hash: contexts key the per-call route maps
 class ScaleContext:
     """A converted model's scales, routing policy, entry layer and sampling settings.
 
     The converted model and every S-BN layer hold the same instance. Nothing here changes
-    during a forward: the per-call branch is in a thread-local (:func:`call_routes`).
+    during a forward: the per-call branch is the call's route (:mod:`sct_convert.call_route`).
 
     Args:
         scales: ints (square) or ``(height, width)`` pairs, as given to ``convert``.
@@ -204,10 +93,6 @@ class ScaleContext:
                 f"scale {scale!r} is not one of this model's scales {list(self.scales)}; "
                 "add it with sct.add_scale or pick one of those"
             ) from None
-
-    def pinned_index(self) -> Optional[int]:
-        """The branch ``sct.scale`` pinned for this thread / task, if any."""
-        return _PINS.get().get(self)
 
     def fx_key(self) -> int:
         """A key an FX graph can hold (an int) to reach this context at run time."""

@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 from .bn import ScaleSpecificBatchNorm, is_batch_norm
-from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, scale_key
+from .context import CONTEXT_ATTR, ScaleContext
+from .scales import HW, Scale, scale_key
 from .converted import install
-from .detection import find_resizer, install_sized_transform, sized_attributes
+from .detection import install_sized_transform
+from .resizers import find_resizer, sized_attributes
 from .discovery import ConversionError, ConversionReport, find_batch_norms
 from .probe import (_describe_failure, _first_lead_that_runs, _probe_leads, _rng_kept, _training_failure, probe_entry,
                     run_mode)
-from .routing import EntryRouter
+from .call_route import EntryRouter
 
 def replace_modules(model: nn.Module, replacements: Dict[int, nn.Module]) -> None:
     """Swap submodules by identity (``id(old) -> new``) under every parent that holds them."""

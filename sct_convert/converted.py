@@ -19,14 +19,35 @@ import torch
 from torch import nn
 
 from .bn import ScaleSpecificBatchNorm
-from .context import CONTEXT_ATTR, HW, Scale, ScaleContext, normalize_scale, pinned, scale_key
-from .detection import remove_sized_transform, sized_attributes, transform_size
+from .call_route import EntryRouter, SAMPLE, pin_of, pinned, resolve, routed_forward, scale_route
+from .context import CONTEXT_ATTR, ScaleContext
+from .scales import HW, Scale, normalize_scale, scale_key
+from . import detection, sampling
+from .detection import remove_sized_transform
+from .resizers import sized_attributes, transform_size
 from .discovery import ConversionError
-from .routing import EntryRouter, ScaleBlend, route_size
-from .sampling import converted_forward, image_parameter, scaled_type
+from .routing import ScaleBlend, find_image, route_size
+from .sampling import image_parameter, scaled_type
 from .scripting import ScriptedRouter
 
 _CONVERTED_CLASSES: Dict[type, type] = {}
+
+
+def converted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The converted model's ``forward``: the call's route (:func:`call_route.resolve`), then the
+    model's own forward under it, or, in train mode, once per sampled scale."""
+    ctx = self.__dict__[CONTEXT_ATTR]
+    cls = type(self)
+    forward = cls._sct_original_forward
+    resizer = self.get_submodule(ctx.resizer) if ctx.resizer else None
+    image = None if resizer is not None else find_image(args, kwargs, cls._sct_image_parameter)
+    route = resolve(ctx, image=image, resizer=resizer, sampling=self.training and ctx.sampling)
+    if route is SAMPLE and resizer is not None:
+        return detection.sampling_forward(self, forward, ctx, sampling.scale_runs(ctx, between=ctx.sample_between),
+                                          args, kwargs)
+    if route is SAMPLE:
+        return sampling.sampling_forward(self, forward, ctx, args, kwargs)
+    return routed_forward(self, forward, ctx, route, args, kwargs)
 
 
 def converted_class(cls: Type[nn.Module]) -> Type[nn.Module]:
@@ -102,9 +123,9 @@ def _scriptable_detector(model: nn.Module, ctx: ScaleContext) -> nn.Module:
     """A detector scripts as the plain detector its transform's size (or an ``sct.scale`` pin)
     serves now, eager's route, sharing the model's tensors: TorchScript cannot read the per-call route, so a scripted
     detector holds one branch; each scale scripts from ``sct.extract(model, s)``."""
-    pin = ctx.pinned_index()  # inside sct.scale: that branch, resizing to its scale
-    size = ctx.sizes[pin] if pin is not None else transform_size(model.get_submodule(ctx.resizer))
-    chosen = pin if pin is not None else route_size(ctx, size, warn=False)
+    pin = pin_of(ctx)  # inside sct.scale: that branch, resizing to its scale
+    size = pin.size if pin is not None else transform_size(model.get_submodule(ctx.resizer))
+    chosen = pin.branch if pin is not None else route_size(ctx, size, warn=False)
     if not isinstance(chosen, int):
         raise ConversionError(
             f"the detector's transform resizes to {scale_key(size)}, between two scales, and "
@@ -217,7 +238,7 @@ def scale(model: nn.Module, s: Scale) -> Iterator[nn.Module]:
         A context manager yielding ``model``.
     """
     ctx = context_of(model)
-    with pinned(ctx, ctx.index(s)):
+    with pinned(ctx, scale_route(ctx, ctx.index(s))):
         yield model
 
 

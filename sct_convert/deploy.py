@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 import torch
 from torch import nn
 
-from .context import Scale, normalize_scale, scale_key
+from .scales import Scale, normalize_scale, scale_key
 from .converted import context_of, extract, unwrap
 from .dense import iter_tensors
 from .probe import run_mode

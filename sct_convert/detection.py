@@ -25,45 +25,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .context import CONTEXT_ATTR, HW, Route, Scale, ScaleContext, call_routes, set_call_routes
-
-
-def _transform_type() -> Optional[type]:
-    try:
-        from torchvision.models.detection.transform import GeneralizedRCNNTransform
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        return None
-    return GeneralizedRCNNTransform
-
-
-def find_resizer(model: nn.Module) -> str:
-    """Qualified name of the module that resizes the model's input (a torchvision detection
-    transform), or ``""`` when the model has none."""
-    cls = _transform_type()
-    if cls is None:
-        return ""
-    for name, module in model.named_modules():
-        if isinstance(module, cls):
-            return name
-    return ""
-
-
-def transform_size(transform: nn.Module) -> HW:
-    """The (H, W) a detection transform resizes to: ``fixed_size``, else ``min_size`` square."""
-    fixed = getattr(transform, "fixed_size", None)
-    if fixed:
-        return int(fixed[0]), int(fixed[1])
-    side = int(transform.min_size[-1])
-    return side, side
-
-
-def sized_attributes(transform: nn.Module, hw: HW) -> Dict[str, Any]:
-    """The transform's size attributes for scale ``hw``: ``min_size`` (``max_size`` scaled alike)
-    or ``fixed_size``."""
-    if getattr(transform, "fixed_size", None):
-        return {"fixed_size": (hw[0], hw[1])}
-    own = int(transform.min_size[-1])
-    return {"min_size": (min(hw),), "max_size": int(round(transform.max_size * min(hw) / own))}
+from .call_route import Route, call_with, resolve
+from .context import CONTEXT_ATTR, ScaleContext
+from .resizers import sized_attributes
+from .scales import HW, Scale
 
 
 class _SizedByRoute:
@@ -72,7 +37,7 @@ class _SizedByRoute:
 
     def resize(self, image: torch.Tensor, target: Optional[Dict[str, torch.Tensor]] = None) -> Any:
         base = type(self).__mro__[2]  # the transform's own class
-        route = call_routes().get(self.__dict__[CONTEXT_ATTR])
+        route = resolve(self.__dict__[CONTEXT_ATTR])
         if route is None or route.size is None:
             return base.resize(self, image, target)
         view = copy.copy(self)  # a per-call view: the module itself is never changed
@@ -143,27 +108,10 @@ def combine_losses(outputs: Sequence[Dict[str, torch.Tensor]], scales: Sequence[
     return DetectionLosses(combined, per_scale)
 
 
-def resizer_forward(model: nn.Module, forward: Callable, ctx: ScaleContext, pinned_index: Optional[int],
-                    runs: Callable[[], List[Tuple[Scale, HW, Any]]], route_own: Callable[[], Any],
-                    args: tuple, kwargs: Dict[str, Any]) -> Any:
-    """The converted forward of a model that resizes its own input (see the module doc).
-
-    ``runs`` gives the (scale, size, route) of each sampled scale; ``route_own`` the route of the
-    transform's own size.
-    """
-    routes = call_routes()
-
-    def call(route: Route) -> Any:
-        set_call_routes({**routes, ctx: route})
-        try:
-            return forward(model, *args, **kwargs)
-        finally:
-            set_call_routes(routes)
-
-    if pinned_index is not None:
-        return call(Route(pinned_index, True, ctx.sizes[pinned_index] if isinstance(pinned_index, int) else None))
-    if model.training and ctx.sampling:
-        chosen = runs()
-        outputs = [call(Route(route, True, hw)) for _, hw, route in chosen]
-        return combine_losses(outputs, [s for s, _, _ in chosen])
-    return call(Route(route_own(), True, None))
+def sampling_forward(model: nn.Module, forward: Callable, ctx: ScaleContext,
+                     runs: List[Tuple[Scale, Route]], args: tuple, kwargs: Dict[str, Any]) -> DetectionLosses:
+    """The train-mode forward of a model that resizes its own input: one call per sampled
+    ``(scale, route)``, its transform resizing the images (and targets) to the route's size,
+    and torchvision's dict of losses, each the Eq. 1 mean over the scales."""
+    outputs = [call_with(ctx, route, forward, model, *args, **kwargs) for _, route in runs]
+    return combine_losses(outputs, [s for s, _ in runs])

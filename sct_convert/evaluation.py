@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .calibration import calibrate
-from .context import HW, Scale, normalize_scale, scale_key
+from .scales import HW, Scale, normalize_scale, scale_key
 from .conversion import convert
 from .converted import context_of, is_converted, route, unwrap
 from .evaluation_report import EvaluationReport, ScaleResult

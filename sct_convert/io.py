@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .context import Scale, normalize_scale, scale_key
+from .scales import Scale, normalize_scale, scale_key
 from .progress import Steps
 from .files import atomic_save
 from .conversion import convert

@@ -31,7 +31,7 @@ import onnx
 import torch
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-from .context import Scale
+from .scales import Scale
 from .files import PathLike, atomic_write, staging_directory
 from .routing import onnx_route_nodes
 

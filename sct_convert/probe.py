@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 import torch
 from torch import nn
 
-from .context import HW, Scale
+from .scales import HW, Scale
 from .discovery import ConversionError
 
 def stem_conv(model: nn.Module) -> Optional[nn.Module]:

@@ -16,10 +16,8 @@ nearest only) and :func:`onnx_route_nodes` (ONNX, nearest only: an ONNX file of 
 
 The entry: :func:`find_image` reads the spatial size from whatever the model was called with
 (a batch, a 5-d clip ``(N, C, T, H, W)``, a list of same-size images, a dict), always on the
-last two dims. :func:`route_call` turns it into the route of one call; :class:`EntryRouter`
-does the same on the model's entry layer (its first normalising layer where possible) for
-calls that do not come through the model's own forward (``model.forward_features(x)``),
-routing on the size that reaches that layer.
+last two dims. How a call gets its route (nested calls, pins, sampling, the detection
+transform, the entry layer) is :mod:`sct_convert.call_route`; this module holds no state.
 """
 from __future__ import annotations
 
@@ -29,7 +27,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.fx
 
-from .context import HW, ScaleContext, call_routes, live_context, set_unpinned_route
+from .context import ScaleContext
+from .scales import HW, pixels as _pixels
 
 
 class Blend(NamedTuple):
@@ -55,10 +54,6 @@ RouteIndex = Union[int, Blend, torch.Tensor, Tuple[torch.Tensor, torch.Tensor, t
 
 # ---------------------------------------------------------------------------------------------
 # The rule, in Python
-
-
-def _pixels(hw: Sequence[int]) -> int:
-    return int(hw[0]) * int(hw[1])
 
 
 def exact_index(hw: HW, sizes: Sequence[HW]) -> Optional[int]:
@@ -172,76 +167,8 @@ def blend_in_graph(x: torch.Tensor, table: List[List[int]]) -> Tuple[torch.Tenso
     return low, high, t
 
 
-@torch.jit.ignore
-def _publish(key: int, chosen: Any) -> None:
-    """At a traced graph's run time: tell S-BN layers inside tracer-leaf modules (which run
-    eagerly, outside the graph's own ops) the route of this call. Unpinned: the next eager call
-    of the model routes afresh."""
-    context = live_context(key)
-    if context is None:
-        return
-    if isinstance(chosen, tuple):
-        low, high, t = int(chosen[0]), int(chosen[1]), float(chosen[2])
-        chosen = low if low == high else Blend(low, high, t)
-    set_unpinned_route(context, int(chosen) if isinstance(chosen, torch.Tensor) else chosen)
-
-
-def fx_choose(x: torch.Tensor, table: List[List[int]], key: int) -> torch.Tensor:
-    """:func:`choose_in_graph` as one FX node that also publishes the route to leaf modules."""
-    chosen = choose_in_graph(x, table)
-    if not torch.jit.is_scripting():
-        _publish(key, chosen)
-    return chosen
-
-
-def fx_blend(x: torch.Tensor, table: List[List[int]], key: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`blend_in_graph` as one FX node that also publishes the route to leaf modules."""
-    chosen = blend_in_graph(x, table)
-    if not torch.jit.is_scripting():
-        _publish(key, chosen)
-    return chosen
-
-
-def fx_pin(x: torch.Tensor, key: int, index: int) -> torch.Tensor:
-    """One FX node per sampled scale of a train-mode graph: tells leaf modules that scale."""
-    if not torch.jit.is_scripting():
-        _publish(key, index)
-    return x
-
-
-for _name in ("choose_in_graph", "blend_in_graph", "fx_choose", "fx_blend", "fx_pin"):
-    torch.fx.wrap(_name)  # patches this module's globals while tracing: call them from here only
-
-
-def pin_in_graph(context: ScaleContext, x: torch.fx.Proxy, index: int) -> torch.fx.Proxy:
-    """``x`` through an :func:`fx_pin` node: a traced train-mode graph tells the S-BNs inside leaf
-    modules the scale ``index`` at run time, before they run."""
-    return fx_pin(x, context.fx_key(), index)
-
-
-def _is_symbolic(v: object) -> bool:
-    """A size that is not a plain int: a SymInt (compile/export) or an FX Proxy."""
-    return not isinstance(v, int)
-
-
-def route_tensor(context: ScaleContext, x: torch.Tensor, table: Optional[Sequence[HW]] = None,
-                 where: str = "input") -> RouteIndex:
-    """The route for ``x``'s (H, W): Python when the size is concrete, graph ops when symbolic.
-
-    Under dynamo a Python route would guard on the size and compile one graph per scale, so a
-    compiled call always routes in the graph. An in-graph route cannot refuse or warn.
-    """
-    h, w = x.shape[-2], x.shape[-1]
-    if not (_is_symbolic(h) or _is_symbolic(w) or torch.compiler.is_compiling()):
-        return route_size(context, (h, w), table, where)
-    rows = [list(hw) for hw in (context.sizes if table is None else table)]
-    interpolate = context.unknown_scale == "interpolate"
-    if isinstance(x, torch.fx.Proxy):
-        if not interpolate:
-            return fx_choose(x, rows, context.fx_key())
-        chosen = fx_blend(x, rows, context.fx_key())  # one proxy: unpack into three graph values
-        return chosen[0], chosen[1], chosen[2]
-    return (blend_in_graph if interpolate else choose_in_graph)(x, rows)
+for _name in ("choose_in_graph", "blend_in_graph"):
+    torch.fx.wrap(_name)  # one node each under torch.fx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,39 +246,3 @@ def find_image(args: tuple, kwargs: Dict[str, Any], name: Optional[str] = None) 
         if len({_spatial(v) for v in x}) == 1:
             return x[0]
     return None
-
-
-def route_call(context: ScaleContext, args: tuple, kwargs: Dict[str, Any],
-               name: Optional[str] = None, table: Optional[Sequence[HW]] = None,
-               where: str = "input") -> Optional[RouteIndex]:
-    """The route of one call from its inputs (:func:`find_image`), ``None`` if no image is there."""
-    x = find_image(args, kwargs, name)
-    return None if x is None else route_tensor(context, x, table, where)
-
-
-class EntryRouter:
-    """Forward pre-hook on the model's entry layer (a picklable callable).
-
-    Routes a call that reached the entry without a route pinned by the model's forward, on the
-    size that reaches the entry (looked up in ``context.entry_sizes``); the route holds until
-    the next such call in this thread.
-    """
-
-    def __init__(self, context: ScaleContext) -> None:
-        self.context = context
-
-    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
-        context = self.context
-        route = call_routes().get(context)
-        if route is not None and route.pinned:
-            return
-        index: Any = context.pinned_index()
-        if index is None and context.resizer:  # a detection transform: its own size decides
-            from .detection import transform_size
-
-            index = route_size(context, transform_size(module), where=f"of '{context.resizer}'")
-        elif index is None:
-            index = route_call(context, args, {}, table=context.entry_sizes,
-                               where=f"at layer '{context.entry_name}'")
-        if index is not None:
-            set_unpinned_route(context, index)

@@ -1,12 +1,9 @@
-"""The converted model's forward: routing by input size, and SCT's scale-sampling phase.
+"""SCT's scale-sampling phase: the batch at every scale, and the outputs it gives (ScaleOutputs).
 
-``convert`` swaps the model's class for a generated subclass whose ``forward`` is
-:func:`converted_forward`. In eval mode (or with sampling off) it picks the branch from the
-image's (H, W) and pins it for the duration of the call; in train mode it calls the model's
-own ``forward`` once per scale, on the batch resized to that scale with that scale's branch
-pinned, and returns :class:`ScaleOutputs`. A branch pinned by ``sct.scale`` runs the model's
-own forward unchanged. Nothing is written to the model: the route lives in a
-thread-local for the duration of the call (`context.call_routes`).
+In train mode a converted model's forward (see :mod:`sct_convert.converted`) calls the model's
+own ``forward`` once per scale, on the batch resized to that scale under that scale's route
+(:mod:`sct_convert.call_route`), and returns :class:`ScaleOutputs`. The per-scale loop that
+sampling, ``train_step`` and ``calibrate`` share is :func:`scale_runs`.
 """
 from __future__ import annotations
 
@@ -18,9 +15,10 @@ import torch.fx
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .context import CONTEXT_ATTR, HW, Route, Scale, ScaleContext, call_routes, set_call_routes
-from .detection import resizer_forward, transform_size
-from .routing import choose, find_image, pin_in_graph, route_size, route_tensor
+from .call_route import Route, call_with, pin_in_graph
+from .context import ScaleContext
+from .scales import HW, Scale, as_given, by_pixels, normalize_scale
+from .routing import choose, find_image
 
 
 #: Tensor methods that act on each output alike: on ScaleOutputs they apply to every scale.
@@ -260,8 +258,8 @@ def between_size(ctx: ScaleContext) -> Optional[Tuple[Scale, Any]]:
     """One random size strictly between the smallest and the largest scale (none of the trained
     ones), and its route under the model's policy (``"error"`` routes it to the nearest): the
     extra size of ``set_sampling(model, between=True)``. Drawn from torch's global RNG."""
-    by_pixels = sorted(ctx.sizes, key=lambda hw: hw[0] * hw[1])
-    (h0, w0), (h1, w1) = by_pixels[0], by_pixels[-1]
+    ordered = by_pixels(ctx.sizes)
+    (h0, w0), (h1, w1) = ordered[0], ordered[-1]
     steps = max(abs(h1 - h0), abs(w1 - w0))
     candidates = []
     for k in range(1, steps):
@@ -272,75 +270,45 @@ def between_size(ctx: ScaleContext) -> Optional[Tuple[Scale, Any]]:
         return None
     hw = candidates[int(torch.randint(len(candidates), ()))]
     policy = "nearest" if ctx.unknown_scale == "error" else ctx.unknown_scale
-    return (hw[0] if hw[0] == hw[1] else hw), choose(hw, ctx.sizes, policy)
+    return as_given(hw[0] if hw[0] == hw[1] else hw), choose(hw, ctx.sizes, policy)
 
 
 def scale_runs(ctx: ScaleContext, indices: Optional[Sequence[int]] = None,
-               between: bool = False) -> List[Tuple[Scale, HW, Any]]:
+               between: bool = False) -> List[Tuple[Scale, Route]]:
     """The per-scale loop of sampling, ``train_step`` and ``calibrate``, written once:
-    ``(scale, (h, w), route)`` for each scale in ``indices`` (default: those the model samples),
-    then, with ``between``, one random size between the scales (:func:`between_size`)."""
+    ``(scale, route)`` for each scale in ``indices`` (default: those the model samples), then,
+    with ``between``, one random size between the scales (:func:`between_size`). Each route
+    carries its branch and the size the run is at, which is the size a model that resizes its
+    own input (a detection transform) resizes to."""
     indices = ctx.sample_indices() if indices is None else indices
-    runs = [(ctx.scales[i], ctx.sizes[i], i) for i in indices]
+    runs = [(ctx.scales[i], Route(i, ctx.sizes[i])) for i in indices]
     extra = between_size(ctx) if between else None
     if extra is not None:
-        s, route = extra
-        runs.append((s, (s, s) if isinstance(s, int) else s, route))
+        s, branch = extra
+        runs.append((s, Route(branch, normalize_scale(s))))
     return runs
 
 
-def converted_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """The converted model's ``forward``: route by the image's size, or sample every scale."""
-    ctx = self.__dict__[CONTEXT_ATTR]
-    cls = type(self)
-    forward = cls._sct_original_forward
-    routes = call_routes()
-    route = routes.get(ctx)
-    if route is not None and route.pinned:  # called from inside an outer call of this model
-        return forward(self, *args, **kwargs)
-    index = ctx.pinned_index()  # sct.scale: that branch, no sampling
-    if ctx.resizer:  # a detection model: the scale is its transform's size
-        return resizer_forward(
-            self, forward, ctx, index, lambda: scale_runs(ctx, between=ctx.sample_between),
-            lambda: route_size(ctx, transform_size(self.get_submodule(ctx.resizer)), where=f"of '{ctx.resizer}'"),
-            args, kwargs)
-    if index is None:
-        x = find_image(args, kwargs, cls._sct_image_parameter)
-        if x is None:  # no image among the inputs: the entry layer routes from what reaches it
-            return forward(self, *args, **kwargs)
-        if self.training and ctx.sampling:
-            return _sampling_forward(self, forward, ctx, args, kwargs)
-        index = route_tensor(ctx, x)
-    set_call_routes({**routes, ctx: Route(index, True)})
-    try:
-        return forward(self, *args, **kwargs)
-    finally:
-        set_call_routes(routes)
-
-
-def _sampling_forward(self: torch.nn.Module, forward: Callable, ctx: ScaleContext, args: tuple, kwargs: Dict[str, Any]) -> ScaleOutputs:
-    """SCT's sampling phase: the batch resized to every (sampled) scale, each with its branch."""
-    name = type(self)._sct_image_parameter
-    routes = call_routes()
+def sampling_forward(model: torch.nn.Module, forward: Callable, ctx: ScaleContext, args: tuple,
+                     kwargs: Dict[str, Any]) -> ScaleOutputs:
+    """SCT's sampling phase: the batch resized to every (sampled) scale, each run under its route."""
+    name = type(model)._sct_image_parameter
     outputs, scales = [], []
-    for s, hw, route in scale_runs(ctx, between=ctx.sample_between):
-        call_args, call_kwargs = resize_inputs(args, kwargs, name, hw, ctx.antialias)
+    for s, route in scale_runs(ctx, between=ctx.sample_between):
+        call_args, call_kwargs = resize_inputs(args, kwargs, name, route.size, ctx.antialias)
         x = find_image(call_args, call_kwargs, name)
-        if isinstance(x, torch.fx.Proxy) and isinstance(route, int):
+        if isinstance(x, torch.fx.Proxy) and isinstance(route.branch, int):
             # the graph tells leaf modules' S-BNs the scale at run time, before they run
-            x = pin_in_graph(ctx, x, route)
+            x = pin_in_graph(ctx, x, route.branch)
             call_args, call_kwargs = ((x,) + call_args[1:], call_kwargs) if call_args else (
                 call_args, {**call_kwargs, name: x})
-        set_call_routes({**routes, ctx: Route(route, True)})
         try:
-            outputs.append(forward(self, *call_args, **call_kwargs))
+            outputs.append(call_with(ctx, route, forward, model, *call_args, **call_kwargs))
         except Exception as e:
             # e.g. a train-only aux head too big for a small scale: say which scale it was
             if hasattr(e, "add_note") and isinstance(x, torch.Tensor):
                 e.add_note(f"sct_convert: raised by the train-mode forward at scale {s!r} "
                            f"(input {'x'.join(map(str, x.shape))})")
             raise
-        finally:
-            set_call_routes(routes)
         scales.append(s)
     return scale_outputs(tuple(outputs), tuple(scales))

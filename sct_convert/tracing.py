@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .context import Scale, normalize_scale
+from .scales import Scale, normalize_scale
 from .converted import context_of, extract, unwrap
 from .probe import run_mode
 

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .context import HW, Scale, ScaleContext, pinned
+from .call_route import Route, pinned
+from .context import ScaleContext
+from .scales import HW, Scale
 from .converted import context_of
 from .dense import MATCH_MODES, match_dense
 from .sampling import ScaleOutputs, resize_to, scale_runs
@@ -343,11 +345,11 @@ def _step_criterion(ctx: ScaleContext, criterion: Optional[Callable[..., torch.T
     return loss_fn
 
 
-def _backward_each_scale(model: nn.Module, ctx: ScaleContext, x: Any, y: Any, runs: List[Tuple[Scale, HW, Any]],
+def _backward_each_scale(model: nn.Module, ctx: ScaleContext, x: Any, y: Any, runs: List[Tuple[Scale, Route]],
                          loss_fn: SCTLoss, scaler: Optional[Any],
                          autocast: Callable[[], Any]) -> Dict[Scale, torch.Tensor]:
     """Forward and backward each scale in turn (the in-place teacher first); the weighted losses."""
-    chosen = [s for s, _, _ in runs]
+    chosen = [s for s, _ in runs]
     weights = loss_fn.scale_weights(chosen)
     order = list(range(len(runs)))
     teacher_pos = largest_scale_index(chosen) if loss_fn.distill == "inplace" and len(chosen) > 1 else None
@@ -360,10 +362,10 @@ def _backward_each_scale(model: nn.Module, ctx: ScaleContext, x: Any, y: Any, ru
     for n, pos in enumerate(order):
         last = n == len(order) - 1
         with no_sync() if (no_sync is not None and not last) else contextlib.nullcontext():
-            _, hw, route = runs[pos]
+            _, route = runs[pos]
             with pinned(ctx, route), autocast():
-                # a detection model resizes its images (and boxes) itself, to the pinned scale
-                output = model(x, y) if ctx.resizer else model(resize_to(x, hw, ctx.antialias))
+                # a detection model resizes its images (and boxes) itself, to the route's size
+                output = model(x, y) if ctx.resizer else model(resize_to(x, route.size, ctx.antialias))
                 loss = weights[pos] * loss_fn.single_loss(output, y, None if pos == teacher_pos else teacher)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         if pos == teacher_pos:

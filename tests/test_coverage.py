@@ -99,7 +99,9 @@ def test_eval_shortcut_matches_the_branch_forward_bit_for_bit(norm):
         h = torch.randn(2, 8, s, s)
         with torch.no_grad(), sct.scale(model, s):
             assert torch.equal(sbn(h), sbn.branches[key].forward(h))
-    with pytest.raises((ValueError, AssertionError), match="expected 4D input"):
+    with sct.scale(model, 32), pytest.raises((ValueError, AssertionError), match="expected 4D input"):
+        sbn(torch.randn(8, 4))
+    with pytest.raises(RuntimeError, match="without a route"):  # the pin ended with its block
         sbn(torch.randn(8, 4))
 
     def branch_forward_called(x):

@@ -12,7 +12,7 @@ from _util import perturb_branches
 from torch import nn
 
 import sct_convert as sct
-from sct_convert.context import normalize_scale
+from sct_convert.scales import normalize_scale
 from sct_convert.deploy import export_program_object, read_deploy_metadata
 from sct_convert.routing import Blend, ScaleBlend, bracket, choose
 
