@@ -59,6 +59,7 @@ cli.add_command(evaluate_cmd)
 def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_classes, unknown_scale, per_scale):
     """Build MODEL (random init unless weights are given), convert it and write OUT."""
     from . import io, weights
+    from .scales import split_branch_key
     from .conversion import convert
     from .zoo import create_model
 
@@ -81,7 +82,7 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     model.eval()
     convert(model, scale_list, unknown_scale)
     if trained_converted:  # a converted model's training checkpoint (timm train.py, Lightning, ...)
-        held = sorted({k.split(".branches.", 1)[1].split(".", 1)[0] for k in state if ".branches." in k})
+        held = sorted({parts[1] for parts in map(split_branch_key, state) if parts is not None})
         wanted = sorted(model._sct_context.keys)
         if held != wanted:
             raise ValueError(f"{checkpoint} holds a converted model with scales {', '.join(held)}; "
@@ -140,7 +141,8 @@ def inspect_cmd(file):
             if meta.get("routing_note"):
                 click.echo(f"note:            {meta['routing_note']}")
         click.echo(f"num classes:     {meta.get('num_classes', '?')}")
-        click.echo(f"input:           {meta.get('input_name')} (N, {meta.get('in_chans') or '?'}, H, W)")
+        layout = meta.get("input_layout") or "(N, C, H, W)"
+        click.echo(f"input:           {meta.get('input_name')} {layout.replace('C', meta.get('in_chans') or 'C', 1)}")
         click.echo(f"written by:      sct-convert {meta.get('sct_convert_version')}, "
                    f"torch {meta.get('torch_version')}")
         return

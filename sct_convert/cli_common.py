@@ -17,23 +17,20 @@ DEFAULT_SCALES = "224,192,128"
 
 def parse_scales(text: str, option: str = "--scales") -> List[Scale]:
     """``"224,192,128x96"`` -> ``[224, 192, (128, 96)]``; ``ValueError`` naming ``option`` otherwise."""
-    from .scales import normalize_scales
+    from .scales import ScaleSyntaxError, normalize_scales, parse_key, require_largest_first
 
     scales: List[Scale] = []
     for part in text.split(","):
-        part = part.strip().lower()
         try:
-            if "x" in part:
-                h, w = part.split("x")
-                scales.append((int(h), int(w)))
-            else:
-                scales.append(int(part))
-        except ValueError:
+            scales.append(parse_key(part))
+        except ScaleSyntaxError:
             raise ValueError(
-                f"bad scale {part!r} in {option} {text!r}: use ints or HxW, e.g. "
+                f"bad scale {part.strip()!r} in {option} {text!r}: use ints or HxW, e.g. "
                 + ("224,192,128x96" if option == "--scales" else "128 or 128x96")
             ) from None
     normalize_scales(scales)
+    if option == "--scales":
+        require_largest_first(scales, option)
     return scales
 
 
@@ -80,4 +77,6 @@ def human_bytes(n: float) -> str:
 
 
 def scale_text(s: Scale) -> str:
-    return f"{s[0]}x{s[1]}" if isinstance(s, tuple) else str(s)
+    from .scales import scale_key
+
+    return scale_key(s)

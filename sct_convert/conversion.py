@@ -19,10 +19,10 @@ from torch import nn
 
 from .bn import ScaleSpecificBatchNorm, is_batch_norm
 from .context import CONTEXT_ATTR, ScaleContext
-from .scales import HW, Scale, scale_key
-from .converted import install
+from .scales import HW, Scale, model_device, normalize_scales, pixels, require_largest_first, scale_key
+from .converted import install, route
 from .detection import install_sized_transform
-from .resizers import find_resizer, sized_attributes
+from .resizers import find_resizer, sized_attributes, transform_size
 from .discovery import ConversionError, ConversionReport, find_batch_norms
 from .probe import (_describe_failure, _first_lead_that_runs, _probe_leads, _rng_kept, _training_failure, probe_entry,
                     run_mode)
@@ -62,9 +62,10 @@ def convert(
 
     Args:
         model: any ``nn.Module`` (timm, torchvision or your own) with batch norms.
-        scales: the training scales, largest first by convention: ints (square) or
-            ``(height, width)`` pairs (``"224x192"`` on the CLI is one such pair, not two
-            scales). The first is the primary scale. One scale warns: that is plain training.
+        scales: the training scales, largest first by pixel count (another order is a
+            ``ValueError``): ints (square) or ``(height, width)`` pairs (``"224x192"`` on the CLI
+            is one such pair, not two scales), Python or NumPy integers. The first is the primary
+            scale. One scale warns: that is plain training.
         unknown_scale: what an input of another size does: ``"nearest"`` (the branch of the
             nearest scale by pixel count, warned once per size), ``"interpolate"`` (BN blended
             in pixel count between the two bracketing branches) or ``"error"``.
@@ -82,6 +83,17 @@ def convert(
         Raises :class:`ConversionError` (a ``ValueError``) naming the layer or scale when the model
         cannot be converted.
     """
+    scales = normalize_scales(scales)[0]
+    require_largest_first(scales)
+    return convert_in_order(model, scales, unknown_scale, in_chans=in_chans, example_input=example_input,
+                            sampling=sampling, antialias=antialias, scale_specific_bn=scale_specific_bn)
+
+
+def convert_in_order(model: nn.Module, scales: Sequence[Scale], unknown_scale: str = "nearest", *,
+                     in_chans: Optional[int] = None, example_input: Optional[torch.Tensor] = None,
+                     sampling: bool = True, antialias: bool = True, scale_specific_bn: bool = True) -> nn.Module:
+    """:func:`convert` with the scales in any order: a file's layout, which ``sct.add_scale``
+    (it appends) may have left in another order than largest first."""
     _check_convertible(model)
     context = ScaleContext(scales, unknown_scale, sampling=sampling, antialias=antialias,
                            scale_specific_bn=scale_specific_bn)
@@ -89,7 +101,7 @@ def convert(
         warnings.warn(
             f"sct_convert: one scale ({scale_key(context.sizes[0])}) is plain training at that size; SCT "
             "needs two or more, e.g. scales=[224, 192, 128] (a scale written HxW, such as 224x192, is "
-            "one non-square scale, not two)", UserWarning, stacklevel=2)
+            "one non-square scale, not two)", UserWarning, stacklevel=3)
     resizer = find_resizer(model)
     if resizer:  # torchvision detection: the scale is the size its transform resizes to
         return _convert_resizing_model(model, context, resizer)
@@ -116,13 +128,13 @@ def _convert_batch_norms(model: nn.Module, context: ScaleContext, example_input:
                                      {id(m) for _, m in found}, bn_sizes))
         training_failure = _training_failure(model, context.sizes, context.scales, lead)
     if training_failure:
-        warnings.warn(training_failure, UserWarning, stacklevel=3)
+        warnings.warn(training_failure, UserWarning, stacklevel=4)
     for s, hw in zip(context.scales, entry_sizes):
-        if hw[0] * hw[1] <= 1:
+        if pixels(hw) <= 1:
             warnings.warn(
                 f"scale {s!r}: the model's first layer that normalises ('{entry_name}') sees this "
                 "input as a single pixel, so the scale carries nothing useful; use a larger one",
-                UserWarning, stacklevel=3)
+                UserWarning, stacklevel=4)
     context.entry_name, context.entry_sizes, context.probe_lead = entry_name, entry_sizes, tuple(lead)
     report.converted, report.entry = [n for n, _ in found], entry_name
     context.report = report
@@ -177,7 +189,7 @@ def _convert_resizing_model(model: nn.Module, context: ScaleContext, resizer: st
         for s, hw in zip(context.scales, context.sizes):
             vars(transform).update(sized_attributes(transform, hw))
             try:
-                model([torch.rand(3, *hw, device=_device_of(model))])
+                model([torch.rand(3, *hw, device=model_device(model))])
             except Exception as e:  # noqa: BLE001 - any failure means the scale cannot be served
                 raise ConversionError(f"model cannot run with its transform at scale {s!r}: "
                                       f"{_describe_failure(e)}; drop that scale") from e
@@ -192,11 +204,15 @@ def _convert_resizing_model(model: nn.Module, context: ScaleContext, resizer: st
         _branch_batch_norms(model, context, found, {})
     install_sized_transform(transform, context)
     install(model, context)
+    own = transform_size(transform)
+    if own not in context.sizes:
+        attr = "fixed_size" if getattr(transform, "fixed_size", None) else "min_size"
+        warnings.warn(
+            f"sct_convert: {type(model).__name__}'s transform resizes to {scale_key(own)}, which is not one of "
+            f"the scales {', '.join(scale_key(hw) for hw in context.sizes)}: in eval it runs the branch of "
+            f"{route(model, own)!r} at {scale_key(own)}. Set model.{resizer}.{attr} to a trained scale, serve "
+            "under sct.scale(model, s), or convert with scales that include its size", UserWarning, stacklevel=4)
     return model
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _install_sampling_only(model: nn.Module, context: ScaleContext, example_input: Optional[torch.Tensor],
@@ -208,7 +224,7 @@ def _install_sampling_only(model: nn.Module, context: ScaleContext, example_inpu
             lambda lead: probe_entry(model, context.sizes, context.scales, lead, set(), need_entry=False))
         training_failure = _training_failure(model, context.sizes, context.scales, lead)
     if training_failure:
-        warnings.warn(training_failure, UserWarning, stacklevel=3)
+        warnings.warn(training_failure, UserWarning, stacklevel=4)
     context.entry_name, context.hook_id, context.probe_lead = "", None, tuple(lead)
     context.report = ConversionReport(traced=False)
     install(model, context)

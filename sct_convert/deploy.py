@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 import torch
 from torch import nn
 
-from .scales import Scale, normalize_scale, scale_key
+from .scales import Scale, model_device, normalize_scale, scale_key
 from .converted import context_of, extract, unwrap
 from .dense import iter_tensors
 from .probe import run_mode
@@ -308,7 +308,7 @@ def onnx_max_relative_error(model: nn.Module, path: PathLike, sizes: Sequence[Tu
         warnings.simplefilter("ignore", UserWarning)  # the nearest-branch notice for in-between sizes
         for hw in sizes:
             x = torch.randn(batch, *lead[1:], *hw, generator=g)
-            wants = [t.float().cpu() for t in iter_tensors(module(x.to(next(module.parameters()).device)))]
+            wants = [t.float().cpu() for t in iter_tensors(module(x.to(model_device(module))))]
             gots = [torch.from_numpy(a) for a in session.run(None, {name: x.numpy()})]
             if len(gots) != len(wants):
                 raise ValueError(f"{path} has {len(gots)} outputs, the model returns {len(wants)} tensors")

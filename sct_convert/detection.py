@@ -28,7 +28,7 @@ from torch import nn
 from .call_route import Route, call_with, resolve
 from .context import CONTEXT_ATTR, ScaleContext
 from .resizers import sized_attributes
-from .scales import HW, Scale
+from .scales import Scale
 
 
 class _SizedByRoute:

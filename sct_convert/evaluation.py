@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .calibration import calibrate
-from .scales import HW, Scale, normalize_scale, scale_key
+from .scales import HW, Scale, model_device, normalize_scale, scale_key
 from .conversion import convert
 from .converted import context_of, is_converted, route, unwrap
 from .evaluation_report import EvaluationReport, ScaleResult
@@ -239,7 +239,7 @@ def _untrained_size_notes(model: nn.Module, sizes: List[HW]) -> List[str]:
 def _score_each_size(arms: Dict[str, nn.Module], sizes: List[HW], loaders: Iterable[Any], channels: int,
                      latency_repeats: int, progress: bool) -> List[ScaleResult]:
     """One row per (size, arm): accuracy on that size's loader, then latency; arms in eval meanwhile."""
-    device = next((p.device for p in unwrap(next(iter(arms.values()))).parameters()), torch.device("cpu"))
+    device = model_device(unwrap(next(iter(arms.values()))))
     was_training = {arm: m.training for arm, m in arms.items()}
     for m in arms.values():
         m.eval()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .files import PathLike, atomic_write
+from .scales import parse_key, pixels as scale_pixels
 
 COLUMNS = ("scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32")
 
@@ -95,7 +96,7 @@ class EvaluationReport:
             raise ValueError(f"plotting needs matplotlib: {install_command('plot')}") from e
         fig, (by_size, by_speed) = plt.subplots(1, 2, figsize=(10, 4))
         for arm, rows in self.by_arm().items():
-            pixels = [_pixels(r.scale) for r in rows]
+            pixels = [scale_pixels(parse_key(r.scale)) for r in rows]
             by_size.plot([math.sqrt(p) for p in pixels], [r.top1 for r in rows], "o-", label=arm)
             timed = [r for r in rows if r.latency_ms is not None]
             if timed:
@@ -114,7 +115,3 @@ class EvaluationReport:
         finally:
             plt.close(fig)
 
-
-def _pixels(key: str) -> int:
-    h, _, w = key.partition("x")
-    return int(h) * int(w or h)

@@ -20,7 +20,7 @@ from torch import nn
 from .scales import Scale, normalize_scale, scale_key
 from .progress import Steps
 from .files import atomic_save
-from .conversion import convert
+from .conversion import convert_in_order
 from .converted import context_of, is_converted, scale_specific_layers, unwrap
 from .zoo import arch_info, create_model
 
@@ -87,7 +87,21 @@ def model_metadata(model: nn.Module, arch: Optional[str] = None, source: Optiona
         meta["in_chans"] = str(c)
     if getattr(model, "aux_classifier", None) is not None:  # torchvision segmentation's aux head
         meta["aux_loss"] = "1"
+    layout = _input_layout(model)
+    if layout:
+        meta["input_layout"] = layout
     return meta
+
+
+def _input_layout(model: nn.Module) -> str:
+    """What the model is called with, as text: ``(N, C, H, W)``, ``(N, C, T, H, W)`` for clips, or
+    a list of ``(C, H, W)`` images for a model that resizes its own input (a detector)."""
+    if not is_converted(model):
+        return ""
+    ctx = context_of(model)
+    if ctx.resizer:
+        return "list of (C, H, W) images"
+    return "(N, C, T, H, W)" if len(ctx.probe_lead) == 3 else "(N, C, H, W)"
 
 
 def _base_metadata(model: nn.Module, arch: Optional[str], source: Optional[str]) -> Dict[str, str]:
@@ -291,7 +305,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
         if source == "torchvision":
             model.sct_arch = {"arch": arch, "source": source}
     if not is_converted(model):
-        model = convert(model, scales, meta.get("unknown_scale", "nearest"),
+        model = convert_in_order(model, scales, meta.get("unknown_scale", "nearest"),
                         scale_specific_bn=meta.get("scale_specific_bn", "1") == "1")
     else:
         ctx = context_of(model)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tupl
 import torch
 from torch import nn
 
-from .scales import HW, Scale
+from .scales import HW, Scale, largest_index, model_device, model_dtype, smallest_index
 from .discovery import ConversionError
 
 def stem_conv(model: nn.Module) -> Optional[nn.Module]:
@@ -114,11 +114,8 @@ def run_mode(model: nn.Module, training: bool = False) -> Iterator[None]:
 
 
 def _probe_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
-    """Where and in what dtype a probe input goes: the model's first floating-point parameter's."""
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if param is None:
-        return torch.device("cpu"), torch.float32
-    return param.device, param.dtype
+    """Where and in what dtype a probe input goes: the model's."""
+    return model_device(model), model_dtype(model)
 
 
 @contextlib.contextmanager
@@ -161,9 +158,9 @@ def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Sc
     if len(sizes) < 2 or syncing:  # a train-mode SyncBN forward would start collectives
         return None
     device, dtype = _probe_device_dtype(model)
-    pixels = lambda i: sizes[i][0] * sizes[i][1]  # noqa: E731
-    probed = min(range(len(sizes)), key=pixels) if index is None else index
-    reference = max((i for i in range(len(sizes)) if i != probed), key=pixels)
+    probed = smallest_index(sizes) if index is None else index
+    others = [i for i in range(len(sizes)) if i != probed]
+    reference = others[largest_index([sizes[i] for i in others])]
     train_lead = (max(2, lead[0]),) + tuple(lead[1:])  # train-mode BN needs two samples
 
     def failure(i: int) -> Optional[BaseException]:

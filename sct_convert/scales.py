@@ -75,6 +75,19 @@ def normalize_scales(scales: Iterable[object]) -> Tuple[Tuple[Scale, ...], Tuple
     return tuple(as_given(s) for s in given), tuple(pairs)
 
 
+def require_largest_first(scales: Sequence[object], option: str = "scales") -> None:
+    """``ValueError`` unless ``scales`` are listed largest first by pixel count (equal counts in any
+    order): the first scale is the primary one (``ScaleOutputs.primary``, the in-place
+    distillation teacher), so an increasing list is more likely a slip than a choice."""
+    counts = [pixels(s) for s in scales]
+    if any(b > a for a, b in zip(counts, counts[1:])):
+        ordered = [scales[i] for i in sorted(range(len(scales)), key=lambda i: (-counts[i], i))]
+        shown = ",".join(scale_key(s) for s in ordered) if option.startswith("--") else repr(list(ordered))
+        raise ValueError(
+            f"{option} must list the scales largest first (by pixel count), the first being the primary "
+            f"scale; got {', '.join(scale_key(s) for s in scales)}: pass {option}={shown}")
+
+
 def pixels(scale: object) -> int:
     """Pixel count of a scale or an ``(h, w)`` size: the measure routing's "nearest" uses."""
     h, w = normalize_scale(scale)
@@ -105,13 +118,14 @@ def scale_key(scale: object) -> str:
 def parse_key(text: str) -> Scale:
     """Inverse of :func:`scale_key`: ``"224"`` -> 224, ``"128x96"`` -> (128, 96)."""
     parts = text.strip().lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2):
-        raise ValueError(f"invalid scale {text!r}: write a side (224) or HxW (128x96)")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ScaleSyntaxError(f"invalid scale {text!r}: write a side (224) or HxW (128x96)")
+    values = [int(p) for p in parts]
     return as_given(values[0] if len(values) == 1 else tuple(values))
+
+
+class ScaleSyntaxError(ValueError):
+    """Text that is not a scale at all (as opposed to a scale that is not allowed, e.g. 0)."""
 
 
 def scales_to_json(scales: Sequence[object]) -> str:

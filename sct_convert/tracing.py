@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .scales import Scale, normalize_scale
+from .scales import Scale, largest_index, model_device, model_dtype, smallest_index
 from .converted import context_of, extract, unwrap
 from .probe import run_mode
 
@@ -20,11 +20,9 @@ def example_for(model: nn.Module, scale: Optional[Scale], example_input: Optiona
     ctx = context_of(model)
     if example_input is not None:
         return example_input
-    hw = ctx.sizes[ctx.index(scale)] if scale is not None else max(ctx.sizes, key=lambda s: s[0] * s[1])
+    hw = ctx.sizes[ctx.index(scale) if scale is not None else largest_index(ctx.sizes)]
     lead = tuple(ctx.probe_lead)
-    param = next((p for p in unwrap(model).parameters() if p.is_floating_point()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
+    device, dtype = model_device(unwrap(model)), model_dtype(unwrap(model))
     # batch 2: a batch of 1 would be specialised to 1 (dynamo's 0/1 rule)
     return torch.randn(2, *lead[1:], *hw, device=device, dtype=dtype)
 
@@ -149,7 +147,7 @@ def checked_program(model: nn.Module, scale: Optional[Scale],
     failure = program_failure(program, probes)
     if failure is not None and scale is None and example_input is None:
         ctx = context_of(model)
-        smallest = min(ctx.scales, key=lambda s: normalize_scale(s)[0] * normalize_scale(s)[1])
+        smallest = ctx.scales[smallest_index(ctx.scales)]
         try:
             retry = export_program_object(model, None, example_for(model, smallest, None))
         except Exception:  # noqa: BLE001 - the first program's failure is the one to report

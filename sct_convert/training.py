@@ -21,7 +21,7 @@ from torch import nn
 
 from .call_route import Route, pinned
 from .context import ScaleContext
-from .scales import HW, Scale
+from .scales import Scale, largest_index, model_device
 from .converted import context_of
 from .dense import MATCH_MODES, match_dense
 from .sampling import ScaleOutputs, resize_to, scale_runs
@@ -155,7 +155,7 @@ class SCTLoss(nn.Module):
             return None
         logits = [main_logits(o).detach() for o in outputs]
         if self.distill == "inplace":
-            return logits[largest_scale_index(outputs.scales)]
+            return logits[largest_index(outputs.scales)]
         total = sum(weights)
         return sum(w * lg.float() for w, lg in zip(weights, logits)) / total
 
@@ -164,7 +164,7 @@ class SCTLoss(nn.Module):
             return self.single_loss(outputs, target)
         weights = self.scale_weights(outputs.scales)
         teacher = self.teacher(outputs, weights)
-        teacher_index = largest_scale_index(outputs.scales) if self.distill == "inplace" else None
+        teacher_index = largest_index(outputs.scales) if self.distill == "inplace" else None
         total, per_scale = 0.0, {}
         for i, (s, out, w) in enumerate(zip(outputs.scales, outputs, weights)):
             use = None if i == teacher_index else teacher
@@ -173,13 +173,6 @@ class SCTLoss(nn.Module):
             total = total + w * loss
         self.last_losses = per_scale
         return total
-
-
-def largest_scale_index(scales: Sequence[Scale]) -> int:
-    def pixels(s: Scale) -> int:
-        return s * s if isinstance(s, int) else s[0] * s[1]
-
-    return max(range(len(scales)), key=lambda i: pixels(scales[i]))
 
 
 def set_sampling(model: nn.Module, enabled: bool = True, scales: Optional[Sequence[Scale]] = None,
@@ -272,11 +265,6 @@ def _sum_of_losses(output: Dict[str, torch.Tensor], target: Any) -> torch.Tensor
     return sum(output.values())
 
 
-def _device(x: Any) -> torch.device:
-    first = x if isinstance(x, torch.Tensor) else next(iter(x))
-    return first.device
-
-
 def train_step(
     model: nn.Module,
     x: Any,
@@ -324,7 +312,7 @@ def train_step(
     runs = scale_runs(ctx, indices, between=ctx.sample_between and scales is None)
     if zero_grad:
         optimizer.zero_grad(set_to_none=True)
-    autocast = functools.partial(torch.autocast, device_type=_device(x).type, dtype=amp_dtype) \
+    autocast = functools.partial(torch.autocast, device_type=model_device(model).type, dtype=amp_dtype) \
         if amp_dtype is not None else contextlib.nullcontext
     per_scale = _backward_each_scale(model, ctx, x, y, runs, loss_fn, scaler, autocast)
     _optimizer_step(optimizer, scaler, clip_grad_norm)
@@ -352,7 +340,7 @@ def _backward_each_scale(model: nn.Module, ctx: ScaleContext, x: Any, y: Any, ru
     chosen = [s for s, _ in runs]
     weights = loss_fn.scale_weights(chosen)
     order = list(range(len(runs)))
-    teacher_pos = largest_scale_index(chosen) if loss_fn.distill == "inplace" and len(chosen) > 1 else None
+    teacher_pos = largest_index(chosen) if loss_fn.distill == "inplace" and len(chosen) > 1 else None
     if teacher_pos is not None:  # the teacher runs first; its detached logits teach the rest
         order.remove(teacher_pos)
         order.insert(0, teacher_pos)

@@ -128,7 +128,7 @@ def test_symmetric_kl_and_divergence_rows(tmp_path):
 
 
 def test_add_scale_interpolates_between_neighbouring_branches():
-    model = sct.convert(Net(), [32, 16, 64])
+    model = sct.convert(Net(), [64, 32, 16])
     with torch.no_grad():
         for key, value in (("32", 1.0), ("16", 3.0), ("64", 5.0)):
             branch = model.bn.branches[key]

@@ -296,7 +296,7 @@ def test_out_of_memory_while_probing_is_not_blamed_on_the_scale(error):
 
     model = Hungry()
     with pytest.raises(type(error), match="allocate") as raised:
-        sct.convert(model, [32, 64])
+        sct.convert(model, [64, 32])
     assert not isinstance(raised.value, sct.ConversionError)
     assert isinstance(model.bn, nn.BatchNorm2d) and not hasattr(model, "_sct_context")
 
