@@ -266,7 +266,8 @@ def check_model(name, source, device, batch, contract=False):
 
     import sct_convert as sct
     from sct_convert.files import _saveable
-    from sct_convert.io import plain_state_dict, with_module_metadata
+    from sct_convert.io import plain_state_dict
+    from sct_convert.weights import with_module_metadata
     from sct_convert.zoo import create_model
 
     row = {"model": name, "source": source}

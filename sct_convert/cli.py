@@ -73,12 +73,8 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     state = weights.read_weights(checkpoint) if checkpoint else None
     trained_converted = state is not None and weights.has_branches(state)
 
-    def load_state() -> None:
-        plain = weights.without_wrapper_prefix(state, model)
-        io.load_state_dict_strict(model, io.with_module_metadata(plain, model), checkpoint)
-
     if state is not None and not trained_converted:
-        load_state()
+        weights.load_state(model, state, checkpoint)
     model.eval()
     convert(model, scale_list, unknown_scale)
     if trained_converted:  # a converted model's training checkpoint (timm train.py, Lightning, ...)
@@ -87,7 +83,7 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
         if held != wanted:
             raise ValueError(f"{checkpoint} holds a converted model with scales {', '.join(held)}; "
                              f"pass --scales {','.join(held)} (got {', '.join(wanted)})")
-        load_state()
+        weights.load_state(model, state, checkpoint)
     path = io.save(model, out_path, arch=model_name, source=source)
     layers = len(model._sct_context.report.converted)
     extra = ""
@@ -178,23 +174,23 @@ def export_cmd(file, fmt, scale_option, out, model_name):
     ONNX and pt2 files without --scale serve every trained scale: the branch is picked in the
     graph from the input's size (nearest by pixel count between scales).
     """
-    from . import io
+    from . import io, metadata
     from .zoo import create_model
 
     s = None
     if _same_file(file, out):
         raise ValueError(f"--out {out} is the input file; exporting over it would lose the other "
                          "scales: write to another file")
-    meta = io.checked_metadata(file)
+    meta = metadata.checked_metadata(file)
     if scale_option is not None:
         scales_given = parse_scales(scale_option, "--scale")
         if len(scales_given) != 1:
             raise ValueError(f"--scale takes one scale, got {scale_option!r}")
         (s,) = scales_given
-        if s not in io.file_scales(meta):
+        if s not in metadata.file_scales(meta):
             raise ValueError(
                 f"scale {scale_text(s)} is not in {file}; it holds "
-                f"{', '.join(map(scale_text, io.file_scales(meta)))}"
+                f"{', '.join(map(scale_text, metadata.file_scales(meta)))}"
             )
     elif fmt == "safetensors":
         raise ValueError("--scale is required for --format safetensors (a plain checkpoint holds one "
@@ -245,14 +241,14 @@ def calibrate_cmd(file, images, out, batches, batch_size, add):
     import torch.utils.data
     import torchvision
 
-    from . import io
+    from . import io, metadata
     from .calibration import add_scale, calibrate
 
     if not Path(images).is_dir():
         raise ValueError(f"--images {images} is not a directory")
     if not Path(out).resolve().parent.is_dir():
         raise ValueError(f"cannot write {out}: directory {Path(out).parent} does not exist")
-    meta = io.checked_metadata(file)
+    meta = metadata.checked_metadata(file)
     model = io.load(file)
     if add:
         added = parse_scales(add, "--add-scale")

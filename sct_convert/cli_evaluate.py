@@ -14,14 +14,14 @@ REPORT_SUFFIXES = (".csv", ".md", ".json")
 def _model(model_arg: str, source: str, checkpoint: Optional[str], pretrained: bool, num_classes: Optional[int],
            in_chans: Optional[int]) -> Tuple[Any, str]:
     """(model, description): an sct file's converted model, or a named model with its weights."""
-    from . import io, weights
+    from . import io, metadata, weights
     from .zoo import create_model
 
     if model_arg.endswith(".safetensors"):
         if checkpoint or pretrained:
             raise ValueError(f"{model_arg} is a converted model file: it holds its weights, drop "
                              "--checkpoint / --pretrained")
-        meta = io.checked_metadata(model_arg)
+        meta = metadata.checked_metadata(model_arg)
         return io.load(model_arg), f"{meta.get('arch') or 'model'} from {model_arg} (SCT-trained branches)"
     kwargs = {"in_chans": in_chans} if in_chans else {}
     model, source = create_model(model_arg, source, pretrained=pretrained, num_classes=num_classes, **kwargs)
@@ -32,8 +32,7 @@ def _model(model_arg: str, source: str, checkpoint: Optional[str], pretrained: b
             raise ValueError(f"{checkpoint} holds a converted model's branches: write it as an sct file first "
                              f"(sct-convert {model_arg} --checkpoint {checkpoint} --scales ... --out m.safetensors), "
                              "then evaluate m.safetensors")
-        plain = weights.without_wrapper_prefix(state, model)
-        io.load_state_dict_strict(model, io.with_module_metadata(plain, model), checkpoint)
+        weights.load_state(model, state, checkpoint)
         what += f" with {checkpoint}"
     elif pretrained:
         what += " (pretrained)"

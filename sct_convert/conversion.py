@@ -28,6 +28,10 @@ from .probe import (_describe_failure, _first_lead_that_runs, _probe_leads, _rng
                     run_mode)
 from .call_route import EntryRouter
 
+class OneScaleWarning(UserWarning):
+    """A model converted at one scale: that is plain training at that size, not SCT."""
+
+
 def replace_modules(model: nn.Module, replacements: Dict[int, nn.Module]) -> None:
     """Swap submodules by identity (``id(old) -> new``) under every parent that holds them."""
     for parent in list(model.modules()):  # snapshot: a new module may contain the old one
@@ -101,7 +105,7 @@ def convert_in_order(model: nn.Module, scales: Sequence[Scale], unknown_scale: s
         warnings.warn(
             f"sct_convert: one scale ({scale_key(context.sizes[0])}) is plain training at that size; SCT "
             "needs two or more, e.g. scales=[224, 192, 128] (a scale written HxW, such as 224x192, is "
-            "one non-square scale, not two)", UserWarning, stacklevel=3)
+            "one non-square scale, not two)", OneScaleWarning, stacklevel=3)
     resizer = find_resizer(model)
     if resizer:  # torchvision detection: the scale is the size its transform resizes to
         return _convert_resizing_model(model, context, resizer)

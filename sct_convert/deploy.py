@@ -36,7 +36,7 @@ from .converted import context_of, extract, unwrap
 from .dense import iter_tensors
 from .probe import run_mode
 from .files import atomic_write
-from .io import model_metadata
+from .metadata import model_metadata
 from .progress import Steps
 from .tracing import (checked_program, example_for, export_program_object, probe_inputs, refuse_upstream_limits,
                       trace)

@@ -28,10 +28,12 @@ from torch import nn
 
 from .calibration import calibrate
 from .scales import HW, Scale, model_device, normalize_scale, scale_key
-from .conversion import convert
+from .conversion import OneScaleWarning, convert
+from .routing import UnknownSizeWarning
 from .converted import context_of, is_converted, route, unwrap
 from .evaluation_report import EvaluationReport, ScaleResult
 from .files import PathLike
+from .metadata import num_classes_of
 from .progress import Steps
 
 LATENCY_BATCHES = (1, 32)
@@ -122,20 +124,35 @@ def _split(n: int, holdout: int, max_images: Optional[int]) -> Tuple[List[int], 
     return (scored if max_images is None else scored[:max_images]), calibration
 
 
+#: Seconds of timed forwards per (arm, size, batch) cell of the latency table, after the warm-up.
+LATENCY_BUDGET_S = 2.0
+
+
 @torch.inference_mode()
-def latency_ms(model: nn.Module, shape: Sequence[int], repeats: int, device: torch.device) -> float:
-    """Median milliseconds per image of ``model`` on a random batch of ``shape`` (one warm-up)."""
+def latency_ms(model: nn.Module, shape: Sequence[int], repeats: int, device: torch.device,
+               budget_s: float = LATENCY_BUDGET_S) -> float:
+    """Median milliseconds per image of ``model`` on a random batch of ``shape``.
+
+    Two warm-up forwards first (the first call at a new size builds kernels and caches, which
+    is not the serving cost), then up to ``repeats`` timed ones, stopping early once ``budget_s``
+    seconds are spent (at least one is timed), so a large model on a CPU cannot stall the report.
+    """
     x = torch.randn(*shape, device=device)
-    model(x)
-    times = []
-    for _ in range(repeats):
+
+    def timed() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         model(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    for _ in range(2):
+        timed()
+    times = [timed()]
+    while len(times) < repeats and sum(times) < budget_s:
+        times.append(timed())
     return statistics.median(times) * 1000 / shape[0]
 
 
@@ -208,7 +225,7 @@ def evaluate(
         raise ValueError("evaluate needs at least one scale")
     config = resolve_data_config(model, data_config)
     dataset = _dataset(images, config, class_map)
-    notes = [_preprocessing_note(config)]
+    notes = [_preprocessing_note(config)] + _class_count_notes(model, dataset, images, class_map)
     if is_converted(model):
         scored, _ = _split(len(dataset), 0, max_images)
         arms: Dict[str, nn.Module] = {"trained": model}
@@ -222,6 +239,19 @@ def evaluate(
     loaders = (_loader(dataset, scored, config, hw, batch_size, workers) for hw in sizes)
     rows = _score_each_size(arms, sizes, loaders, config["input_size"][0], latency_repeats, progress)
     return EvaluationReport(rows, notes, {k: v for k, v in config.items()})
+
+
+def _class_count_notes(model: nn.Module, dataset: Any, images: PathLike, class_map: Any) -> List[str]:
+    """A warning (and a note in the report) when the folder's classes cannot be the model's."""
+    folders = getattr(getattr(dataset, "reader", None), "class_to_idx", None) or {}
+    predicted = num_classes_of(unwrap(model))
+    if class_map or not folders or predicted is None or len(folders) == predicted:
+        return []
+    note = (f"{images} holds {len(folders)} class folders but the model predicts {predicted} classes: a folder's "
+            "label is its index in natural sort order, so top-1 is only meaningful if those indices are the "
+            "model's; pass sct.evaluate(..., class_map=...) to map folder names to the model's class indices")
+    warnings.warn(note, UserWarning, stacklevel=3)
+    return [note]
 
 
 def _preprocessing_note(config: Dict[str, Any]) -> str:
@@ -246,7 +276,7 @@ def _score_each_size(arms: Dict[str, nn.Module], sizes: List[HW], loaders: Itera
     rows: List[ScaleResult] = []
     try:
         with Steps(len(sizes), "evaluate", progress) as steps, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="sct_convert: input size")  # said in the notes
+            warnings.filterwarnings("ignore", category=UnknownSizeWarning)  # said in the notes
             for hw, loader in zip(sizes, loaders):
                 results = _score(arms, loader, device)
                 for arm, m in arms.items():
@@ -286,7 +316,7 @@ def _calibrated(model: nn.Module, sizes: Sequence[HW], calibration_set: Tuple[An
                 config: Dict[str, Any], batch_size: int, workers: int, progress: bool) -> nn.Module:
     """A converted copy of ``model`` with each branch calibrated on images preprocessed at its size."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="sct_convert: one scale")  # one size: still a calibration
+        warnings.filterwarnings("ignore", category=OneScaleWarning)  # one size: still a calibration
         converted = convert(copy.deepcopy(model), list(sizes))
     dataset, indices = calibration_set
     batches = math.ceil(len(indices) / batch_size)

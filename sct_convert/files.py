@@ -12,13 +12,18 @@ from pathlib import Path
 from typing import Callable, Dict, Union
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
+from torch import nn
 
 PathLike = Union[str, os.PathLike]
 
 
 def _saveable(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Contiguous tensors with no shared storage (safetensors refuses aliasing)."""
+    """Contiguous tensors, a tensor that shares storage with an earlier one copied.
+
+    Only for plain per-scale files, whose contract is exactly the original ``state_dict`` keys
+    (a strict ``load_state_dict`` of ``load_file``'s dict); a whole model is written with
+    safetensors' own rule for tied tensors instead (:func:`atomic_save_model`)."""
     out, seen = {}, set()
     for k, v in state.items():
         v = v.detach()
@@ -80,6 +85,12 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
             raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
         raise
     return path
+
+
+def atomic_save_model(model: nn.Module, path: PathLike, metadata: Dict[str, str]) -> Path:
+    """Write ``model``'s state as safetensors (``safetensors.torch.save_model``: tensors the model
+    ties together are stored once) via a temp file and rename; ``ValueError`` if it cannot be written."""
+    return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata, force_contiguous=True))
 
 
 def atomic_save(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict[str, str]) -> Path:

@@ -98,6 +98,7 @@ def _describe_failure(e: BaseException) -> str:
 
 def _out_of_memory(e: BaseException) -> bool:
     """The host ran out of memory: says nothing about whether the model accepts a size."""
+    # torch's CPU allocator raises a plain RuntimeError (no error type of its own), so its text is all there is
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
 
 

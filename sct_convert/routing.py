@@ -31,6 +31,10 @@ from .context import ScaleContext
 from .scales import HW, pixels as _pixels
 
 
+class UnknownSizeWarning(UserWarning):
+    """An input size that is not a trained scale ran the nearest branch (warned once per size)."""
+
+
 class Blend(NamedTuple):
     """A route between two branches: BN tensors ``lerp(branch[low], branch[high], t)``."""
 
@@ -125,7 +129,7 @@ def route_size(context: ScaleContext, hw: HW, table: Optional[Sequence[HW]] = No
             f"sct_convert: {what} {hw} is not a trained scale; using the nearest branch "
             f"{context.scales[choice]!r} (by pixel count). Pass unknown_scale='error' to refuse "
             "such inputs, or 'interpolate' to blend the two nearest branches.",
-            stacklevel=7,
+            UnknownSizeWarning, stacklevel=7,
         )
     return choice
 

@@ -41,7 +41,9 @@ def size_oblivious() -> contextlib.AbstractContextManager:
     try:
         from torch.fx.experimental import _config
 
-        return _config.patch(backed_size_oblivious=True)
+        if hasattr(_config, "backed_size_oblivious"):  # torch >= 2.7
+            return _config.patch(backed_size_oblivious=True)
+        return contextlib.nullcontext()
     except (ImportError, AttributeError):  # pragma: no cover - older torch
         return contextlib.nullcontext()
 

@@ -44,6 +44,7 @@ def _worker(rank, world, init, out, mode, backend="gloo"):
 
 
 @pytest.mark.parametrize("mode", ["drop_in", "train_step"])
+@pytest.mark.slow
 def test_two_rank_ddp_keeps_ranks_identical(tmp_path, mode):
     mp.spawn(_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path), mode), nprocs=2)
     a, b = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")

@@ -196,6 +196,7 @@ def test_timm_features_only_backbone_with_a_head_trains_routes_and_exports_per_s
             assert_equivalent(model(xs), plain(xs))
 
 
+@pytest.mark.slow
 def test_segmentation_model_exports_onnx_and_torch_export_serving_every_scale(tmp_path):
     pytest.importorskip("onnxruntime")
     from sct_convert.deploy import onnx_max_relative_error

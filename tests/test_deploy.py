@@ -32,6 +32,7 @@ def switchable_onnx(model, tmp_path_factory):
     return sct.export_onnx(model, tmp_path_factory.mktemp("onnx") / "m.onnx")
 
 
+@pytest.mark.slow
 def test_one_onnx_file_serves_every_scale_in_onnxruntime(model, switchable_onnx):
     import onnx
 
@@ -90,6 +91,7 @@ def _outer_reads(graph, branches=None):
     return branches
 
 
+@pytest.mark.slow
 def test_onnxruntime_optimizes_each_branch_as_a_per_scale_file(tmp_path):
     """A branch must not run slower than the per-scale file: convs without BN (squeeze-excite)
     reading weights from the main graph stayed out of onnxruntime's NCHWc layout (1.36x), and a
@@ -121,6 +123,7 @@ def test_switchable_onnx_shares_weights_and_onnxruntime_folds_every_branch(model
 
 
 @pytest.mark.parametrize("scale", [None, 32], ids=["switchable", "per-scale"])
+@pytest.mark.slow
 def test_onnx_past_protobufs_2gb_limit_keeps_weights_beside_it(model, tmp_path, monkeypatch, scale):
     """A model over 2 GB (RegNetY-128GF) cannot be one protobuf: its weights go to ``<name>.data``
     (ONNX external data), written atomically with the model; onnxruntime reads both."""
@@ -182,6 +185,7 @@ def test_torch_export_program_round_trip(model, tmp_path, scale):
     assert meta["format"] == "sct-convert/pt2" and meta.get("scale") == ("48" if scale else None)
 
 
+@pytest.mark.slow
 def test_cli_exports_every_format(model, tmp_path):
     pytest.importorskip("onnxruntime")
     combined = sct.save(model, tmp_path / "m.safetensors")

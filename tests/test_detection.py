@@ -98,6 +98,7 @@ def test_reference_training_loop_gets_the_losses_of_every_scale(name):
     assert grads and all(g is not None for g in grads.values())  # every scale's branches trained
 
 
+@pytest.mark.slow
 def test_train_step_holds_one_scale_at_a_time_with_the_models_own_losses():
     a = sct.convert(build("fasterrcnn_mobilenet_v3_large_320_fpn"), SCALES).train()
     b = sct.convert(build("fasterrcnn_mobilenet_v3_large_320_fpn"), SCALES).train()
@@ -120,6 +121,7 @@ def frozen_faster_rcnn():
     return FasterRCNN(backbone, num_classes=3, min_size=160, max_size=320, box_score_thresh=0.0)
 
 
+@pytest.mark.slow
 def test_frozen_batch_norms_stay_frozen_per_scale_and_calibrate_per_scale(tmp_path):
     model = sct.convert(frozen_faster_rcnn(), SCALES)
     frozen = [(n, layer) for n, layer in sct.scale_specific_layers(model)

@@ -30,6 +30,7 @@ def test_the_pages_have_blocks_to_run():
 
 
 @pytest.mark.parametrize("page, code", BLOCKS)
+@pytest.mark.slow
 def test_block_runs_as_pasted(page, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():

@@ -2,6 +2,8 @@
 preprocessed as timm's validate.py does, and a report in CSV / Markdown / JSON with a plot."""
 import csv
 import json
+import time
+import warnings
 
 import numpy as np
 import pytest
@@ -123,3 +125,30 @@ def test_sizes_without_a_branch_say_what_served_them(folder):
     model = sct.convert(timm.create_model("test_resnet", num_classes=3), [64, 32])
     report = sct.evaluate(model, folder, [48], latency_repeats=0)
     assert any("48 has no branch of its own: served by 32 (unknown_scale='nearest')" in n for n in report.notes)
+
+
+def test_a_folder_whose_classes_cannot_be_the_models_is_warned_about_and_noted(folder):
+    model = timm.create_model("test_resnet", num_classes=5)  # 3 folders, 5 classes
+    with pytest.warns(UserWarning, match="holds 3 class folders but the model predicts 5 classes"):
+        report = sct.evaluate(model, folder, [32], holdout=6, latency_repeats=0)
+    assert any("class_map" in n for n in report.notes)
+    with warnings.catch_warnings(record=True) as caught:  # a matching model: no such warning
+        warnings.simplefilter("always")
+        sct.evaluate(timm.create_model("test_resnet", num_classes=3), folder, [32], holdout=6, latency_repeats=0)
+    assert not [w for w in caught if "class folders" in str(w.message)]
+
+
+def test_latency_is_the_median_of_warm_runs_within_a_time_budget():
+    from sct_convert.evaluation import latency_ms
+
+    calls = []
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            calls.append(1)
+            time.sleep(0.05)
+            return x
+
+    ms = latency_ms(Slow(), (1, 3, 8, 8), repeats=100, device=torch.device("cpu"), budget_s=0.2)
+    assert 2 + 3 <= len(calls) <= 2 + 6  # two warm-ups, then timed runs until 0.2 s are spent
+    assert 40 < ms < 200

@@ -35,6 +35,7 @@ def _trace(model, tracer):
 
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("tracer", [torch.fx.Tracer, TimmLeafTracer], ids=["fx", "timm-leaves"])
+@pytest.mark.slow
 def test_traced_model_samples_in_train_routes_in_eval_and_scripts(name, tracer):
     model = sct.convert(timm.create_model(name, num_classes=4), SCALES)
     perturb_branches(model)

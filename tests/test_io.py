@@ -10,7 +10,7 @@ from _util import assert_equivalent, perturb_branches
 from torch import nn
 
 import sct_convert as sct
-from sct_convert import files, io
+from sct_convert import files, io, metadata
 
 SCALES = [96, (64, 48)]
 
@@ -31,7 +31,7 @@ def _outputs(model, scales=SCALES):
 
 def test_save_load_rebuilds_timm_arch_offline(converted, tmp_path):
     path = sct.save(converted, tmp_path / "m.safetensors")
-    meta = io.read_metadata(path)
+    meta = metadata.read_metadata(path)
     assert meta["format"] == "sct-convert" and meta["arch"] == "test_resnet" and meta["source"] == "timm"
     assert meta["num_classes"] == "5" and meta["unknown_scale"] == "nearest"
     assert {"torch", "timm", "torchvision", "sct_convert"} <= set(eval(meta["versions"].replace("null", "None")))
@@ -48,7 +48,7 @@ def test_save_load_torchvision_and_custom(tmp_path):
     sct.convert(model, [64, 32]).eval()
     perturb_branches(model)
     path = sct.save(model, tmp_path / "tv.safetensors")
-    assert io.read_metadata(path)["arch"] == "mobilenet_v3_small"
+    assert metadata.read_metadata(path)["arch"] == "mobilenet_v3_small"
     loaded = sct.load(path)
     xs, expected = _outputs(model, [64, 32])
     assert all(torch.equal(a, b) for a, b in zip(_outputs(loaded, [64, 32])[1], expected))
@@ -112,12 +112,13 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(converted, tm
     sct.save(converted, target)
     old = target.read_bytes()
 
-    def broken(tensors, filename, metadata=None):
+    def broken(tensors, filename, metadata=None, **kwargs):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files, "save_file", broken)  # the module that writes every file
+    monkeypatch.setattr(files, "save_model", broken)
     with pytest.raises(ValueError, match="No space left"):
         sct.save(converted, target)
     assert target.read_bytes() == old
@@ -159,3 +160,40 @@ def test_describe_reports_overhead(converted, tmp_path):
     plain = timm.create_model("test_resnet")
     bn_params = sum(p.numel() for m in plain.modules() if sct.is_batch_norm(m) for p in m.parameters())
     assert info["params_per_extra_scale"] == bn_params
+
+
+class TiedHead(nn.Module):  # a second head that shares the first one's weight (tied tensors)
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 4)
+        self.mirror = nn.Linear(4, 4)
+        self.mirror.weight = self.head.weight
+
+    def forward(self, x):
+        f = self.bn(self.conv(x)).mean((2, 3))
+        return self.head(f) + self.mirror(f)
+
+
+def test_tied_tensors_are_stored_once_and_tied_again_on_load(tmp_path):
+    model = sct.convert(TiedHead(), [32, 16]).eval()
+    perturb_branches(model)
+    path = sct.save(model, tmp_path / "tied.safetensors")
+    keys = safetensors.torch.load_file(path).keys()
+    assert ("head.weight" in keys) != ("mirror.weight" in keys)  # one copy on disk
+    loaded = sct.load(path, model=TiedHead()).eval()
+    assert loaded.mirror.weight is loaded.head.weight
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_load_weights_takes_a_wrapped_checkpoint_as_the_cli_does(tmp_path):
+    source = timm.create_model("test_resnet", num_classes=5)
+    wrapped = {"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}  # Lightning's layout
+    torch.save(wrapped, tmp_path / "lightning.ckpt.pth")
+    fresh = sct.load_weights(timm.create_model("test_resnet", num_classes=5), tmp_path / "lightning.ckpt.pth")
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(sct.weights.WeightsMismatchError, match="size mismatch for fc.weight"):
+        sct.load_weights(timm.create_model("test_resnet", num_classes=3), tmp_path / "lightning.ckpt.pth")

@@ -82,6 +82,7 @@ def test_rule_ties_and_brackets():
 
 
 @pytest.mark.parametrize("video", [False, True], ids=["images", "clips"])
+@pytest.mark.slow
 def test_every_backend_makes_the_same_choice_on_one_grid(video, tmp_path):
     model = converted(video=video)
     grid = GRID if not video else [(32, 32), (24, 16), (20, 20), (22, 32), (19, 20), (8, 8)]

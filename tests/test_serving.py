@@ -178,6 +178,7 @@ def test_data_parallel_replicas_route_independently_from_threads(served):
     assert not errors and not wrong
 
 
+@pytest.mark.slow
 def test_compile_with_dynamic_shapes_serves_five_scales_with_at_most_two_graphs():
     import torch._dynamo
     from torch._dynamo.utils import counters
