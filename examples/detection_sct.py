@@ -19,6 +19,7 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -110,7 +111,9 @@ def train(model, images, targets, epochs: int, batch: int = 16, lr: float = 0.05
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(images)).tolist()
-        for i in range(0, len(order) - batch + 1, batch):
+        # a bar inside the epoch on a terminal (tqdm turns itself off when output is not one)
+        for i in tqdm(range(0, len(order) - batch + 1, batch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                      disable=None):
             idx = order[i:i + batch]
             loss_dict = model([images[j] for j in idx], [targets[j] for j in idx])
             losses = sum(loss for loss in loss_dict.values())

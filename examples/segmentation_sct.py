@@ -22,6 +22,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion_mnist  # noqa: E402
@@ -126,7 +127,8 @@ def train(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor, epochs: i
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x), generator=g)
-        for i in range(steps):
+        # a bar inside the epoch on a terminal (tqdm turns itself off when output is not one)
+        for i in tqdm(range(steps), desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None):
             idx = order[i * batch_size:(i + 1) * batch_size]
             loss = loss_fn(model(x[idx]), y[idx])  # unchanged: ScaleOutputs go to SCTLoss
             opt.zero_grad(set_to_none=True)

@@ -82,3 +82,44 @@ class TinySegNet(torch.nn.Module):
         features = self.encoder(x)
         up = lambda t: torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
         return {"out": up(self.decoder(features)), "aux": up(self.aux(features))}
+
+
+class ConvBN(torch.nn.Module):
+    """The suite's smallest convertible CNN: ``depth`` (1 or 2) conv + norm blocks with a ReLU
+    between them (and after the last with ``relu``), a mean over every position (frames too, for
+    ``Conv3d``), then an optional dropout and linear head of ``classes`` outputs."""
+
+    def __init__(self, conv=torch.nn.Conv2d, norm=torch.nn.BatchNorm2d, depth=1, classes=None, dropout=0.0,
+                 relu=False):
+        super().__init__()
+        self.conv, self.bn = conv(3, 4, 3, padding=1), norm(4)
+        if depth == 2:
+            self.conv2, self.bn2 = conv(4, 4, 3, padding=1), norm(4)
+        self.depth, self.relu = depth, relu
+        self.drop = torch.nn.Dropout(dropout) if dropout else None
+        self.fc = torch.nn.Linear(4, classes) if classes else None
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        if self.depth == 2:
+            x = self.bn2(self.conv2(torch.relu(x)))
+        if self.relu:
+            x = x.relu()
+        x = x.flatten(2).mean(2)
+        if self.drop is not None:
+            x = self.drop(x)
+        return self.fc(x) if self.fc is not None else x
+
+
+def converted_test_resnet(scales, num_classes=5, seed=0):
+    """timm's ``test_resnet`` converted at ``scales``, in eval, every branch given its own
+    statistics (so a wrong branch would change the output), and the original it came from."""
+    import copy
+
+    import timm
+
+    torch.manual_seed(seed)
+    original = timm.create_model("test_resnet", num_classes=num_classes)
+    model = sct.convert(copy.deepcopy(original), scales).eval()
+    perturb_branches(model)
+    return original, model

@@ -1,27 +1,18 @@
 """Post-hoc: per-scale calibration, adding and removing scales, branch divergence."""
 import copy
+import functools
 
 import pytest
 import timm
 import torch
 import torchvision
-from _util import perturb_branches
-from torch import nn
+from _util import ConvBN, perturb_branches, converted_test_resnet
 
 import sct_convert as sct
 from sct_convert.diagnostics import branch_divergence, symmetric_kl
 
 
-class Net(nn.Module):
-    def __init__(self, norm=nn.BatchNorm2d):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = norm(4)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.fc(self.drop(self.bn(self.conv(x)).relu().mean((2, 3))))
+Net = functools.partial(ConvBN, classes=2, dropout=0.5, relu=True)
 
 
 def batches(n=4, size=32, seed=0):
@@ -61,7 +52,7 @@ def test_data_as_tuples_dicts_and_no_grad():
 
 
 def test_frozen_branches_are_calibrated_too():
-    model = sct.convert(Net(torchvision.ops.FrozenBatchNorm2d), [32, 16])
+    model = sct.convert(Net(norm=torchvision.ops.FrozenBatchNorm2d), [32, 16])
     sct.calibrate(model, batches(), num_batches=2, scales=[16], progress=False)
     assert not torch.equal(model.bn.branches["16"].running_mean, torch.zeros(4))
     assert torch.equal(model.bn.branches["32"].running_mean, torch.zeros(4))
@@ -78,8 +69,7 @@ def test_calibration_gives_each_scale_its_own_statistics():
 
 
 def test_add_and_remove_scale_are_seen_everywhere(tmp_path):
-    model = sct.convert(timm.create_model("test_resnet", num_classes=3), [96, 64]).eval()
-    perturb_branches(model)
+    _, model = converted_test_resnet([96, 64], num_classes=3)
     sct.add_scale(model, 80)  # side 80: halfway between 64 and 96 (the default interpolates)
     assert sct.scales_of(model) == (96, 64, 80)
     bn = model.bn1.branches
@@ -115,8 +105,7 @@ def test_symmetric_kl_and_divergence_rows(tmp_path):
     assert symmetric_kl(mu, var, mu, var) == pytest.approx(0.0, abs=1e-9)
     # KL(N(0,1) || N(1,1)) = 0.5 each way
     assert symmetric_kl(mu, var, mu + 1, var, eps=0.0) == pytest.approx(0.5)
-    model = sct.convert(timm.create_model("test_resnet", num_classes=3), [96, 64, 48])
-    perturb_branches(model)
+    _, model = converted_test_resnet([96, 64, 48], num_classes=3)
     rows = branch_divergence(model)
     layers = [n for n, _ in sct.scale_specific_layers(model)]
     assert [r["layer"] for r in rows[::3]] == layers

@@ -5,6 +5,7 @@ import sys
 import pytest
 import safetensors.torch
 import timm
+from _util import converted_test_resnet
 from click.testing import CliRunner
 
 from sct_convert.cli import cli
@@ -67,7 +68,7 @@ def test_checkpoint_and_torchvision_source(tmp_path):
     (["test_resnet", "--scales", "96,0"], "positive"),
     (["test_vit"], "no batch-norm layer"),
     (["test_resnet", "--pretrained"], "not in the local cache"),
-    (["test_maxvit", "--scales", "160,100"], "cannot run at scale 100"),
+    (["inception_v3", "--scales", "160,64"], "cannot run at scale 64"),
     (["test_resnet", "--checkpoint", "missing.pth"], "no such checkpoint"),
 ])
 def test_convert_bad_input(tmp_path, args, match):
@@ -186,10 +187,7 @@ def test_a_converted_models_training_checkpoint_exports_per_scale(tmp_path):
 
     import sct_convert as sct
 
-    model = sct.convert(timm.create_model("test_resnet", num_classes=3), [64, 32]).eval()
-    from _util import perturb_branches
-
-    perturb_branches(model)  # as if trained: every branch its own
+    _, model = converted_test_resnet([64, 32], num_classes=3)
     # timm's own CheckpointSaver, as train.py uses it (args, optimizer, EMA)
     from timm.utils import CheckpointSaver, ModelEmaV3
 

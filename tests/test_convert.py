@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 import torchvision
-from _util import assert_equivalent, perturb_branches
+from _util import assert_equivalent, perturb_branches, converted_test_resnet
 
 import sct_convert as sct
 
@@ -131,8 +131,7 @@ def test_forward_and_backward_at_several_sizes():
 
 
 def test_deepcopy_keeps_its_own_routing():
-    model = sct.convert(timm.create_model("test_resnet"), [96, 64]).eval()
-    perturb_branches(model)
+    _, model = converted_test_resnet([96, 64])
     ema = copy.deepcopy(model)
     assert ema._sct_context is not model._sct_context
     x = torch.randn(1, 3, 64, 64)

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import timm
 import torch
-from _util import perturb_branches
+from _util import converted_test_resnet
 from click.testing import CliRunner
 
 import sct_convert as sct
@@ -20,10 +20,7 @@ BETWEEN = (56, 56)  # not a trained scale: routed to the nearest (64) in the fil
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = sct.convert(timm.create_model("test_resnet", num_classes=7), SCALES).eval()
-    perturb_branches(m)  # a file that took the wrong branch would show
-    return m
+    return converted_test_resnet(SCALES, num_classes=7)[1]  # a file that took the wrong branch would show
 
 
 @pytest.fixture(scope="module")

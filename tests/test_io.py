@@ -6,7 +6,7 @@ import safetensors.torch
 import timm
 import torch
 import torchvision
-from _util import assert_equivalent, perturb_branches
+from _util import assert_equivalent, perturb_branches, converted_test_resnet
 from torch import nn
 
 import sct_convert as sct
@@ -17,9 +17,7 @@ SCALES = [96, (64, 48)]
 
 @pytest.fixture
 def converted():
-    model = sct.convert(timm.create_model("test_resnet", num_classes=5), SCALES).eval()
-    perturb_branches(model)
-    return model
+    return converted_test_resnet(SCALES)[1]
 
 
 def _outputs(model, scales=SCALES):

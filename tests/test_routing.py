@@ -3,20 +3,12 @@ import warnings
 
 import pytest
 import torch
-from _util import HeadOnlyBN, perturb_branches
-from torch import nn
+from _util import ConvBN, HeadOnlyBN, perturb_branches, converted_test_resnet
 
 import sct_convert as sct
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return self.bn(self.conv(x)).mean((2, 3))
+Net = ConvBN
 
 
 def routed(model, h, w=None):
@@ -109,12 +101,10 @@ def test_not_converted_model_is_a_clear_error():
 
 
 def test_routing_survives_torchvision_and_timm_fx_feature_extraction():
-    import timm
     from timm.models._features_fx import create_feature_extractor as timm_fx
     from torchvision.models.feature_extraction import create_feature_extractor as tv_fx
 
-    model = sct.convert(timm.create_model("test_resnet"), [96, 64]).eval()
-    perturb_branches(model)
+    _, model = converted_test_resnet([96, 64])
     for extractor in (tv_fx(model, ["layer2"]), timm_fx(model, ["layer2"])):
         for s in (96, 64):
             x = torch.randn(1, 3, s, s)

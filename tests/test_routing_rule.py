@@ -2,13 +2,14 @@
 picks the same branch on one grid of sizes; unknown_scale="interpolate" blends the two
 bracketing branches in eager, compile and export; every input the model takes is routed."""
 import copy
+import functools
 import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from _util import perturb_branches
+from _util import ConvBN, perturb_branches
 from torch import nn
 
 import sct_convert as sct
@@ -27,22 +28,11 @@ GRID = [
 ]
 
 
-class Net(nn.Module):
-    def __init__(self, conv=nn.Conv2d, bn=nn.BatchNorm2d):
-        super().__init__()
-        self.conv = conv(3, 4, 3, padding=1)
-        self.bn = bn(4)
-        self.conv2 = conv(4, 4, 3, padding=1)
-        self.bn2 = bn(4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        x = self.bn2(self.conv2(torch.relu(self.bn(self.conv(x)))))
-        return self.fc(x.flatten(2).mean(2))
+Net = functools.partial(ConvBN, depth=2, classes=3)
 
 
 def converted(policy="nearest", video=False):
-    net = Net(nn.Conv3d, nn.BatchNorm3d) if video else Net()
+    net = Net(conv=nn.Conv3d, norm=nn.BatchNorm3d) if video else Net()
     model = sct.convert(net, SCALES, unknown_scale=policy).eval()
     perturb_branches(model)
     return model
@@ -202,7 +192,7 @@ def test_every_input_the_model_takes_is_routed(kind):
     class Wrapped(nn.Module):  # inputs the way detection / multi-input models take them
         def __init__(self, video):
             super().__init__()
-            self.net = Net(nn.Conv3d, nn.BatchNorm3d) if video else Net()
+            self.net = Net(conv=nn.Conv3d, norm=nn.BatchNorm3d) if video else Net()
 
         def forward(self, images):
             if isinstance(images, dict):

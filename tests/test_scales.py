@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from _util import ConvBN
 from click.testing import CliRunner
 from torch import nn
 
@@ -12,14 +13,7 @@ from sct_convert import scales as S
 from sct_convert.cli import cli
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return self.bn(self.conv(x)).mean((2, 3))
+Net = ConvBN
 
 
 def test_numpy_and_torch_integers_are_scales():

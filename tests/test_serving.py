@@ -13,7 +13,7 @@ import warnings
 import pytest
 import timm
 import torch
-from _util import HeadOnlyBN, perturb_branches
+from _util import HeadOnlyBN, converted_test_resnet
 from torch import nn
 
 import sct_convert as sct
@@ -23,10 +23,7 @@ SCALES = [48, 32, 16]
 
 @pytest.fixture(scope="module")
 def served():
-    torch.manual_seed(0)
-    original = timm.create_model("test_resnet", num_classes=5)
-    model = sct.convert(copy.deepcopy(original), SCALES).eval()
-    perturb_branches(model)  # branches differ, so a wrong branch changes the output
+    original, model = converted_test_resnet(SCALES)  # branches differ: a wrong branch changes the output
     inputs = {s: torch.randn(2, 3, s, s) for s in SCALES}
     with torch.no_grad():
         expected = {s: model(x) for s, x in inputs.items()}
@@ -184,8 +181,7 @@ def test_compile_with_dynamic_shapes_serves_five_scales_with_at_most_two_graphs(
     from torch._dynamo.utils import counters
 
     scales = [96, 80, 64, 48, 32]
-    model = sct.convert(timm.create_model("test_resnet", num_classes=5), scales).eval()
-    perturb_branches(model)
+    _, model = converted_test_resnet(scales, num_classes=5)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend="eager", dynamic=True)
@@ -285,8 +281,7 @@ def test_calibrate_skips_batch_norms_without_running_statistics():
 def test_save_of_a_wrapped_model_loads(tmp_path, wrapper):
     import torch.distributed as dist
 
-    model = sct.convert(timm.create_model("test_resnet", num_classes=3), [64, 32]).eval()
-    perturb_branches(model)
+    _, model = converted_test_resnet([64, 32], num_classes=3)
     if wrapper == "DDP":
         dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
