@@ -130,6 +130,9 @@ def inspect_cmd(file):
         click.echo(f"scales:          {', '.join(map(scale_text, scales))}")
         if meta.get("scale"):
             click.echo(f"this file:       scale {meta['scale']} only (plain architecture)")
+            if meta.get("exporter"):
+                click.echo(f"exporter:        {meta['exporter']} (checked in onnxruntime: max error "
+                           f"{meta.get('max_error', 'not checked')})")
         else:
             how = ("blending the two nearest branches in between" if meta.get("routing") == "interpolate"
                    else "nearest by pixel count")

@@ -205,7 +205,7 @@ def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = No
 
 def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
                 opset: int = DEFAULT_OPSET, example_input: Optional[torch.Tensor] = None,
-                check: bool = True, progress: bool = False) -> Path:
+                check: bool = True, progress: bool = False, exporter: Optional[str] = None) -> Path:
     """Write an ONNX file that serves every scale, or one (needs the ``[onnx]`` extra).
 
     Args:
@@ -223,12 +223,24 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
             per scale.
         progress: report each step (a scale traced, the file written, a scale run): a bar on a
             terminal, one line on stderr otherwise.
+        exporter: torchvision detectors only: ``"dynamo"`` or ``"torchscript"`` to use one route;
+            ``None`` tries ``torch.export`` first, then the TorchScript-based exporter
+            (:mod:`sct_convert.detector_export`).
+
+    A torchvision detector (a model whose transform resizes its input) exports one scale per
+    file: its plain detector, taking one ``(3, H, W)`` image of any size and returning the
+    detections, checked in onnxruntime against ``sct.extract(model, scale)`` on two image sizes.
 
     Returns:
         The path written. Its ``metadata_props`` hold the scales, routing and architecture.
         The input is named ``images``.
     """
     _require_onnx()
+    if context_of(model).resizer:
+        return _detector_onnx(model, path, scale, opset, check, progress, exporter)
+    if exporter is not None:
+        raise ValueError("exporter= chooses the route of a torchvision detector's file; other models "
+                         "export through torch.export only")
     if scale is None:  # a per-scale file traces through export_program_object, which checks this
         refuse_upstream_limits(model, example_input)
     from .onnx_graph import will_check, write_onnx
@@ -242,6 +254,25 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         build = (functools.partial(_switchable_onnx, model, opset, example_input, steps.advance) if scale is None
                  else functools.partial(_per_scale_onnx, model, scale, opset, example_input, steps.advance))
         return write_onnx(path, build, props, probes, steps.advance)
+
+
+def _detector_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale], opset: int, check: bool,
+                   progress: bool, exporter: Optional[str]) -> Path:
+    from .detector_export import EXPORTERS, write_detector_onnx
+
+    ctx = context_of(model)
+    if scale is None:
+        raise ValueError(
+            "a torchvision detector exports one scale per ONNX file (its transform resizes to that "
+            f"scale): pass scale=..., one of {', '.join(scale_key(s) for s in ctx.sizes)} (on the CLI, --scale)")
+    if exporter is not None and exporter not in EXPORTERS:
+        raise ValueError(f"exporter={exporter!r}: choose one of {', '.join(EXPORTERS)}, or None to try them in order")
+    meta = deploy_metadata(model, scale, ONNX_FORMAT)
+    meta["opset"] = str(opset)
+    routes = EXPORTERS if exporter is None else (exporter,)
+    with Steps(2, "export onnx", progress) as steps:
+        return write_detector_onnx(unwrap(model), path, scale, meta, opset=opset, check=check, routes=routes,
+                                   on_step=steps.advance)
 
 
 def read_deploy_metadata(path: PathLike) -> Dict[str, str]:

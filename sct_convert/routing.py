@@ -166,8 +166,10 @@ def blend_in_graph(x: torch.Tensor, table: List[List[int]]) -> Tuple[torch.Tenso
     high = torch.where(above, pixels, torch.full_like(pixels, 2**62)).argmin()
     inside = below.any() & above.any() & ~exact.any()
     low, high = torch.where(inside, low, nearest), torch.where(inside, high, nearest)
-    span = (pixels[high] - pixels[low]).clamp(min=1).to(torch.float32)
-    t = torch.where(inside, (here[0] - pixels[low]).to(torch.float32) / span, torch.zeros_like(span))
+    # index_select, not pixels[high]: indexing by a 0-d tensor is data-dependent to torch.export < 2.9
+    at_low, at_high = pixels.index_select(0, low.reshape(1))[0], pixels.index_select(0, high.reshape(1))[0]
+    span = (at_high - at_low).clamp(min=1).to(torch.float32)
+    t = torch.where(inside, (here[0] - at_low).to(torch.float32) / span, torch.zeros_like(span))
     return low, high, t
 
 

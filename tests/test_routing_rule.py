@@ -291,7 +291,7 @@ class SizeBranch(nn.Module):  # Python control flow on the size: torch.export ke
 
 def test_a_torch_export_program_that_fails_at_a_scale_is_never_written(tmp_path):
     model = sct.convert(SizeBranch(), [64, 32]).eval()
-    with pytest.raises(ValueError, match=r"fails at scale 32 \(AssertionError: Guard failed.*nothing was written"):
+    with pytest.raises(ValueError, match=r"fails at scale 32 \((AssertionError|RuntimeError): .*nothing was written"):
         sct.export_program(model, tmp_path / "m.pt2")  # traced at 64, then at 32: each guards the other out
     assert os.listdir(tmp_path) == []
     program = torch.export.load(sct.export_program(model, tmp_path / "m32.pt2", 32)).module()

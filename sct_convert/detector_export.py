@@ -1,0 +1,188 @@
+"""ONNX files of torchvision detectors: one scale's plain detector, through the exporter that can
+trace it, checked in onnxruntime against ``sct.extract(model, s)`` before it is written.
+
+A per-scale file is the unmodified torchvision detector of that scale (its branch in place of
+every S-BN, its transform resizing to the scale), taking one ``(3, H, W)`` image of any size
+and returning torchvision's detections (``boxes``, ``scores``, ``labels``; ``masks``,
+``keypoints`` where the model has them) as separate outputs named after them.
+
+Two routes, tried in order (:data:`EXPORTERS`): ``torch.onnx.export(dynamo=True)``, which goes
+through ``torch.export``, and, when that cannot trace the model, the TorchScript-based exporter
+(``dynamo=False``) that torchvision's own ``test/test_onnx.py`` uses. With torch <= 2.15
+``torch.export`` cannot trace torchvision's detectors (data-dependent shapes in the
+post-processing: pytorch/vision#9306, #9321; the fix, pytorch/vision PR #9395, is not released),
+so the second route runs today; trying the first each time means the deprecated one stops being
+used as soon as the installed torch can do without it. The file's metadata records which ran
+(``exporter``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .converted import context_of, extract
+from .files import PathLike, atomic_write
+from .scales import HW, Scale, scale_key
+
+#: The export routes, in the order they are tried.
+EXPORTERS = ("dynamo", "torchscript")
+
+#: Detections a check compares, in score order (the rest sit near the score threshold, where a
+#: last-bit difference may keep or drop one).
+COMPARED = 20
+
+#: Score distance from the cut within which a detection need not be found in the other run.
+MARGIN = 1e-3
+
+
+def check_sizes(hw: HW) -> List[HW]:
+    """Two image sizes, neither the scale itself, that a file is run at before it is written:
+    the transform resizes both, so both exercise the dynamic height and width."""
+    h, w = hw
+    return [(round(h * 1.25), round(w * 1.5)), (round(h * 0.75), w)]
+
+
+def _images(hw: HW, seed: int) -> torch.Tensor:
+    """A test image with structure at several sizes (smooth blobs plus fine noise): a flat or
+    white-noise image scores many boxes exactly alike, which leaves their order to chance."""
+    g = torch.Generator().manual_seed(seed)
+    blobs = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=hw, mode="bicubic",
+                                            align_corners=False)[0]
+    return (0.8 * blobs + 0.2 * torch.rand(3, *hw, generator=g)).clamp(0, 1)
+
+
+def _export(plain: nn.Module, image: torch.Tensor, names: List[str], path: str, opset: int,
+            route: str) -> None:
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with quiet[0], quiet[1], warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript tracer's warnings about Python values
+        if route == "dynamo":
+            torch.onnx.export(plain, ([image],), path, dynamo=True, opset_version=max(opset, 18),
+                              input_names=["images"], output_names=names,
+                              dynamic_shapes=(([{1: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}],),))
+        else:
+            torch.onnx.export(plain, ([image],), path, dynamo=False, opset_version=min(opset, 17),
+                              input_names=["images"], output_names=names,
+                              dynamic_axes={"images": [1, 2], **{n: [0] for n in names}})
+
+
+def _matched(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], above: float, pool_above: float,
+             side: float) -> float:
+    """Every detection of ``a`` scoring above ``above`` matched to ``b``'s detection of the same
+    label with the nearest box among those scoring above ``pool_above``; the largest difference of
+    any output over the matches (boxes and keypoints relative to ``side``). Matching, not order:
+    two nearly equal scores may come out in either order."""
+    pool = np.nonzero(b["scores"] > pool_above)[0]
+    worst = 0.0
+    for i in np.nonzero(a["scores"] > above)[0]:
+        same = pool[b["labels"][pool] == a["labels"][i]]
+        if len(same) == 0:
+            return float("inf")
+        j = same[np.abs(b["boxes"][same] - a["boxes"][i]).max(axis=1).argmin()]
+        for name, va in a.items():
+            if name != "labels":
+                worst = max(worst, _difference(name, va[i], b[name][j], side))
+    return worst
+
+
+def _difference(name: str, a: np.ndarray, b: np.ndarray, side: float) -> float:
+    """How far one detection's output ``name`` is from eager's: boxes and keypoints in image sides,
+    masks as the mean over the mask (a box a fraction of a pixel off moves its edge pixels a lot),
+    anything else relative to its size (at least 1)."""
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    if not diff.size:
+        return 0.0
+    if name in ("boxes", "keypoints"):
+        return float(diff.max()) / side
+    if name == "masks":
+        return float(diff.mean())
+    return float(diff.max()) / max(1.0, float(np.abs(a).max()))
+
+
+def _compare(session: Any, plain: nn.Module, names: List[str], hw: HW, seed: int) -> float:
+    """Run the file and the eager plain detector on one image of size ``hw``; the largest
+    difference between their detections that score above eager's :data:`COMPARED`-th (those
+    near the score threshold may be kept or dropped by a last-bit difference), each matched
+    both ways (:func:`_matched`)."""
+    image = _images(hw, seed)
+    with torch.no_grad():
+        want = {k: v.numpy() for k, v in plain([image])[0].items()}
+    got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: image.numpy()})))
+    if set(got) != set(want):
+        raise ValueError(f"the file's outputs {sorted(got)} are not eager's {sorted(want)}")
+    if (len(want["scores"]) == 0) != (len(got["scores"]) == 0):
+        raise ValueError(f"at {hw[0]}x{hw[1]} eager finds {len(want['scores'])} detections, the file "
+                         f"{len(got['scores'])}")
+    if len(want["scores"]) == 0:
+        return 0.0
+    # detections within MARGIN of the cut may fall either side of it in the other run: not required
+    cut = float(np.sort(want["scores"])[::-1][min(COMPARED, len(want["scores"])) - 1])
+    return max(_matched(want, got, cut + MARGIN, cut - MARGIN, max(hw)),
+               _matched(got, want, cut + 2 * MARGIN, cut - 2 * MARGIN, max(hw)))
+
+
+def _check(path: str, plain: nn.Module, names: List[str], sizes: Sequence[HW], tolerance: float) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    worst = max(_compare(session, plain, names, hw, seed) for seed, hw in enumerate(sizes))
+    if worst > tolerance:
+        raise ValueError(f"detections differ from eager by {worst:.2e} (tolerance {tolerance:.0e})")
+    return worst
+
+
+def write_detector_onnx(model: nn.Module, path: PathLike, scale: Scale, meta: Dict[str, str], *,
+                        opset: int, check: bool, routes: Sequence[str] = EXPORTERS,
+                        tolerance: float = 5e-3,
+                        on_step: Callable[[str], None] = lambda label: None) -> Path:
+    """Write scale ``scale``'s plain detector as ONNX (see the module doc), with ``meta`` as its
+    metadata plus ``exporter`` (the route that ran) and ``max_error`` (the check's).
+
+    Each route in ``routes`` is tried in turn; a route whose file fails in onnxruntime, or whose
+    detections differ from eager beyond ``tolerance`` (``check``), counts as failed. When every
+    route fails the error names each one's reason and nothing is written.
+    """
+    import onnx
+
+    ctx = context_of(model)
+    hw = ctx.sizes[ctx.index(scale)]
+    plain = extract(model, scale).eval()
+    image = _images(hw, 0)
+    with torch.no_grad():
+        names = list(plain([image])[0].keys())
+    failures: List[Tuple[str, str]] = []
+
+    def write(tmp: str) -> None:
+        for route in routes:
+            try:
+                _export(plain, image, names, tmp, opset, route)
+                on_step(f"traced scale {scale_key(hw)} ({route})")
+                error = _check(tmp, plain, names, check_sizes(hw), tolerance) if check else None
+            except Exception as e:  # noqa: BLE001 - every way a route fails is reported below
+                failures.append((route, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+                continue
+            proto = onnx.load(tmp)
+            props = {**meta, "exporter": route, "outputs": ",".join(names),
+                     "input_layout": "one (3, H, W) image, any size (the transform resizes it)"}
+            if error is not None:
+                props["max_error"] = f"{error:.2e}"
+            onnx.helper.set_model_props(proto, {f"sct_convert.{k}": v for k, v in props.items()})
+            onnx.save_model(proto, tmp)
+            on_step("checked in onnxruntime" if check else "written")
+            return
+        raise ValueError(
+            f"no exporter writes a working ONNX file of {type(plain).__name__} at scale {scale_key(hw)} "
+            f"with torch {torch.__version__}: " + "; ".join(f"{r}: {why}" for r, why in failures)
+            + "; nothing was written. The limit is upstream (torchvision's detector as it is); "
+            "sct.save_per_scale writes checkpoints that load into the plain model")
+
+    return atomic_write(path, write)
