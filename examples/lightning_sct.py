@@ -5,7 +5,7 @@ validation accuracy at every scale. Checkpoints hold every branch, so
 turns a checkpoint into per-scale files.
 
     pip install lightning
-    python examples/lightning_sct.py --quick          # random images, a few steps, CPU, < 1 min
+    python examples/lightning_sct.py --quick          # random images, a few steps, CPU, 7 s
     python examples/lightning_sct.py --arch resnet18 --scales 224,192,128 --steps 1000 --precision bf16-mixed
 
 The data here is random (torchvision's FakeData, nothing downloaded); put your own
