@@ -95,16 +95,20 @@ def _matched(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], above: float, p
 
 
 def _difference(name: str, a: np.ndarray, b: np.ndarray, side: float) -> float:
-    """How far one detection's output ``name`` is from eager's: boxes and keypoints in image sides,
-    masks as the mean over the mask (a box a fraction of a pixel off moves its edge pixels a lot),
-    anything else relative to its size (at least 1)."""
+    """How far one detection's output ``name`` is from eager's: boxes in image sides; masks and
+    keypoints as the mean over the detection's mask or keypoints (a box a fraction of a pixel off
+    moves a mask's edge pixels a lot, and a keypoint is the argmax of a heatmap, which jumps
+    between nearly equal peaks), keypoints in image sides; anything else relative to its size
+    (at least 1)."""
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     if not diff.size:
         return 0.0
-    if name in ("boxes", "keypoints"):
+    if name == "boxes":
         return float(diff.max()) / side
-    if name == "masks":
-        return float(diff.mean())
+    if name == "keypoints":
+        return float(diff.mean()) / side
+    if name in ("masks", "keypoints_scores"):
+        return float(diff.mean()) / (1.0 if name == "masks" else max(1.0, float(np.abs(a).max())))
     return float(diff.max()) / max(1.0, float(np.abs(a).max()))
 
 
