@@ -129,17 +129,19 @@ LATENCY_BUDGET_S = 2.0
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, shape: Sequence[int], repeats: int, device: torch.device,
-               budget_s: float = LATENCY_BUDGET_S) -> float:
-    """Median milliseconds per image of ``model`` on a random batch of ``shape``.
+def paired_latency_ms(models: Dict[str, nn.Module], shape: Sequence[int], repeats: int, device: torch.device,
+                      budget_s: float = LATENCY_BUDGET_S) -> Dict[str, float]:
+    """Median milliseconds per image of each model on one random batch of ``shape``, timed in turns.
 
-    Two warm-up forwards first (the first call at a new size builds kernels and caches, which
-    is not the serving cost), then up to ``repeats`` timed ones, stopping early once ``budget_s``
-    seconds are spent (at least one is timed), so a large model on a CPU cannot stall the report.
+    Two warm-up forwards each first (the first call at a new size builds kernels and caches, which
+    is not the serving cost), then rounds of one timed forward per model, the order alternating,
+    up to ``repeats`` rounds or until ``budget_s`` seconds per model are spent (at least one
+    round), so that load on the machine hits every model alike and a large model on a CPU cannot
+    stall the report.
     """
     x = torch.randn(*shape, device=device)
 
-    def timed() -> float:
+    def timed(model: nn.Module) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -148,12 +150,21 @@ def latency_ms(model: nn.Module, shape: Sequence[int], repeats: int, device: tor
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    for _ in range(2):
-        timed()
-    times = [timed()]
-    while len(times) < repeats and sum(times) < budget_s:
-        times.append(timed())
-    return statistics.median(times) * 1000 / shape[0]
+    names = list(models)
+    for name in names * 2:
+        timed(models[name])
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    while not times[names[0]] or (len(times[names[0]]) < repeats
+                                  and sum(map(sum, times.values())) < budget_s * len(names)):
+        for name in (names if len(times[names[0]]) % 2 == 0 else names[::-1]):
+            times[name].append(timed(models[name]))
+    return {name: statistics.median(t) * 1000 / shape[0] for name, t in times.items()}
+
+
+def latency_ms(model: nn.Module, shape: Sequence[int], repeats: int, device: torch.device,
+               budget_s: float = LATENCY_BUDGET_S) -> float:
+    """:func:`paired_latency_ms` of one model."""
+    return paired_latency_ms({"model": model}, shape, repeats, device, budget_s)["model"]
 
 
 def _loader(dataset: Any, indices: Sequence[int], config: Dict[str, Any], hw: HW, batch_size: int,
@@ -279,12 +290,12 @@ def _score_each_size(arms: Dict[str, nn.Module], sizes: List[HW], loaders: Itera
             warnings.filterwarnings("ignore", category=UnknownSizeWarning)  # said in the notes
             for hw, loader in zip(sizes, loaders):
                 results = _score(arms, loader, device)
-                for arm, m in arms.items():
+                timing = [paired_latency_ms(arms, (b, channels, *hw), latency_repeats, device)
+                          if latency_repeats > 0 else None for b in LATENCY_BATCHES]
+                for arm in arms:
                     top1, top5, n = results[arm]
-                    timing = [latency_ms(m, (b, channels, *hw), latency_repeats, device)
-                              if latency_repeats > 0 else None for b in LATENCY_BATCHES]
                     rows.append(ScaleResult(scale_key(hw), arm, round(top1, 2), round(top5, 2), n,
-                                            *(None if t is None else round(t, 4) for t in timing)))
+                                            *(None if t is None else round(t[arm], 4) for t in timing)))
                 steps.advance(f"{scale_key(hw)}: " + ", ".join(
                     f"{arm} {results[arm][0]:.1f}%" for arm in arms))
     finally:

@@ -152,3 +152,24 @@ def test_latency_is_the_median_of_warm_runs_within_a_time_budget():
     ms = latency_ms(Slow(), (1, 3, 8, 8), repeats=100, device=torch.device("cpu"), budget_s=0.2)
     assert 2 + 3 <= len(calls) <= 2 + 6  # two warm-ups, then timed runs until 0.2 s are spent
     assert 40 < ms < 200
+
+
+def test_arms_are_timed_in_turns_so_load_hits_them_alike():
+    from sct_convert.evaluation import paired_latency_ms
+
+    calls = []
+
+    class Sleeps(torch.nn.Module):
+        def __init__(self, name, seconds):
+            super().__init__()
+            self.name, self.seconds = name, seconds
+
+        def forward(self, x):
+            calls.append(self.name)
+            time.sleep(self.seconds)
+            return x
+
+    ms = paired_latency_ms({"a": Sleeps("a", 0.02), "b": Sleeps("b", 0.04)}, (1, 3, 8, 8), repeats=4,
+                           device=torch.device("cpu"))
+    assert calls == ["a", "b"] * 2 + ["a", "b", "b", "a"] * 2  # warm-ups, then rounds in alternating order
+    assert 15 < ms["a"] < ms["b"] < 80
