@@ -176,7 +176,7 @@ def detector_file_row(model, path, scale) -> str:
     plain = sct.extract(model, scale).eval()
     names = meta["outputs"].split(",")
     sizes = [(280, 360), (400, 300)]
-    error = _check(path, plain, names, sizes, float("inf"))
+    error, _ = _check(path, plain, names, sizes, float("inf"))
     with torch.no_grad():
         found = [len(plain([_images(hw, seed)])[0]["scores"]) for seed, hw in enumerate(sizes)]
     return (f"ok via {meta['exporter']}, max error {error:.1e} at 280x360, 400x300 ({found[0]}, {found[1]} "

@@ -131,8 +131,8 @@ def inspect_cmd(file):
         if meta.get("scale"):
             click.echo(f"this file:       scale {meta['scale']} only (plain architecture)")
             if meta.get("exporter"):
-                click.echo(f"exporter:        {meta['exporter']} (checked in onnxruntime: max error "
-                           f"{meta.get('max_error', 'not checked')})")
+                click.echo(f"exporter:        {meta['exporter']}")
+                click.echo(f"checked:         {_detector_check_text(meta)}")
         else:
             how = ("blending the two nearest branches in between" if meta.get("routing") == "interpolate"
                    else "nearest by pixel count")
@@ -160,6 +160,17 @@ def inspect_cmd(file):
         f"({100 * info['overhead_per_extra_scale']:.2f}%), "
         f"+{human_bytes(info['bytes_per_extra_scale'])} on disk"
     )
+
+
+def _detector_check_text(meta: Dict[str, str]) -> str:
+    """What a detector file's onnxruntime check saw, for ``inspect``."""
+    if "max_error" not in meta:
+        return "not run (export_onnx(check=False), or no onnxruntime)"
+    matched = int(meta.get("checked_detections", "0"))
+    if matched == 0:
+        return ("it ran in onnxruntime, but no detection scored clearly above the rest (a random-init model?), "
+                "so none was compared")
+    return f"{matched} detections matched sct.extract's in onnxruntime, max error {meta['max_error']}"
 
 
 @cli.command("export")

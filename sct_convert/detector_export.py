@@ -112,11 +112,11 @@ def _difference(name: str, a: np.ndarray, b: np.ndarray, side: float) -> float:
     return float(diff.max()) / max(1.0, float(np.abs(a).max()))
 
 
-def _compare(session: Any, plain: nn.Module, names: List[str], hw: HW, seed: int) -> float:
+def _compare(session: Any, plain: nn.Module, names: List[str], hw: HW, seed: int) -> Tuple[float, int]:
     """Run the file and the eager plain detector on one image of size ``hw``; the largest
     difference between their detections that score above eager's :data:`COMPARED`-th (those
     near the score threshold may be kept or dropped by a last-bit difference), each matched
-    both ways (:func:`_matched`)."""
+    both ways (:func:`_matched`); and how many of eager's detections had to be matched."""
     image = _images(hw, seed)
     with torch.no_grad():
         want = {k: v.numpy() for k, v in plain([image])[0].items()}
@@ -127,23 +127,29 @@ def _compare(session: Any, plain: nn.Module, names: List[str], hw: HW, seed: int
         raise ValueError(f"at {hw[0]}x{hw[1]} eager finds {len(want['scores'])} detections, the file "
                          f"{len(got['scores'])}")
     if len(want["scores"]) == 0:
-        return 0.0
+        return 0.0, 0
     # detections within MARGIN of the cut may fall either side of it in the other run: not required
     cut = float(np.sort(want["scores"])[::-1][min(COMPARED, len(want["scores"])) - 1])
-    return max(_matched(want, got, cut + MARGIN, cut - MARGIN, max(hw)),
-               _matched(got, want, cut + 2 * MARGIN, cut - 2 * MARGIN, max(hw)))
+    worst = max(_matched(want, got, cut + MARGIN, cut - MARGIN, max(hw)),
+                _matched(got, want, cut + 2 * MARGIN, cut - 2 * MARGIN, max(hw)))
+    return worst, int((want["scores"] > cut + MARGIN).sum())
 
 
-def _check(path: str, plain: nn.Module, names: List[str], sizes: Sequence[HW], tolerance: float) -> float:
+def _check(path: str, plain: nn.Module, names: List[str], sizes: Sequence[HW],
+           tolerance: float) -> Tuple[float, int]:
+    """Run the file at each of ``sizes`` against the plain detector: the largest difference, and
+    how many detections were matched in all (0: none scored clearly above the others, as with a
+    random-init model, so the check only saw the file run); ``ValueError`` beyond ``tolerance``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 4
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    worst = max(_compare(session, plain, names, hw, seed) for seed, hw in enumerate(sizes))
+    results = [_compare(session, plain, names, hw, seed) for seed, hw in enumerate(sizes)]
+    worst = max(error for error, _ in results)
     if worst > tolerance:
         raise ValueError(f"detections differ from eager by {worst:.2e} (tolerance {tolerance:.0e})")
-    return worst
+    return worst, sum(n for _, n in results)
 
 
 def write_detector_onnx(model: nn.Module, path: PathLike, scale: Scale, meta: Dict[str, str], *,
@@ -172,15 +178,15 @@ def write_detector_onnx(model: nn.Module, path: PathLike, scale: Scale, meta: Di
             try:
                 _export(plain, image, names, tmp, opset, route)
                 on_step(f"traced scale {scale_key(hw)} ({route})")
-                error = _check(tmp, plain, names, check_sizes(hw), tolerance) if check else None
+                checked = _check(tmp, plain, names, check_sizes(hw), tolerance) if check else None
             except Exception as e:  # noqa: BLE001 - every way a route fails is reported below
                 failures.append((route, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
                 continue
             proto = onnx.load(tmp)
             props = {**meta, "exporter": route, "outputs": ",".join(names),
                      "input_layout": "one (3, H, W) image, any size (the transform resizes it)"}
-            if error is not None:
-                props["max_error"] = f"{error:.2e}"
+            if checked is not None:
+                props["max_error"], props["checked_detections"] = f"{checked[0]:.2e}", str(checked[1])
             onnx.helper.set_model_props(proto, {f"sct_convert.{k}": v for k, v in props.items()})
             onnx.save_model(proto, tmp)
             on_step("checked in onnxruntime" if check else "written")

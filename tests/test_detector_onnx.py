@@ -64,6 +64,7 @@ def test_a_per_scale_file_is_the_plain_detector_of_that_scale_at_any_image_size(
     path = sct.export_onnx(model, tmp_path / "det_256.onnx", 256, exporter="torchscript")
     meta = read_deploy_metadata(path)
     assert meta["scale"] == "256" and meta["exporter"] == "torchscript" and float(meta["max_error"]) < 5e-3
+    assert int(meta["checked_detections"]) >= 10  # a calibrated model: detections to compare
     plain, other = sct.extract(model, 256).eval(), sct.extract(model, 320).eval()
     for seed, hw in enumerate([(300, 400), (200, 260)]):  # the transform resizes any size: dims are dynamic
         image = blobs(hw, 10 + seed)
@@ -108,3 +109,4 @@ def test_cli_exports_a_detectors_scale_and_inspect_says_how(tmp_path):
     r = CliRunner().invoke(cli, ["inspect", str(out)])
     assert r.exit_code == 0, r.output
     assert "scale 256 only" in r.output and "exporter:" in r.output and "one (3, H, W) image" in r.output
+    assert "detections matched" in r.output
