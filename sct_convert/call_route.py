@@ -152,7 +152,7 @@ def routed_forward(model: nn.Module, forward: Callable[..., Any], ctx: ScaleCont
     what reaches it (a call whose inputs hold no image)."""
     if route is None or not route.held:
         return forward(model, *args, **kwargs)
-    return call_with(ctx, route._replace(held=True), forward, model, *args, **kwargs)
+    return call_with(ctx, route, forward, model, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

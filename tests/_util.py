@@ -123,3 +123,16 @@ def converted_test_resnet(scales, num_classes=5, seed=0):
     model = sct.convert(copy.deepcopy(original), scales).eval()
     perturb_branches(model)
     return original, model
+
+
+class Clip(torch.nn.Module):
+    """A video model in miniature: a bias-free Conv3d (as torchvision's video models have) and a
+    BatchNorm3d, over clips (N, C, T, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 4, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm3d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).mean((2, 3, 4))

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _util import ConvBN, perturb_branches
+from _util import Clip, ConvBN, perturb_branches
 from torch import nn
 
 import sct_convert as sct
@@ -218,16 +218,6 @@ def test_every_input_the_model_takes_is_routed(kind):
     arg = {"tensor": big, "clip": big, "list": list(big), "dict": {"image": big}, "keyword": big}[kind]
     out = model(images=arg) if kind == "keyword" else model(arg)
     assert out.scales == (32, 16)
-
-
-class Clip(nn.Module):  # bias-free Conv3d, as torchvision's video models have
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv3d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm3d(4)
-
-    def forward(self, x):
-        return self.bn(self.conv(x)).mean((2, 3, 4))
 
 
 def test_an_onnx_file_that_fails_in_onnxruntime_is_never_written(tmp_path, monkeypatch):

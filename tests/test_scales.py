@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from _util import ConvBN
+from _util import Clip, ConvBN
 from click.testing import CliRunner
-from torch import nn
 
 import sct_convert as sct
 from sct_convert import scales as S
@@ -60,16 +59,6 @@ def test_a_detector_converted_without_its_transforms_size_warns_at_convert_time(
         weights=None, weights_backbone=None, num_classes=3)
     with pytest.warns(UserWarning, match=r"transform resizes to 320, which is not one of the scales 192, 144"):
         sct.convert(plain, [192, 144])
-
-
-class Clip(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv3d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm3d(4)
-
-    def forward(self, x):
-        return self.bn(self.conv(x)).mean((2, 3, 4))
 
 
 def test_inspect_shows_a_clip_files_five_dimensional_input(tmp_path):
