@@ -29,6 +29,8 @@ SECTIONS = {
     "Evaluate per scale": ["evaluate", "EvaluationReport"],
     "Save, load and export": ["save", "load", "export", "save_per_scale", "load_plain", "load_weights",
                               "export_onnx", "export_program"],
+    "Deploy a detector's core": ["detector_core", "detector_preprocess", "detector_postprocess", "DetectorBatch",
+                                 "DetectorCore"],
     "Building blocks": ["ScaleSpecificBatchNorm", "ScaleContext"],
     "Modules": ["diagnostics", "zoo"],
 }

@@ -27,12 +27,14 @@ _SOURCES = {
     "save_per_scale": "io",
     "export_onnx": "deploy", "export_program": "deploy",
     "EvaluationReport": "evaluation_report", "evaluate": "evaluation",
+    "DetectorBatch": "detector_core", "DetectorCore": "detector_core", "detector_core": "detector_core",
+    "detector_postprocess": "detector_core", "detector_preprocess": "detector_core",
 }
 
 __all__ = [
-    "ConversionError", "EvaluationReport", "FROZEN_BATCH_NORM_TYPES", "SCTLoss", "ScaleContext", "ScaleOutputs",
+    "ConversionError", "DetectorBatch", "DetectorCore", "EvaluationReport", "FROZEN_BATCH_NORM_TYPES", "SCTLoss", "ScaleContext", "ScaleOutputs",
     "ScaleSpecificBatchNorm", "StepResult", "add_scale", "calibrate", "context_of", "convert",
-    "diagnostics", "evaluate", "export", "export_onnx", "export_program", "extract", "find_batch_norms",
+    "detector_core", "detector_postprocess", "detector_preprocess", "diagnostics", "evaluate", "export", "export_onnx", "export_program", "extract", "find_batch_norms",
     "is_batch_norm", "load", "load_plain", "load_weights", "original_class", "random_scale_subset",
     "remove_scale", "resize_to", "route", "sampling_scales", "save", "save_per_scale", "scale",
     "scale_specific_layers", "scales_of", "set_sampling", "train_step", "zoo",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from .conversion import convert
     from .converted import context_of, extract, original_class, route, scale, scale_specific_layers, scales_of
     from .deploy import export_onnx, export_program
+    from .detector_core import DetectorBatch, DetectorCore, detector_core, detector_postprocess, detector_preprocess
     from .discovery import ConversionError, find_batch_norms
     from .evaluation import evaluate
     from .evaluation_report import EvaluationReport

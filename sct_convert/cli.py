@@ -128,11 +128,10 @@ def inspect_cmd(file):
         click.echo(f"file:            {file} ({meta.get('format')})")
         click.echo(f"architecture:    {meta.get('arch')} ({meta.get('source')})")
         click.echo(f"scales:          {', '.join(map(scale_text, scales))}")
-        if meta.get("scale"):
+        if meta.get("part"):
+            _detector_file_lines(meta)
+        elif meta.get("scale"):
             click.echo(f"this file:       scale {meta['scale']} only (plain architecture)")
-            if meta.get("exporter"):
-                click.echo(f"exporter:        {meta['exporter']}")
-                click.echo(f"checked:         {_detector_check_text(meta)}")
         else:
             how = ("blending the two nearest branches in between" if meta.get("routing") == "interpolate"
                    else "nearest by pixel count")
@@ -162,6 +161,23 @@ def inspect_cmd(file):
     )
 
 
+def _detector_file_lines(meta: Dict[str, str]) -> None:
+    """What a detector file holds, for ``inspect``: the part, its scales, each transform size."""
+    scales = f"scale {meta['scale']} only" if meta.get("scale") else "every scale, routed by its 'size' input"
+    if meta["part"] == "core":
+        click.echo(f"this file:       the core (backbone and heads), {scales}; pre/post-process with "
+                   "sct.detector_preprocess / sct.detector_postprocess")
+        click.echo(f"outputs:         {meta.get('outputs', '?').replace(',', ', ')}")
+    else:
+        click.echo(f"this file:       the whole detector (transform, backbone, heads, post-processing), {scales}")
+    sizes = json.loads(meta.get("transform_sizes", "{}"))
+    for key, attrs in sizes.items():
+        text = ", ".join(f"{k}={v[0] if isinstance(v, list) and len(v) == 1 else v}" for k, v in attrs.items())
+        click.echo(f"transform {key + ':':<6}  {text}".rstrip())
+    click.echo(f"exporter:        {meta.get('exporter', '?')}")
+    click.echo(f"checked:         {_detector_check_text(meta)}")
+
+
 def _detector_check_text(meta: Dict[str, str]) -> str:
     """What a detector file's onnxruntime check saw, for ``inspect``."""
     if "max_error" not in meta:
@@ -170,6 +186,9 @@ def _detector_check_text(meta: Dict[str, str]) -> str:
     if matched == 0:
         return ("it ran in onnxruntime, but no detection scored clearly above the rest (a random-init model?), "
                 "so none was compared")
+    if meta.get("part") == "core":
+        return (f"pre + core + post in onnxruntime: {matched} detections matched the eager model's, max error "
+                f"{meta['max_error']} (raw outputs {meta.get('max_core_error', '?')})")
     return f"{matched} detections matched sct.extract's in onnxruntime, max error {meta['max_error']}"
 
 
@@ -181,12 +200,17 @@ def _detector_check_text(meta: Dict[str, str]) -> str:
               help="The scale to export, e.g. 128 or 128x96 (onnx/pt2: omit for one file that serves every scale).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write.")
 @click.option("--model", "model_name", default=None, help="Architecture, when the file records none (timm/torchvision name).")
+@click.option("--part", type=click.Choice(["model", "core"]), default="model", show_default=True,
+              help="Detectors, onnx: the whole detector of one scale, or its core (backbone and heads; "
+                   "without --scale one file for every scale).")
 @clean_errors
-def export_cmd(file, fmt, scale_option, out, model_name):
+def export_cmd(file, fmt, scale_option, out, model_name, part):
     """Write FILE as a plain checkpoint of one scale, or as an ONNX / torch.export file.
 
     ONNX and pt2 files without --scale serve every trained scale: the branch is picked in the
-    graph from the input's size (nearest by pixel count between scales).
+    graph from the input's size (nearest by pixel count between scales). A torchvision
+    detector's ONNX file holds one scale's whole detector, or with --part core its backbone and
+    heads (sct.detector_preprocess / detector_postprocess do the rest; docs/deploy.md).
     """
     from . import io, metadata
     from .zoo import create_model
@@ -209,6 +233,8 @@ def export_cmd(file, fmt, scale_option, out, model_name):
     elif fmt == "safetensors":
         raise ValueError("--scale is required for --format safetensors (a plain checkpoint holds one "
                          "scale); for every scale in one file use --format onnx or pt2")
+    if part != "model" and fmt != "onnx":
+        raise ValueError(f"--part {part} is for --format onnx (a detector's core as an ONNX file)")
     if fmt == "onnx":
         from .deploy import _require_onnx
 
@@ -223,8 +249,12 @@ def export_cmd(file, fmt, scale_option, out, model_name):
     else:
         from . import deploy
 
-        write = deploy.export_onnx if fmt == "onnx" else deploy.export_program
-        path = write(converted, out, s, progress=True)
+        if fmt == "onnx":
+            path = deploy.export_onnx(converted, out, s, progress=True, part=part)
+        else:
+            path = deploy.export_program(converted, out, s, progress=True)
+    if part == "core":
+        what = f"core {what}"
     click.echo(f"wrote {path}: {meta.get('arch') or model_name} {what} ({fmt})")
 
 

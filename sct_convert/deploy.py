@@ -55,6 +55,8 @@ PROGRAM_FORMAT = "sct-convert/pt2"
 PROGRAM_METADATA = "sct_convert.json"
 INPUT_NAME = "images"
 DEFAULT_OPSET = 18
+#: What ``export_onnx(part=...)`` writes of a torchvision detector: the whole model, or its core.
+PARTS = ("model", "core")
 
 
 def _missing_onnx() -> ImportError:
@@ -114,32 +116,43 @@ def _to_onnx(program: "torch.export.ExportedProgram", opset: int, optimize: bool
                                  verbose=False, optimize=optimize)
 
 
+def unfolded_onnx(module: nn.Module, x: torch.Tensor, opset: int,
+                  output_names: Optional[Sequence[str]] = None) -> "onnx.ModelProto":
+    """``module`` as ONNX through ``torch.export``, dynamic in batch, height and width, BN left
+    unfolded so that the branches of a switchable file can share the conv weights (the runtime
+    folds each branch's BN at load); outputs renamed to ``output_names`` when given."""
+    import onnx_ir
+    import onnxscript.optimizer
+
+    graph = _to_onnx(trace(module, x, dynamic_size=True), opset, optimize=False).model
+    # constant folding only: the default optimizer folds BN into the convs, one copy per scale
+    onnxscript.optimizer.fold_constants(graph)
+    _drop_zero_conv_bias(graph)
+    onnxscript.optimizer.remove_unused_nodes(graph)
+    if output_names is not None:
+        for value, name in zip(graph.graph.outputs, output_names):
+            value.name = name
+    proto = onnx_ir.serde.serialize_model(graph)
+    del graph  # it and the traced program hold the module's weights, in reference cycles:
+    gc.collect()  # free them before the caller traces the next one
+    return proto
+
+
 def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor],
                    on_step: Callable[[str], None]) -> Iterator["onnx.ModelProto"]:
-    """Each scale's plain model as ONNX, dynamic in batch, height and width, BN left unfolded so
-    that the branches can share the conv weights (the runtime folds each branch's BN at load).
+    """Each scale's plain model as ONNX (:func:`unfolded_onnx`).
 
     Each scale is traced at its own size: some conversions bake the traced size into the graph
     (VGG's adaptive pooling becomes a fixed-kernel pool), so one trace reused for every scale
     would serve only its own. A generator: one scale's graph (and its copy of the weights) is
     alive at a time.
     """
-    import onnx_ir
-    import onnxscript.optimizer
-
     for scale in context_of(model).scales:
         x = example_for(model, scale, None)
         if example_input is not None:  # the caller's leading dims and dtype, at this scale's size
             x = torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype,
                             device=example_input.device)
-        graph = _to_onnx(trace(extract(model, scale), x, dynamic_size=True), opset, optimize=False).model
-        # constant folding only: the default optimizer folds BN into the convs, one copy per scale
-        onnxscript.optimizer.fold_constants(graph)
-        _drop_zero_conv_bias(graph)
-        onnxscript.optimizer.remove_unused_nodes(graph)
-        proto = [onnx_ir.serde.serialize_model(graph)]
-        del graph  # it and the traced program hold the plain copy's weights, in reference cycles:
-        gc.collect()  # free them before the next scale is traced
+        proto = [unfolded_onnx(extract(model, scale), x, opset)]
         on_step(f"traced scale {scale_key(normalize_scale(scale))}")
         yield proto.pop()  # nor does this frame keep the proto alive while the next one is traced
 
@@ -205,7 +218,8 @@ def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = No
 
 def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
                 opset: int = DEFAULT_OPSET, example_input: Optional[torch.Tensor] = None,
-                check: bool = True, progress: bool = False, exporter: Optional[str] = None) -> Path:
+                check: bool = True, progress: bool = False, exporter: Optional[str] = None,
+                part: str = "model") -> Path:
     """Write an ONNX file that serves every scale, or one (needs the ``[onnx]`` extra).
 
     Args:
@@ -226,18 +240,30 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         exporter: torchvision detectors only: ``"dynamo"`` or ``"torchscript"`` to use one route;
             ``None`` tries ``torch.export`` first, then the TorchScript-based exporter
             (:mod:`sct_convert.detector_export`).
+        part: torchvision detectors only: ``"model"`` for the whole detector of one scale,
+            ``"core"`` for its backbone and dense heads (:mod:`sct_convert.detector_core`).
 
-    A torchvision detector (a model whose transform resizes its input) exports one scale per
-    file: its plain detector, taking one ``(3, H, W)`` image of any size and returning the
-    detections, checked in onnxruntime against ``sct.extract(model, scale)`` on two image sizes.
+    A torchvision detector (a model whose transform resizes its input) exports either the whole
+    detector of one scale (``scale=`` required): its plain detector, taking one ``(3, H, W)``
+    image of any size and returning the detections, checked in onnxruntime against
+    ``sct.extract(model, scale)`` on two image sizes; or (``part="core"``) its core, for every
+    scale in one file routed by the batch's size (``scale=None``) or for one scale, taking the
+    batch ``sct.detector_preprocess`` builds and returning the feature maps and raw head outputs
+    that ``sct.detector_postprocess`` turns into detections, checked in onnxruntime at every
+    scale it serves (pre + file + post against the eager model).
 
     Returns:
         The path written. Its ``metadata_props`` hold the scales, routing and architecture.
         The input is named ``images``.
     """
     _require_onnx()
+    if part not in PARTS:
+        raise ValueError(f"part={part!r}: choose one of {', '.join(map(repr, PARTS))}")
     if context_of(model).resizer:
-        return _detector_onnx(model, path, scale, opset, check, progress, exporter)
+        return _detector_onnx(model, path, scale, opset, check, progress, exporter, part)
+    if part != "model":
+        raise ValueError("part='core' splits a torchvision detector (backbone and heads apart from its transform "
+                         "and post-processing); this model exports whole (part='model')")
     if exporter is not None:
         raise ValueError("exporter= chooses the route of a torchvision detector's file; other models "
                          "export through torch.export only")
@@ -257,19 +283,34 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
 
 
 def _detector_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale], opset: int, check: bool,
-                   progress: bool, exporter: Optional[str]) -> Path:
-    from .detector_export import EXPORTERS, write_detector_onnx
+                   progress: bool, exporter: Optional[str], part: str) -> Path:
+    from .detector_export import EXPORTERS, write_core_onnx, write_detector_onnx
+    from .resizers import sized_attributes
 
     ctx = context_of(model)
+    if exporter is not None and exporter not in EXPORTERS:
+        raise ValueError(f"exporter={exporter!r}: choose one of {', '.join(EXPORTERS)}, or None to try them in order")
+    routes = EXPORTERS if exporter is None else (exporter,)
+    transform = unwrap(model).get_submodule(ctx.resizer)
+    sizes = ctx.sizes if scale is None else [ctx.sizes[ctx.index(scale)]]
+    transform_sizes = {scale_key(hw): sized_attributes(transform, hw) for hw in sizes}
+    if part == "core":
+        meta = deploy_metadata(model, scale, ONNX_FORMAT)
+        if scale is None:
+            meta["routing"] = "size_input"
+        meta.update(opset=str(opset), part="core", transform_sizes=json.dumps(transform_sizes),
+                    input_layout="(N, 3, H, W) batch from sct.detector_preprocess (resized, normalized, padded)")
+        steps_total = len(sizes) * (2 if check else 1) + 1
+        with Steps(steps_total, "export onnx core", progress) as steps:
+            return write_core_onnx(unwrap(model), path, scale, meta, opset=opset, check=check, routes=routes,
+                                   on_step=steps.advance)
     if scale is None:
         raise ValueError(
             "a torchvision detector exports one scale per ONNX file (its transform resizes to that "
-            f"scale): pass scale=..., one of {', '.join(scale_key(s) for s in ctx.sizes)} (on the CLI, --scale)")
-    if exporter is not None and exporter not in EXPORTERS:
-        raise ValueError(f"exporter={exporter!r}: choose one of {', '.join(EXPORTERS)}, or None to try them in order")
+            f"scale): pass scale=..., one of {', '.join(scale_key(s) for s in ctx.sizes)} (on the CLI, --scale); "
+            "part='core' (--part core) writes one file of the backbone and heads that serves every scale")
     meta = deploy_metadata(model, scale, ONNX_FORMAT)
-    meta["opset"] = str(opset)
-    routes = EXPORTERS if exporter is None else (exporter,)
+    meta.update(opset=str(opset), part="model", transform_sizes=json.dumps(transform_sizes))
     with Steps(2, "export onnx", progress) as steps:
         return write_detector_onnx(unwrap(model), path, scale, meta, opset=opset, check=check, routes=routes,
                                    on_step=steps.advance)

@@ -18,7 +18,9 @@ used as soon as the installed torch can do without it. The file's metadata recor
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
@@ -27,9 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .converted import context_of, extract
+from .converted import context_of, extract, unwrap
 from .files import PathLike, atomic_write
 from .scales import HW, Scale, scale_key
+
+#: The second input of a switchable detector core: the side its batch was resized to.
+SIZE_INPUT = "size"
 
 #: The export routes, in the order they are tried.
 EXPORTERS = ("dynamo", "torchscript")
@@ -113,14 +118,23 @@ def _difference(name: str, a: np.ndarray, b: np.ndarray, side: float) -> float:
 
 
 def _compare(session: Any, plain: nn.Module, names: List[str], hw: HW, seed: int) -> Tuple[float, int]:
-    """Run the file and the eager plain detector on one image of size ``hw``; the largest
-    difference between their detections that score above eager's :data:`COMPARED`-th (those
-    near the score threshold may be kept or dropped by a last-bit difference), each matched
-    both ways (:func:`_matched`); and how many of eager's detections had to be matched."""
+    """Run the file and the eager plain detector on one image of size ``hw``: see
+    :func:`compare_detections`."""
     image = _images(hw, seed)
     with torch.no_grad():
         want = {k: v.numpy() for k, v in plain([image])[0].items()}
     got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: image.numpy()})))
+    return compare_detections(want, got, hw)
+
+
+def compare_detections(want: Dict[str, Any], got: Dict[str, Any], hw: HW) -> Tuple[float, int]:
+    """The largest difference between eager's detections (``want``) and a file's (``got``) that
+    score above eager's :data:`COMPARED`-th (those near the score threshold may be kept or
+    dropped by a last-bit difference), each matched both ways (:func:`_matched`); and how many of
+    eager's detections had to be matched. ``ValueError`` when they differ in kind or in whether
+    anything was found."""
+    want = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in want.items()}
+    got = {k: np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in got.items()}
     if set(got) != set(want):
         raise ValueError(f"the file's outputs {sorted(got)} are not eager's {sorted(want)}")
     if (len(want["scores"]) == 0) != (len(got["scores"]) == 0):
@@ -198,3 +212,126 @@ def write_detector_onnx(model: nn.Module, path: PathLike, scale: Scale, meta: Di
             "sct.save_per_scale writes checkpoints that load into the plain model")
 
     return atomic_write(path, write)
+
+
+def _torchscript_core(core: nn.Module, x: torch.Tensor, names: List[str], opset: int) -> Any:
+    """``core`` through the TorchScript-based exporter, every dim of every value dynamic."""
+    import onnx
+
+    class Flat(nn.Module):  # that exporter takes tuple outputs, not dicts
+        def __init__(self) -> None:
+            super().__init__()
+            self.core = core
+
+        def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+            return tuple(self.core(images).values())
+
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        ranks = [v.dim() for v in core(x).values()]
+    axes = {"images": [0, 2, 3], **{n: list(range(r)) for n, r in zip(names, ranks)}}
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with quiet[0], quiet[1], warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Flat().eval(), (x,), buffer, dynamo=False, opset_version=min(opset, 17),
+                          input_names=["images"], output_names=names, dynamic_axes=axes)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _core_error(got: Dict[str, np.ndarray], want: Dict[str, torch.Tensor]) -> float:
+    """The largest difference of a core's outputs from eager's, relative to each output's size."""
+    if list(got) != list(want):
+        raise ValueError(f"the file's outputs {list(got)} are not the core's {list(want)}")
+    return max(float(np.abs(got[k] - want[k].numpy()).max()) / max(float(want[k].abs().max()), 1e-6)
+               for k in want)
+
+
+def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str, str], *, opset: int,
+                    check: bool, routes: Sequence[str] = EXPORTERS, tolerance: float = 5e-3,
+                    on_step: Callable[[str], None] = lambda label: None) -> Path:
+    """Write a converted detector's core (:mod:`sct_convert.detector_core`) as ONNX: every scale,
+    routed in the graph by the batch's shorter side (``scale=None``), or one scale's.
+
+    Each scale's plain core is traced on its own with dynamic batch, height and width, through
+    each of ``routes`` in turn until one works (the dynamo route first, whose branches share
+    their conv weights). With ``check`` and onnxruntime, before the file is renamed into place,
+    at every scale it serves two images are pre-processed (:func:`detector_preprocess`), run
+    through the file and post-processed (:func:`detector_postprocess`), and compared with the
+    eager core (raw outputs, relative error under ``1e-3``) and with the eager converted model at
+    that scale (detections within ``tolerance``). A route whose file fails counts as failed;
+    when all fail, nothing is written and the error names each one's reason.
+    """
+    import onnx
+
+    from .deploy import INPUT_NAME, unfolded_onnx
+    from .detector_core import (DetectorCore, check_core_sides, core_example, core_sides, detector_core,
+                                detector_postprocess, detector_preprocess)
+    from .converted import scale as pinned_scale
+    from .onnx_graph import switchable_model, write_onnx
+    from .probe import run_mode
+    from .routing import onnx_core_route_nodes
+
+    ctx = context_of(model)
+    served = list(range(len(ctx.scales))) if scale is None else [ctx.index(scale)]
+    sides = check_core_sides(model) if scale is None else core_sides(model)
+    size_input = onnx.helper.make_tensor_value_info(SIZE_INPUT, onnx.TensorProto.INT64, [1])
+    first = ctx.scales[served[0]]
+    with torch.no_grad(), run_mode(model), pinned_scale(model, first):
+        names = list(detector_core(model)(torch.zeros(1, 3, *core_example(model, first))))
+
+    def branches(route: str) -> Any:
+        for i in served:
+            plain = DetectorCore(extract(model, ctx.scales[i])).eval()
+            x = torch.randn(2, 3, *core_example(model, ctx.scales[i]))
+            proto = unfolded_onnx(plain, x, opset, names) if route == "dynamo" else _torchscript_core(
+                plain, x, names, opset)
+            del plain
+            on_step(f"traced the core of scale {scale_key(ctx.sizes[i])} ({route})")
+            yield proto
+
+    def verify(file: Path) -> Dict[str, str]:
+        if not check:
+            return {}
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return {}
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        core, raw, worst, matched = detector_core(model), 0.0, 0.0, 0
+        with torch.no_grad(), run_mode(model):
+            for i in served:
+                s, hw = ctx.scales[i], ctx.sizes[i]
+                images = [_images(size, seed) for seed, size in enumerate(check_sizes(hw))]
+                batch = detector_preprocess(model, images, s)
+                got = dict(zip(names, session.run(None, batch.feeds(switchable=scale is None))))
+                with pinned_scale(model, s):
+                    raw = max(raw, _core_error(got, core(batch.tensor)))
+                    want = model(images)
+                for one_got, one_want, size in zip(detector_postprocess(model, got, batch), want, check_sizes(hw)):
+                    error, n = compare_detections(one_want, one_got, size)
+                    worst, matched = max(worst, error), matched + n
+                on_step(f"checked scale {scale_key(hw)} in onnxruntime")
+        if raw > 1e-3 or worst > tolerance:
+            raise ValueError(f"the core's outputs differ from eager by {raw:.2e} (tolerance 1e-03), its "
+                             f"detections by {worst:.2e} (tolerance {tolerance:.0e})")
+        return {"sct_convert.max_core_error": f"{raw:.2e}", "sct_convert.max_error": f"{worst:.2e}",
+                "sct_convert.checked_detections": str(matched)}
+
+    failures: List[Tuple[str, str]] = []
+    for route in routes:
+        props = {**meta, "exporter": route, "outputs": ",".join(names), "sides": json.dumps(
+            [sides[i] for i in served])}
+        build = functools.partial(lambda store, route: switchable_model(
+            branches(route), [ctx.sizes[i] for i in served], [scale_key(ctx.sizes[i]) for i in served], INPUT_NAME,
+            store, router=lambda _, table, prefix: onnx_core_route_nodes(SIZE_INPUT, table, prefix),
+            table=[sides[i] for i in served], extra_inputs=[size_input]), route=route)
+        try:
+            return write_onnx(path, build, {f"sct_convert.{k}": v for k, v in props.items()}, (), on_step, verify)
+        except Exception as e:  # noqa: BLE001 - every way a route fails is reported below
+            failures.append((route, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
+    raise ValueError(
+        f"no exporter writes a working ONNX core of {type(unwrap(model)).__name__} with torch {torch.__version__}: "
+        + "; ".join(f"{r}: {why}" for r, why in failures) + "; nothing was written. Per-scale files of the whole "
+        "detector (part='model', scale=...) and sct.save_per_scale checkpoints are the other ways to ship it")

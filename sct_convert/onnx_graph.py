@@ -194,8 +194,14 @@ def _as_subgraph(graph: onnx.GraphProto, prefix: str, input_name: str, shared: D
 
 
 def switchable_model(branches: Iterable[onnx.ModelProto], sizes: Sequence[Tuple[int, int]],
-                     labels: Sequence[str], input_name: str, store: ExternalTensors) -> onnx.ModelProto:
+                     labels: Sequence[str], input_name: str, store: ExternalTensors,
+                     router: Callable[[str, Any, str], Tuple[list, list]] = onnx_route_nodes,
+                     table: Any = None, extra_inputs: Sequence[onnx.ValueInfoProto] = ()) -> onnx.ModelProto:
     """One model routing each input to its branch: the ``i``-th of ``branches`` serves ``sizes[i]``.
+
+    ``router(input_name, table, prefix)`` gives the nodes that compute the branch index (by
+    default the classifier's rule on ``sizes``; a detector core's rule on its sides, read from one
+    of ``extra_inputs``, which the assembled graph takes after the image).
 
     Every branch must have one input (the image) and the same outputs, as the per-scale exports of
     one architecture do; ``labels`` name the branches in the graph (``scale_<label>/...``). Branches
@@ -220,7 +226,7 @@ def switchable_model(branches: Iterable[onnx.ModelProto], sizes: Sequence[Tuple[
             first.functions.extend(f for f in model.functions
                                    if (f.domain, f.name, getattr(f, "overload", "")) not in functions)
         del model  # this branch's graph now lives in ``subgraphs``; its bytes in ``store``
-    nodes, constants = onnx_route_nodes(input_name, sizes, ROUTE)
+    nodes, constants = router(input_name, sizes if table is None else table, ROUTE)
     output_names = [o.name for o in first.graph.output]
 
     def chain(i: int) -> List[onnx.NodeProto]:
@@ -240,7 +246,7 @@ def switchable_model(branches: Iterable[onnx.ModelProto], sizes: Sequence[Tuple[
                                  then_branch=subgraphs[i], else_branch=otherwise)]
 
     nodes += chain(0)
-    graph = helper.make_graph(nodes, "sct_switchable", [first.graph.input[0]], list(first.graph.output),
+    graph = helper.make_graph(nodes, "sct_switchable", [first.graph.input[0], *extra_inputs], list(first.graph.output),
                               initializer=constants + hoisted)
     graph.input[0].name = input_name
     model = helper.make_model(graph, opset_imports=list(first.opset_import), ir_version=first.ir_version,
@@ -296,7 +302,8 @@ def check_runs(path: PathLike, probes: Sequence[Tuple[Scale, torch.Tensor]],
 
 def write_onnx(path: PathLike, build: Callable[[ExternalTensors], onnx.ModelProto],
                props: Dict[str, str], probes: Sequence[Tuple[Scale, torch.Tensor]] = (),
-               on_step: Callable[[str], None] = lambda label: None) -> Path:
+               on_step: Callable[[str], None] = lambda label: None,
+               verify: Callable[[Path], Dict[str, str]] = lambda path: {}) -> Path:
     """Write the model ``build(store)`` returns, with ``props`` as its metadata; its tensor bytes
     are streamed to ``store`` while it is built, so that no more than one copy of them is held.
 
@@ -304,7 +311,8 @@ def write_onnx(path: PathLike, build: Callable[[ExternalTensors], onnx.ModelProt
     ``<name>.data`` beside it (ONNX external data, as ``torch.onnx`` and onnx do). Both are
     written under temporary names and renamed at the end, never half-written. Before the
     rename the file is run on ``probes`` (:func:`check_runs`): a file that fails is refused.
-    ``on_step`` is told when the file is written and as each probe runs.
+    ``on_step`` is told when the file is written and as each probe runs. ``verify(path)`` runs
+    last, before the rename: it raises to refuse the file, or returns metadata to add to it.
     """
     path = Path(path)
     location = path.name + ".data"
@@ -325,6 +333,7 @@ def write_onnx(path: PathLike, build: Callable[[ExternalTensors], onnx.ModelProt
                 staged.write_bytes(model.SerializeToString())
                 on_step("written")
                 check_runs(staged, probes, on_step)
+                _add_props(staged, verify(staged))
                 os.replace(staged, tmp)
                 os.replace(store.path, path.parent / location)
             else:
@@ -332,5 +341,15 @@ def write_onnx(path: PathLike, build: Callable[[ExternalTensors], onnx.ModelProt
                 onnx.save_model(model, tmp)
                 on_step("written")
                 check_runs(tmp, probes, on_step)
+                _add_props(Path(tmp), verify(Path(tmp)))
 
         return atomic_write(path, write)
+
+
+def _add_props(path: Path, props: Dict[str, str]) -> None:
+    """Add ``props`` to the metadata of the ONNX file at ``path`` (external weights left where they are)."""
+    if not props:
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
+    path.write_bytes(model.SerializeToString())

@@ -52,3 +52,4 @@ def sized_attributes(transform: nn.Module, hw: HW) -> Dict[str, Any]:
         return {"fixed_size": (hw[0], hw[1])}
     own = int(transform.min_size[-1])
     return {"min_size": (min(hw),), "max_size": int(round(transform.max_size * min(hw) / own))}
+

@@ -12,7 +12,10 @@ The rule, for an input of spatial size ``(h, w)`` and a model trained at ``sizes
 Backends, each the same rule: :func:`choose` (Python ints, eager), :func:`choose_in_graph`
 (torch ops: FX, ``torch.compile``, ``torch.export``), :func:`script_choose` (TorchScript,
 nearest only) and :func:`onnx_route_nodes` (ONNX, nearest only: an ONNX file of an
-``interpolate`` model routes to the nearest branch and says so in its metadata).
+``interpolate`` model routes to the nearest branch and says so in its metadata). A detector's
+core, which takes the batch its transform pads (whose shape does not tell the scale: images of
+both orientations pad to a square), is told the side its batch was resized to, and takes the
+nearest scale's branch: :func:`core_index`, and :func:`onnx_core_route_nodes` in ONNX.
 
 The entry: :func:`find_image` reads the spatial size from whatever the model was called with
 (a batch, a 5-d clip ``(N, C, T, H, W)``, a list of same-size images, a dict), always on the
@@ -224,6 +227,29 @@ def onnx_route_nodes(input_name: str, sizes: Sequence[HW], prefix: str) -> Tuple
         node("And", [r + "same_h", r + "same_w"], [r + "exact"], name=r + "exact"),
         node("Where", [r + "exact", r + "exact_score", r + "gap"], [r + "score"], name=r + "score"),
         node("ArgMin", [r + "score"], [r + "index"], axis=0, keepdims=0, name=r + "index"),
+    ]
+    return nodes, constants
+
+
+def core_index(side: int, sides: Sequence[int]) -> int:
+    """A detector core's rule (:mod:`sct_convert.detector_core`): the scale whose side (the
+    transform's resize target) is nearest ``side``; ties to the one listed first."""
+    return min(range(len(sides)), key=lambda i: abs(int(sides[i]) - int(side)))
+
+
+def onnx_core_route_nodes(size_input: str, sides: Sequence[int], prefix: str) -> Tuple[list, list]:
+    """:func:`core_index` as ONNX nodes computing ``<prefix>index`` (0-d int64) from the file's
+    ``size_input`` (int64, shape ``[1]``); ``ArgMin`` keeps the first of equal gaps."""
+    from onnx import helper, numpy_helper
+    import numpy as np
+
+    r = prefix
+    constants = [numpy_helper.from_array(np.asarray(list(sides), dtype=np.int64), r + "sides")]
+    node = helper.make_node
+    nodes = [
+        node("Sub", [r + "sides", size_input], [r + "diff"], name=r + "diff"),
+        node("Abs", [r + "diff"], [r + "gap"], name=r + "gap"),
+        node("ArgMin", [r + "gap"], [r + "index"], axis=0, keepdims=0, name=r + "index"),
     ]
     return nodes, constants
 

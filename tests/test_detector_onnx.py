@@ -9,52 +9,16 @@ import sct_convert as sct
 from sct_convert.cli import cli
 from sct_convert.deploy import read_deploy_metadata
 
+from _util import SCALES_320_256 as SCALES, blobs, detector, same_detections
+
 ort = pytest.importorskip("onnxruntime")
 TV = torchvision.models.detection
-SCALES = [320, 256]
-
-
-def detector(builder):
-    """A converted random-init detector with per-scale statistics calibrated on a few images: a
-    fresh one's features fade to nothing in eval mode and it scores every box alike, which would
-    leave nothing to compare."""
-    torch.manual_seed(0)
-    model = sct.convert(builder(weights=None, weights_backbone=None, num_classes=3), SCALES).eval()
-    sct.calibrate(model, [torch.stack([blobs((300, 400), seed) for seed in range(4)])], num_batches=1)
-    return model.eval()
-
-
-def blobs(hw, seed):
-    """An image with structure at several sizes: what a detector finds boxes in (white noise
-    gives a fresh one only degenerate, tied detections)."""
-    g = torch.Generator().manual_seed(seed)
-    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=g), size=hw, mode="bicubic")[0]
-    return (0.8 * smooth + 0.2 * torch.rand(3, *hw, generator=g)).clamp(0, 1)
 
 
 def run(path, image):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, {"images": image.numpy()})))
-
-
-def same_detections(got, want, k=10):
-    """Each of eager's ``k`` best detections whose score no other detection shares (within 2e-4:
-    among equal scores, which box NMS keeps is up to the implementation) is in the file (same
-    label, score within 2e-4, box within 2 pixels), and the other way round."""
-    compared = 0
-    for a, b in ((want, got), (got, want)):
-        a = {n: torch.as_tensor(v) for n, v in a.items()}
-        b = {n: torch.as_tensor(v) for n, v in b.items()}
-        unambiguous = ((a["scores"][:, None] - a["scores"][None, :]).abs() < 2e-4).sum(1) == 1
-        for i in a["scores"].argsort(descending=True)[:k]:
-            if not unambiguous[i]:
-                continue
-            compared += 1
-            close = ((b["labels"] == a["labels"][i]) & ((b["scores"] - a["scores"][i]).abs() < 2e-4)
-                     & ((b["boxes"] - a["boxes"][i]).abs().amax(1) < 2.0))
-            assert close.any(), f"detection {a['boxes'][i].tolist()} (score {float(a['scores'][i]):.4f}) missing"
-    assert compared >= 4, "too few detections with a score of their own to compare"
 
 
 @pytest.mark.parametrize("builder", [TV.ssdlite320_mobilenet_v3_large, TV.fasterrcnn_mobilenet_v3_large_320_fpn],
