@@ -9,7 +9,7 @@ import sct_convert as sct
 from sct_convert.cli import cli
 from sct_convert.deploy import read_deploy_metadata
 
-from _util import SCALES_320_256 as SCALES, blobs, detector, same_detections
+from _util import blobs, detector, same_detections
 
 ort = pytest.importorskip("onnxruntime")
 TV = torchvision.models.detection
