@@ -9,11 +9,14 @@ at every scale equals ``sct.extract`` at that scale; each scale's ``sct.save_per
 loads strictly into a freshly built plain model; a switchable ``torch.export`` program, a
 switchable ONNX file and a per-scale ONNX file (smallest scale), each run (``torch.export.load``,
 onnxruntime) against the eager model on every output tensor, at every scale and one in-between
-size (video: clips of 6 frames, not the probe's length). A file that cannot be written must be
-refused with no file left behind.
+size (video: clips of 6 frames, not the probe's length); a detector's per-scale file and its
+switchable core (``part="core"``, with ``sct.detector_preprocess`` / ``detector_postprocess``)
+against the eager model's detections. A file that cannot be written must be refused with no
+file left behind.
 
     python benchmarks/family_check.py                      # every family, ~15 min on 2 CPU cores
     python benchmarks/family_check.py --only segmentation  # one family
+    python benchmarks/family_check.py --only detection --formats "onnx core"   # the detector cores
 """
 from __future__ import annotations
 
@@ -114,19 +117,27 @@ def train_step(family, model, lead, scales) -> str:
     return f"ok ({len(out)} scales, losses {[round(v.item(), 2) for v in criterion.last_losses.values()]})"
 
 
-def check_files(model, build, scales, lead, sizes, d) -> dict:
+FORMATS = ("per-scale ckpt", "pt2", "onnx", "onnx per-scale", "onnx core")
+
+
+def check_files(model, build, scales, lead, sizes, d, formats=FORMATS) -> dict:
     row = {}
+    if sct.context_of(model).resizer and "onnx core" in formats:
+        row["onnx core"] = detector_core_row(model, os.path.join(d, "m_core.onnx"))
     try:
-        paths = sct.save_per_scale(model, d, arch="m")
-        for path in paths:
-            sct.load_plain(build().eval(), path)
-        row["per-scale ckpt"] = f"ok ({len(paths)} load strictly into the plain model)"
+        if "per-scale ckpt" in formats:
+            paths = sct.save_per_scale(model, d, arch="m")
+            for path in paths:
+                sct.load_plain(build().eval(), path)
+            row["per-scale ckpt"] = f"ok ({len(paths)} load strictly into the plain model)"
     except Exception as e:  # noqa: BLE001
         row["per-scale ckpt"] = f"FAIL {type(e).__name__}: {str(e)[:100]}"
     example = torch.randn(2, *lead[1:], scales[0], scales[0])
     small = min(scales)
     for fmt, write, scale in (("pt2", sct.export_program, None), ("onnx", sct.export_onnx, None),
                               ("onnx per-scale", sct.export_onnx, small)):
+        if fmt not in formats:
+            continue
         path = os.path.join(d, f"m_{fmt.replace(' ', '_')}.{fmt.split()[0]}")
         try:
             write(model, path, scale, example_input=example if scale is None else
@@ -183,7 +194,39 @@ def detector_file_row(model, path, scale) -> str:
             f"eager detections; the export's own check: {meta.get('max_error')})")
 
 
-def check(family, name, build, scales, lead) -> dict:
+def detector_core_row(model, path) -> str:
+    """A detector's switchable core file (every scale): the route that wrote it, and at every
+    scale pre + file + post in onnxruntime against the eager model on three images of both
+    orientations (matched as the export's own check matches them)."""
+    import onnxruntime as ort
+
+    from sct_convert.deploy import read_deploy_metadata
+    from sct_convert.detector_export import _images, compare_detections
+
+    try:
+        sct.export_onnx(model, path, part="core")
+    except Exception as e:  # noqa: BLE001
+        return f"refused ({type(e).__name__}: {' '.join(str(e).split())[:600]}); file left: {os.path.exists(path)}"
+    meta = read_deploy_metadata(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    sizes = [(280, 360), (400, 300), (200, 420)]
+    images = [_images(hw, 10 + seed) for seed, hw in enumerate(sizes)]
+    worst, matched = 0.0, 0
+    with torch.no_grad():
+        for s in sct.scales_of(model):
+            batch = sct.detector_preprocess(model, images, s)
+            got = sct.detector_postprocess(model, dict(zip(names, session.run(None, batch.feeds()))), batch)
+            with sct.scale(model, s):
+                want = model(images)
+            for g, w, hw in zip(got, want, sizes):
+                error, n = compare_detections(w, g, hw)
+                worst, matched = max(worst, error), matched + n
+    return (f"ok via {meta['exporter']}, {len(names)} outputs, max error {worst:.1e} over {matched} detections at "
+            f"every scale, images 280x360, 400x300, 200x420 (the export's own check: {meta.get('max_error')})")
+
+
+def check(family, name, build, scales, lead, formats=FORMATS) -> dict:
     row = {"family": family, "model": name}
     t0 = time.time()
     try:
@@ -213,7 +256,7 @@ def check(family, name, build, scales, lead) -> dict:
         sct.calibrate(model, [blobs(4)], num_batches=1)
         model.eval()
     with tempfile.TemporaryDirectory() as d:
-        row.update(check_files(model, build, scales, lead, sizes, d))
+        row.update(check_files(model, build, scales, lead, sizes, d, formats))
     row["seconds"] = round(time.time() - t0, 1)
     return row
 
@@ -222,7 +265,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help="comma-separated families")
     p.add_argument("--models", default="", help="comma-separated substrings of model names")
+    p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of: {', '.join(FORMATS)}")
     args = p.parse_args()
+    formats = [f.strip() for f in args.formats.split(",")]
     only = set(filter(None, args.only.split(",")))
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}")
@@ -232,7 +277,7 @@ def main() -> None:
         if args.models and not any(m in name for m in args.models.split(",")):
             continue
         try:
-            row = check(family, name, build, scales, lead)
+            row = check(family, name, build, scales, lead, formats)
         except Exception:  # noqa: BLE001
             row = {"family": family, "model": name, "error": traceback.format_exc(limit=2)}
         print()

@@ -255,7 +255,7 @@ def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str
     Each scale's plain core is traced on its own with dynamic batch, height and width, through
     each of ``routes`` in turn until one works (the dynamo route first, whose branches share
     their conv weights). With ``check`` and onnxruntime, before the file is renamed into place,
-    at every scale it serves two images are pre-processed (:func:`detector_preprocess`), run
+    at every scale it serves three images (two orientations, one wide) are pre-processed (:func:`detector_preprocess`), run
     through the file and post-processed (:func:`detector_postprocess`), and compared with the
     eager core (raw outputs, relative error under ``1e-3``) and with the eager converted model at
     that scale (detections within ``tolerance``). A route whose file fails counts as failed;
@@ -303,13 +303,14 @@ def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str
         with torch.no_grad(), run_mode(model):
             for i in served:
                 s, hw = ctx.scales[i], ctx.sizes[i]
-                images = [_images(size, seed) for seed, size in enumerate(check_sizes(hw))]
+                sizes = [*check_sizes(hw), (round(hw[0] * 0.35), hw[1])]  # and a wide one, whose long side is capped
+                images = [_images(size, seed) for seed, size in enumerate(sizes)]
                 batch = detector_preprocess(model, images, s)
                 got = dict(zip(names, session.run(None, batch.feeds(switchable=scale is None))))
                 with pinned_scale(model, s):
                     raw = max(raw, _core_error(got, core(batch.tensor)))
                     want = model(images)
-                for one_got, one_want, size in zip(detector_postprocess(model, got, batch), want, check_sizes(hw)):
+                for one_got, one_want, size in zip(detector_postprocess(model, got, batch), want, sizes):
                     error, n = compare_detections(one_want, one_got, size)
                     worst, matched = max(worst, error), matched + n
                 on_step(f"checked scale {scale_key(hw)} in onnxruntime")
