@@ -29,6 +29,7 @@ SECTIONS = {
     "Evaluate per scale": ["evaluate", "EvaluationReport"],
     "Save, load and export": ["save", "load", "export", "save_per_scale", "load_plain", "load_weights",
                               "export_onnx", "export_program"],
+    "Serve a cascade of scales": ["Cascade", "fit_cascade", "load_cascade", "CascadeResult", "CascadeReport"],
     "Deploy a detector's core": ["detector_core", "detector_preprocess", "detector_postprocess", "DetectorBatch",
                                  "DetectorCore"],
     "Building blocks": ["ScaleSpecificBatchNorm", "ScaleContext"],

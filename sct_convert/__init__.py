@@ -27,17 +27,22 @@ _SOURCES = {
     "save_per_scale": "io",
     "export_onnx": "deploy", "export_program": "deploy",
     "EvaluationReport": "evaluation_report", "evaluate": "evaluation",
+    "Cascade": "cascade", "CascadeReport": "cascade", "CascadeResult": "cascade", "fit_cascade": "cascade",
+    "load_cascade": "io",
     "DetectorBatch": "detector_core", "DetectorCore": "detector_core", "detector_core": "detector_core",
     "detector_postprocess": "detector_core", "detector_preprocess": "detector_core",
 }
 
 __all__ = [
-    "ConversionError", "DetectorBatch", "DetectorCore", "EvaluationReport", "FROZEN_BATCH_NORM_TYPES", "SCTLoss", "ScaleContext", "ScaleOutputs",
+    "Cascade", "CascadeReport", "CascadeResult", "ConversionError", "DetectorBatch", "DetectorCore",
+    "EvaluationReport", "FROZEN_BATCH_NORM_TYPES", "SCTLoss", "ScaleContext", "ScaleOutputs",
     "ScaleSpecificBatchNorm", "StepResult", "add_scale", "calibrate", "context_of", "convert",
-    "detector_core", "detector_postprocess", "detector_preprocess", "diagnostics", "evaluate", "export", "export_onnx", "export_program", "extract", "find_batch_norms",
-    "is_batch_norm", "load", "load_plain", "load_weights", "original_class", "random_scale_subset",
-    "remove_scale", "resize_to", "route", "sampling_scales", "save", "save_per_scale", "scale",
-    "scale_specific_layers", "scales_of", "set_sampling", "train_step", "zoo",
+    "detector_core", "detector_postprocess", "detector_preprocess", "diagnostics", "evaluate",
+    "export", "export_onnx", "export_program", "extract", "find_batch_norms", "fit_cascade",
+    "is_batch_norm", "load", "load_cascade", "load_plain", "load_weights", "original_class",
+    "random_scale_subset", "remove_scale", "resize_to", "route", "sampling_scales", "save",
+    "save_per_scale", "scale", "scale_specific_layers", "scales_of", "set_sampling", "train_step",
+    "zoo",
 ]
 
 
@@ -57,6 +62,7 @@ def __dir__() -> List[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
     from . import diagnostics, zoo
+    from .cascade import Cascade, CascadeReport, CascadeResult, fit_cascade
     from .bn import FROZEN_BATCH_NORM_TYPES, ScaleSpecificBatchNorm, is_batch_norm
     from .calibration import add_scale, calibrate, remove_scale
     from .context import ScaleContext
@@ -67,7 +73,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from .discovery import ConversionError, find_batch_norms
     from .evaluation import evaluate
     from .evaluation_report import EvaluationReport
-    from .io import export, load, load_plain, save, save_per_scale
+    from .io import export, load, load_cascade, load_plain, save, save_per_scale
     from .weights import load_weights
     from .sampling import ScaleOutputs, resize_to
     from .training import SCTLoss, StepResult, random_scale_subset, sampling_scales, set_sampling, train_step

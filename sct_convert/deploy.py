@@ -223,7 +223,8 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
     """Write an ONNX file that serves every scale, or one (needs the ``[onnx]`` extra).
 
     Args:
-        model: a converted model.
+        model: a converted model, or a :class:`~sct_convert.Cascade` (its model's switchable file,
+            with the stages and thresholds in the metadata, for :mod:`sct_convert.runtime`).
         path: the ``.onnx`` file to write (atomically).
         scale: ``None`` for one file that routes each input size to its branch in the graph
             (``Shape``, ``ArgMin``, then one ``If`` subgraph per scale, sharing the conv weights;
@@ -257,6 +258,14 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         The input is named ``images``.
     """
     _require_onnx()
+    from .cascade import Cascade
+
+    cascade_meta: Dict[str, str] = {}
+    if isinstance(model, Cascade):
+        if scale is not None or part != "model":
+            raise ValueError("a cascade exports as its model's switchable file, which serves every stage: "
+                             "export_onnx(cascade, path) without scale= or part=")
+        cascade_meta, model = model.metadata(), model.model
     if part not in PARTS:
         raise ValueError(f"part={part!r}: choose one of {', '.join(map(repr, PARTS))}")
     if context_of(model).resizer:
@@ -273,6 +282,7 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
 
     meta = deploy_metadata(model, scale, ONNX_FORMAT)
     meta["opset"] = str(opset)
+    meta.update(cascade_meta)
     props = {f"sct_convert.{k}": v for k, v in meta.items()}
     probes = probe_inputs(model, scale, example_input) if check else []
     traces = len(context_of(model).scales) if scale is None else 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 from safetensors import safe_open
@@ -25,6 +25,9 @@ from .weights import load_state_dict_strict
 from .conversion import convert_in_order
 from .converted import context_of, is_converted, scale_specific_layers, unwrap
 from .zoo import arch_info, create_model
+
+if TYPE_CHECKING:
+    from .cascade import Cascade
 
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "U8": 1, "BOOL": 1}
 
@@ -56,7 +59,9 @@ def save(
     """Write every branch of a converted model plus the metadata :func:`load` rebuilds it from.
 
     Args:
-        model: a converted model (DDP / DataParallel wrappers are unwrapped).
+        model: a converted model (DDP / DataParallel wrappers are unwrapped), or a
+            :class:`~sct_convert.Cascade` over one: its stages and thresholds go into the metadata
+            too, and :func:`load_cascade` gives it back.
         path: the ``.safetensors`` file to write, atomically.
         arch: architecture name recorded in the metadata (default: detected when created by timm
             or torchvision).
@@ -65,9 +70,13 @@ def save(
     Returns:
         The path written.
     """
-    model = unwrap(model)  # DDP / DataParallel: the keys :func:`load` expects, no "module."
+    from .cascade import Cascade
+
+    extra = model.metadata() if isinstance(model, Cascade) else {}
+    model = unwrap(model.model if isinstance(model, Cascade) else model)  # DDP / DataParallel: no "module."
     ctx = context_of(model)
     meta = base_metadata(model, arch, source)
+    meta.update(extra)
     meta.update(
         format=FORMAT,
         scales=scales_to_json(ctx.scales),
@@ -131,6 +140,26 @@ def save_per_scale(
             paths.append(export(model, s, directory / f"{name}_{scale_key(hw)}.safetensors", arch=arch, source=source))
             steps.advance(paths[-1].name)
     return paths
+
+
+def load_cascade(path: PathLike, model: Optional[nn.Module] = None, map_location: str = "cpu") -> "Cascade":
+    """The :class:`~sct_convert.Cascade` that ``sct.save(cascade, path)`` wrote, model and thresholds.
+
+    Args:
+        path: a file written by :func:`save` from a cascade.
+        model: the architecture to load into, as for :func:`load`.
+        map_location: the device the weights are loaded to.
+
+    Returns:
+        The cascade, in eval mode. ``ValueError`` when the file records no cascade.
+    """
+    from .cascade import cascade_from_metadata
+
+    meta = checked_metadata(path)
+    if "cascade" not in meta:
+        raise ValueError(f"{path} records no cascade: fit one with sct.fit_cascade (or sct-convert cascade) "
+                         "and save it with sct.save(cascade, path); sct.load(path) gives the model")
+    return cascade_from_metadata(load(path, model=model, map_location=map_location).eval(), meta).eval()
 
 
 def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = "cpu") -> nn.Module:
