@@ -29,8 +29,8 @@ _SOURCES = {
     "EvaluationReport": "evaluation_report", "evaluate": "evaluation",
     "Cascade": "cascade", "CascadeReport": "cascade", "CascadeResult": "cascade", "fit_cascade": "cascade",
     "load_cascade": "io",
-    "DetectorBatch": "detector_core", "DetectorCore": "detector_core", "detector_core": "detector_core",
-    "detector_postprocess": "detector_core", "detector_preprocess": "detector_core",
+    "DetectorBatch": "detector_split", "DetectorCore": "detector_split", "detector_core": "detector_split",
+    "detector_postprocess": "detector_split", "detector_preprocess": "detector_split",
 }
 
 __all__ = [
@@ -69,7 +69,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from .conversion import convert
     from .converted import context_of, extract, original_class, route, scale, scale_specific_layers, scales_of
     from .deploy import export_onnx, export_program
-    from .detector_core import DetectorBatch, DetectorCore, detector_core, detector_postprocess, detector_preprocess
+    from .detector_split import DetectorBatch, DetectorCore, detector_core, detector_postprocess, detector_preprocess
     from .discovery import ConversionError, find_batch_norms
     from .evaluation import evaluate
     from .evaluation_report import EvaluationReport

@@ -242,7 +242,7 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
             ``None`` tries ``torch.export`` first, then the TorchScript-based exporter
             (:mod:`sct_convert.detector_export`).
         part: torchvision detectors only: ``"model"`` for the whole detector of one scale,
-            ``"core"`` for its backbone and dense heads (:mod:`sct_convert.detector_core`).
+            ``"core"`` for its backbone and dense heads (:mod:`sct_convert.detector_split`).
 
     A torchvision detector (a model whose transform resizes its input) exports either the whole
     detector of one scale (``scale=`` required): its plain detector, taking one ``(3, H, W)``

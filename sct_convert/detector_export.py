@@ -249,7 +249,7 @@ def _core_error(got: Dict[str, np.ndarray], want: Dict[str, torch.Tensor]) -> fl
 def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str, str], *, opset: int,
                     check: bool, routes: Sequence[str] = EXPORTERS, tolerance: float = 5e-3,
                     on_step: Callable[[str], None] = lambda label: None) -> Path:
-    """Write a converted detector's core (:mod:`sct_convert.detector_core`) as ONNX: every scale,
+    """Write a converted detector's core (:mod:`sct_convert.detector_split`) as ONNX: every scale,
     routed in the graph by the batch's shorter side (``scale=None``), or one scale's.
 
     Each scale's plain core is traced on its own with dynamic batch, height and width, through
@@ -264,7 +264,7 @@ def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str
     import onnx
 
     from .deploy import INPUT_NAME, unfolded_onnx
-    from .detector_core import (DetectorCore, check_core_sides, core_example, core_sides, detector_core,
+    from .detector_split import (DetectorCore, check_core_sides, core_example, core_sides, detector_core,
                                 detector_postprocess, detector_preprocess)
     from .converted import scale as pinned_scale
     from .onnx_graph import switchable_model, write_onnx

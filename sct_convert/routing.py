@@ -232,7 +232,7 @@ def onnx_route_nodes(input_name: str, sizes: Sequence[HW], prefix: str) -> Tuple
 
 
 def core_index(side: int, sides: Sequence[int]) -> int:
-    """A detector core's rule (:mod:`sct_convert.detector_core`): the scale whose side (the
+    """A detector core's rule (:mod:`sct_convert.detector_split`): the scale whose side (the
     transform's resize target) is nearest ``side``; ties to the one listed first."""
     return min(range(len(sides)), key=lambda i: abs(int(sides[i]) - int(side)))
 
