@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import click
 
 from .cli_common import DEFAULT_SCALES, clean_errors, human_bytes, parse_scales, scale_text
-from .cli_evaluate import evaluate_cmd
+from .cli_evaluate import cascade_cmd, evaluate_cmd
 
 
 class ModelOrCommand(click.Group):
@@ -39,6 +39,7 @@ def cli() -> None:
 
 
 cli.add_command(evaluate_cmd)
+cli.add_command(cascade_cmd)
 
 
 @cli.command("convert")

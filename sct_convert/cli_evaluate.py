@@ -71,15 +71,18 @@ def _floats(text: Optional[str], option: str) -> Optional[Tuple[float, ...]]:
 @click.option("--interpolation", default=None, type=click.Choice(["bilinear", "bicubic", "nearest"]), help="Override the resize interpolation.")
 @click.option("--latency-repeats", default=5, show_default=True, type=click.IntRange(min=0), help="Timed forwards per cell (batch 1 and 32); 0 skips latency.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
+@click.option("--cascade", is_flag=True, help="Also cascades of the scales (max_drop 0, 0.3, 0.5, 1), fitted on half the images, "
+              "scored on the other half; --plot draws accuracy against MACs.")
 @clean_errors
 def evaluate_cmd(model_arg, images, scales, out, plot, checkpoint, pretrained, source, num_classes, in_chans,
                  calibrate_images, holdout, max_images, batch_size, mean, std, crop_pct, interpolation,
-                 latency_repeats, workers):
+                 latency_repeats, workers, cascade):
     """Score MODEL at every scale: as it is, calibrated per scale, or (an sct file) its own branches.
 
     \b
     sct-convert evaluate resnet50 --pretrained --images val/ --scales 224,192,160,128 --out report.csv
     sct-convert evaluate model.safetensors --images val/ --out report.md --plot curve.png
+    sct-convert evaluate model.safetensors --images val/ --cascade --out report.md --plot curve.png
     """
     from .evaluation import evaluate
 
@@ -99,9 +102,57 @@ def evaluate_cmd(model_arg, images, scales, out, plot, checkpoint, pretrained, s
                  "interpolation": interpolation}
     report = evaluate(model, images, scale_list, calibrate_images=calibrate_images, holdout=holdout,
                       max_images=max_images, batch_size=batch_size, data_config=overrides,
-                      latency_repeats=latency_repeats, workers=workers, progress=True)
+                      latency_repeats=latency_repeats, workers=workers, cascade=cascade, progress=True)
     click.echo(report.to_markdown().rstrip())
     written = [report.write(out_path)]
     if plot:
         written.append(report.plot(plot))
     click.echo("wrote " + ", ".join(map(str, written)))
+
+
+@click.command("cascade")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--images", required=True, type=click.Path(), help="Held-out labelled folder to fit on: one sub-folder per class.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .safetensors file to write (may be FILE).")
+@click.option("--max-drop", default=0.5, show_default=True, type=float, help="Top-1 points the cascade may lose against the best single scale.")
+@click.option("--budget", default=None, type=float, help="Instead: the most accurate cascade within this fraction of the largest scale's MACs.")
+@click.option("--stages", default=None, help="Scales to use, e.g. 32,16 (default: choose among all).")
+@click.option("--confidence", type=click.Choice(["softmax", "margin"]), default="softmax", show_default=True)
+@click.option("--max-images", default=None, type=click.IntRange(min=1), help="Fit on at most this many images.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
+@clean_errors
+def cascade_cmd(file, images, out, max_drop, budget, stages, confidence, max_images, batch_size, workers):
+    """Fit a cascade of FILE's scales on a labelled folder and write it into the model file.
+
+    Each image is answered at the smallest scale confident of it (sct.fit_cascade); the stages
+    and thresholds go into OUT's metadata (sct.load_cascade, sct.export_onnx, sct_convert.runtime).
+
+    \b
+    sct-convert cascade model.safetensors --images val/ --max-drop 0.5 --out model.safetensors
+    """
+    from . import io, metadata
+    from .cascade import fit_cascade
+    from .evaluation import _dataset, _loader, _split, resolve_data_config
+    from .scales import largest_index
+
+    if not str(out).endswith(".safetensors"):
+        raise ValueError(f"--out {out}: the cascade is written into a .safetensors model file")
+    if not Path(out).resolve().parent.is_dir():
+        raise ValueError(f"cannot write {out}: directory {Path(out).parent} does not exist")
+    from .converted import context_of
+
+    meta = metadata.checked_metadata(file)
+    model = io.load(file).eval()
+    sizes = context_of(model).sizes
+    config = resolve_data_config(model)
+    dataset = _dataset(images, config)
+    indices, _ = _split(len(dataset), 0, max_images)
+    largest = sizes[largest_index(sizes)]
+    loader = _loader(dataset, indices, config, largest, batch_size, workers)
+    cascade = fit_cascade(model, loader, max_drop=max_drop, budget=budget,
+                          stages=parse_scales(stages, "--stages") if stages else None, confidence=confidence,
+                          progress=True)
+    click.echo(str(cascade.report))
+    path = io.save(cascade, out, arch=meta.get("arch") or None, source=meta.get("source") or None)
+    click.echo(f"wrote {path}: {len(cascade.stages)} stages, thresholds in its metadata")

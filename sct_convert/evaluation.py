@@ -203,6 +203,7 @@ def evaluate(
     class_map: Any = None,
     latency_repeats: int = 5,
     workers: int = 0,
+    cascade: bool = False,
     progress: bool = False,
 ) -> EvaluationReport:
     """Top-1, top-5 and latency of ``model`` at each of ``scales``: plain, calibrated or trained.
@@ -225,6 +226,10 @@ def evaluate(
         class_map: timm's ``class_map`` (a file or dict of folder name to index).
         latency_repeats: timed forwards per (arm, scale, batch) for the median latency at batch 1, 32; 0: none.
         workers: ``DataLoader`` worker processes.
+        cascade: also fit cascades (:func:`sct_convert.fit_cascade`, ``max_drop`` 0, 0.3, 0.5, 1)
+            on a seeded half of the scored images and score them on the other half: one row each
+            (``scale="cascade"``), with MACs relative to the largest scale, as every converted
+            arm's rows get.
         progress: report each (scale) step: a bar on a terminal, one line otherwise.
 
     Returns:
@@ -249,7 +254,71 @@ def evaluate(
     notes.insert(0, f"{len(scored)} scored images from {images}")
     loaders = (_loader(dataset, scored, config, hw, batch_size, workers) for hw in sizes)
     rows = _score_each_size(arms, sizes, loaders, config["input_size"][0], latency_repeats, progress)
+    converted_arms = {arm: m for arm, m in arms.items() if is_converted(m)}
+    _relative_macs(rows, converted_arms)
+    if cascade:
+        rows += _cascade_rows(converted_arms, sizes, dataset, scored, config, batch_size, workers, progress, notes)
     return EvaluationReport(rows, notes, {k: v for k, v in config.items()})
+
+
+#: The ``max_drop`` values of the cascades ``evaluate(cascade=True)`` fits.
+CASCADE_DROPS = (0.0, 0.3, 0.5, 1.0)
+
+
+def _relative_macs(rows: List[ScaleResult], arms: Dict[str, nn.Module]) -> None:
+    """Fill each converted arm's rows at its own scales with MACs relative to its largest scale."""
+    from .cascade import count_macs
+
+    for arm, model in arms.items():
+        ctx = context_of(model)
+        macs = {scale_key(hw): count_macs(model, hw) for hw in ctx.sizes}
+        largest = max(macs.values())
+        for row in rows:
+            if row.arm == arm and row.scale in macs:
+                row.relative_macs = round(macs[row.scale] / largest, 4)
+
+
+def _cascade_rows(arms: Dict[str, nn.Module], sizes: List[HW], dataset: Any, scored: List[int],
+                  config: Dict[str, Any], batch_size: int, workers: int, progress: bool,
+                  notes: List[str]) -> List[ScaleResult]:
+    """Cascades of each converted arm over the scored sizes it has branches for, fitted on one half
+    of the scored images and scored on the other."""
+    from .cascade import count_macs, fit_cascade
+
+    if not arms:
+        raise ValueError("cascades run a converted model's scales: evaluate an sct file, or a plain model "
+                         "(its calibrated arm)")
+    order = torch.randperm(len(scored), generator=torch.Generator().manual_seed(1)).tolist()
+    fit_part, test_part = [scored[i] for i in order[: len(order) // 2]], [scored[i] for i in order[len(order) // 2:]]
+    if not fit_part or not test_part:
+        raise ValueError("too few scored images to fit a cascade on half and score it on the other half")
+    rows = []
+    for arm, model in arms.items():
+        ctx = context_of(model)
+        stages = [hw for hw in sizes if hw in ctx.sizes]
+        if not stages:
+            continue
+        largest = max(stages, key=lambda hw: hw[0] * hw[1])
+        fit_batches = list(_loader(dataset, fit_part, config, largest, batch_size, workers))
+        test_batches = list(_loader(dataset, test_part, config, largest, batch_size, workers))
+        x_test = torch.cat([b[0] for b in test_batches])
+        y_test = torch.cat([b[1] for b in test_batches])
+        full = max(ctx.sizes, key=lambda hw: hw[0] * hw[1])
+        with Steps(len(CASCADE_DROPS), f"cascades ({arm})", progress) as steps:
+            for drop in CASCADE_DROPS:
+                fitted = fit_cascade(model, fit_batches, max_drop=drop, stages=stages)
+                result = fitted.run(x_test.to(model_device(unwrap(model))))
+                top = result.logits.topk(min(5, result.logits.shape[-1]), dim=-1).indices.cpu()
+                relative = result.macs.double().mean().item() / count_macs(model, full)
+                rows.append(ScaleResult("cascade", f"{arm} cascade max_drop={drop:g}",
+                                        round(100 * (top[:, 0] == y_test).double().mean().item(), 2),
+                                        round(100 * (top == y_test[:, None]).any(-1).double().mean().item(), 2),
+                                        len(y_test), relative_macs=round(relative, 4)))
+                steps.advance(f"max_drop {drop:g}: " + " -> ".join(scale_key(s) for s in fitted.thresholds))
+    notes.append(f"cascade rows: stages and thresholds fitted (sct.fit_cascade) on {len(fit_part)} of the scored "
+                 f"images (a seeded half), top-1 and MACs on the other {len(test_part)}; MACs from "
+                 "torch.utils.flop_counter, relative to one pass at the largest scale")
+    return rows
 
 
 def _class_count_notes(model: nn.Module, dataset: Any, images: PathLike, class_map: Any) -> List[str]:

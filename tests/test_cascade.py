@@ -235,3 +235,49 @@ def test_the_runtime_needs_no_torch(cascade, cascade_file, tmp_path):
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
     assert np.array_equal(np.load(tmp_path / "scales.npy"), cascade.run(x).scales.numpy())
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A labelled folder: 3 classes x 12 images of different sizes, a colour cue per class."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("val")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class_{c}").mkdir()
+        for i in range(12):
+            side = int(rng.integers(40, 90))
+            image = rng.integers(0, 255, (side, side + 7, 3), dtype=np.uint8)
+            image[..., c] = 255
+            Image.fromarray(image).save(root / f"class_{c}" / f"{i}.png")
+    return root
+
+
+def test_cli_fits_a_cascade_into_the_model_file_and_evaluate_plots_it(folder, tmp_path):
+    import csv
+
+    from click.testing import CliRunner
+
+    from sct_convert.cli import cli
+
+    model = converted_test_resnet(SCALES, num_classes=3)[1]
+    path = sct.save(model, tmp_path / "m.safetensors", arch="test_resnet", source="timm")
+    r = CliRunner().invoke(cli, ["cascade", str(path), "--images", str(folder), "--max-drop", "1", "--out", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "cascade" in r.output and "top-1" in r.output and "fit cascade" in r.output  # the report, progress
+    fitted = sct.load_cascade(path)
+    assert set(fitted.thresholds) <= set(SCALES)
+    bad = CliRunner().invoke(cli, ["cascade", str(path), "--images", str(folder), "--max-drop", "-1",
+                                   "--out", str(path)])
+    assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1 and "max_drop" in bad.output
+    out, plot = tmp_path / "r.csv", tmp_path / "r.png"
+    r = CliRunner().invoke(cli, ["evaluate", str(path), "--images", str(folder), "--scales", "64,48,32", "--cascade",
+                                 "--latency-repeats", "0", "--out", str(out), "--plot", str(plot)])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(out)))
+    cascades = [row for row in rows if row["scale"] == "cascade"]
+    assert [row["arm"] for row in cascades] == [f"trained cascade max_drop={d}" for d in ("0", "0.3", "0.5", "1")]
+    assert all(0 < float(row["relative_macs"]) <= 1 for row in cascades)
+    assert [float(row["relative_macs"]) for row in rows if row["scale"] == "64"] == [1.0]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
