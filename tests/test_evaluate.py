@@ -80,7 +80,7 @@ def test_calibrated_arm_uses_another_folder_when_given(folder, tmp_path):
     for suffix in (".csv", ".md", ".json"):
         report.write(tmp_path / f"r{suffix}")
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
-    assert list(rows[0]) == ["scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32"]
+    assert list(rows[0]) == ["scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32", "relative_macs"]
     assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["arm"] == "calibrated"
     assert "| 48 | calibrated |" in (tmp_path / "r.md").read_text()
     with pytest.raises(ValueError, match=r"\.csv, \.md or \.json"):
