@@ -4,7 +4,8 @@ Loaded with ``-p sct_upstream_plugin`` (``benchmarks/`` on ``PYTHONPATH``), it w
 factories the upstream tests call, so every model a test builds is converted with
 ``sct.convert`` before the test sees it; the tests themselves are not touched:
 
-- torchvision (``SCT_UPSTREAM=torchvision``): ``torchvision.models.get_model_builder``; a
+- torchvision (``SCT_UPSTREAM=torchvision``): ``torchvision.models.get_model_builder`` and each
+  builder where a ``torchvision.models`` module exposes it (``test_onnx.py`` calls them directly); a
   detection model's scales are its transform's size (``fixed_size`` for SSD, else ``min_size``)
   and ~0.75 of it, any other model's are 224 and 160;
 - timm (``SCT_UPSTREAM=timm``): ``timm.create_model``; scales are the model's
@@ -17,12 +18,17 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import threading
 import warnings
 
 import sct_convert as sct
+from sct_convert.converted import is_converted
 
 CONVERTED: list = []
+_BUILDING = threading.local()
 UNCONVERTED: list = []
+_BUILDING = threading.local()
 
 
 def _smaller(side: int) -> int:
@@ -30,6 +36,8 @@ def _smaller(side: int) -> int:
 
 
 def _convert(model, name: str, side: int):
+    if is_converted(model):  # a builder wrapped twice (get_model_builder and the module attribute)
+        return model
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -58,12 +66,27 @@ def _patch_torchvision() -> None:
 
         @functools.wraps(builder)
         def build(*args, **kwargs):
-            model = builder(*args, **kwargs)
-            return _convert(model, name, _torchvision_side(model))
+            # a detector's builder calls its backbone's builder: convert only the outermost model
+            depth = getattr(_BUILDING, "depth", 0)
+            _BUILDING.depth = depth + 1
+            try:
+                model = builder(*args, **kwargs)
+            finally:
+                _BUILDING.depth = depth
+            return model if depth else _convert(model, name, _torchvision_side(model))
 
         return build
 
     torchvision.models.get_model_builder = get_model_builder
+    # test_onnx.py and others call the builders directly (models.detection.faster_rcnn.
+    # fasterrcnn_resnet50_fpn(...)): wrap each one where a torchvision.models module exposes it.
+    for name in torchvision.models.list_models():
+        builder = original(name)
+        wrapped = get_model_builder(name)
+        for module in list(sys.modules.values()):
+            if getattr(module, "__name__", "").startswith("torchvision.models") and \
+                    getattr(module, name, None) is builder:
+                setattr(module, name, wrapped)
 
 
 def _patch_timm() -> None:

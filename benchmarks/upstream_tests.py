@@ -7,7 +7,9 @@ pass wherever the plain one does.
 
 - timm: ``tests/test_models.py`` from timm's source distribution for the installed version
   (``pip download timm==<version> --no-binary :all:``: the package registry is enough).
-- torchvision: ``test/test_models.py`` from a checkout of pytorch/vision at the installed
+- torchvision: ``test/test_models.py`` (or ``--vision-file test_onnx.py``: its detection tests
+  export whole detectors with the TorchScript-based exporter and run them in onnxruntime; they
+  need the COCO weights in torch's cache) from a checkout of pytorch/vision at the installed
   version's tag (``--vision-tests DIR``; torchvision publishes no source distribution). Expect
   files missing from DIR are first accepted from the plain models (``EXPECTTEST_ACCEPT=1``, into a
   copy), and a missing ``assets/encode_jpeg/grace_hopper_517x606.jpg`` (the "real image" of the
@@ -15,6 +17,8 @@ pass wherever the plain one does.
 
     python benchmarks/upstream_tests.py timm -k "test_model_backward_fx and (resnet18 or efficientnet_b0)"
     python benchmarks/upstream_tests.py torchvision --vision-tests ~/vision/test -k "test_detection_model"
+    python benchmarks/upstream_tests.py torchvision --vision-tests ~/vision/test --vision-file test_onnx.py \
+        -k "rcnn or retinanet or fcos or ssd" --out benchmarks/results/upstream_torchvision_onnx.md
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ def timm_tests(workdir: Path) -> Path:
     return next(workdir.glob("timm-*/tests"))
 
 
-def vision_tests(source: Path, workdir: Path, select: list) -> tuple:
+def vision_tests(source: Path, workdir: Path, select: list, test_file: str = "test_models.py") -> tuple:
     copy = workdir / "test"
     shutil.copytree(source, copy)
     notes = []
@@ -82,6 +86,8 @@ def vision_tests(source: Path, workdir: Path, select: list) -> tuple:
         pixels = (ramp + 0.2 * torch.rand(h, w, 3, generator=g)).clamp(0, 1)
         Image.fromarray((pixels * 255).byte().numpy()).save(image, quality=90)
         notes.append("assets/encode_jpeg/grace_hopper_517x606.jpg was missing: a fixed synthetic image stands in")
+    if test_file != "test_models.py":  # only test_models.py compares against expect files
+        return copy, notes
     expect = copy / "expect"
     before = set(expect.glob("*.pkl")) if expect.exists() else set()
     expect.mkdir(exist_ok=True)
@@ -111,6 +117,7 @@ def main() -> None:
     p.add_argument("upstream", choices=["timm", "torchvision"])
     p.add_argument("-k", dest="keyword", default="", help="pytest -k expression selecting the tests")
     p.add_argument("--vision-tests", type=Path, help="torchvision: a pytorch/vision checkout's test/ folder")
+    p.add_argument("--vision-file", default="test_models.py", help="torchvision: the test file to run")
     p.add_argument("--out", type=Path, help="where to write the table (default results/upstream_<name>.md)")
     args = p.parse_args()
     import timm
@@ -127,8 +134,8 @@ def main() -> None:
         else:
             if args.vision_tests is None:
                 p.error("torchvision needs --vision-tests DIR (pytorch/vision's test/ folder)")
-            test_dir, notes = vision_tests(args.vision_tests, work, select)
-            target, env = "test_models.py", {}
+            test_dir, notes = vision_tests(args.vision_tests, work, select, args.vision_file)
+            target, env = args.vision_file, {}
         test_dir = test_dir.parent if args.upstream == "timm" else test_dir
         results = {}
         for converted in (False, True):
