@@ -17,6 +17,7 @@ Needs ``onnxruntime`` and ``numpy`` only (``pip install onnxruntime numpy``).
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -48,10 +49,18 @@ def confidence_of(logits: np.ndarray, how: str) -> np.ndarray:
     return top[:, 0] - top[:, 1]
 
 
+@functools.lru_cache(maxsize=64)
 def _weights(size_in: int, size_out: int, antialias: bool) -> np.ndarray:
     """The ``(size_out, size_in)`` matrix of torch's bilinear resize along one axis
     (``align_corners=False``; with ``antialias``, its triangle filter, widened by the scale when
-    shrinking, as torch's ``_upsample_bilinear2d_aa`` and PIL compute it)."""
+    shrinking, as torch's ``_upsample_bilinear2d_aa`` and PIL compute it). Cached, read-only:
+    a server resizes to the same few sizes on every call."""
+    w = _weights_uncached(size_in, size_out, antialias)
+    w.setflags(write=False)
+    return w
+
+
+def _weights_uncached(size_in: int, size_out: int, antialias: bool) -> np.ndarray:
     scale = size_in / size_out
     w = np.zeros((size_out, size_in), dtype=np.float64)
     if antialias:
@@ -82,7 +91,7 @@ def resize(x: np.ndarray, hw: Sequence[int], antialias: bool = True) -> np.ndarr
     down = h < x.shape[-2] or w < x.shape[-1]
     rows = _weights(x.shape[-2], h, antialias and down)
     cols = _weights(x.shape[-1], w, antialias and down)
-    out = np.einsum("ij,...jk,lk->...il", rows, x.astype(np.float64), cols, optimize=True)
+    out = np.matmul(np.matmul(rows, x.astype(np.float64)), cols.T)
     return out.astype(x.dtype, copy=False)
 
 
