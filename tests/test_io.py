@@ -187,6 +187,21 @@ def test_tied_tensors_are_stored_once_and_tied_again_on_load(tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
+def test_per_scale_file_of_a_tied_model_has_every_original_key_and_loads_strictly(tmp_path):
+    # DESIGN: a per-scale file is the original state_dict's keys, so a tied tensor is written
+    # under both names (safetensors' save_model would keep one and break load_file + strict).
+    model = sct.convert(TiedHead(), [32, 16]).eval()
+    perturb_branches(model)
+    path = sct.export(model, 16, tmp_path / "tied_16.safetensors")
+    state = safetensors.torch.load_file(path)
+    plain = TiedHead()
+    assert state.keys() == plain.state_dict().keys()
+    plain.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), model(x))
+
+
 def test_load_weights_takes_a_wrapped_checkpoint_as_the_cli_does(tmp_path):
     source = timm.create_model("test_resnet", num_classes=5)
     wrapped = {"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}  # Lightning's layout
