@@ -7,6 +7,10 @@ ratios, so drifting clocks and background load hit all three alike. Also times c
     python benchmarks/overhead.py                       # CPU
     python benchmarks/overhead.py --device cuda --repeats 200
     python benchmarks/overhead.py --batch 1 --scales 64,48,32 --threads 1 --repeats 200  # CPU, Python-bound
+
+--shell adds a fourth model, the converted model with each S-BN layer replaced by its branch for
+the timed scale (a plain BN): shell/orig is the cost of the converted model's own forward (entry
+routing, the routed call), conv/shell that of the S-BN layers.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import timm
 import torch
 
 import sct_convert as sct
+from sct_convert.scales import scale_key
 
 MODELS = ["resnet50", "mobilenetv3_large_100"]
 SCALES = [224, 192, 128]
@@ -38,6 +43,16 @@ def timer(device: str):
             fn(x)
             return time.perf_counter() - t
     return run
+
+
+def plain_bn_shell(converted: torch.nn.Module, scale: int) -> torch.nn.Module:
+    """A copy of ``converted`` whose S-BN layers are replaced by their branch for ``scale``."""
+    shell = copy.deepcopy(converted)
+    key = scale_key(scale)
+    for name, module in list(shell.named_modules()):
+        if isinstance(module, sct.ScaleSpecificBatchNorm):
+            shell.set_submodule(name, module.branches[key])
+    return shell
 
 
 def convert_seconds(name: str, repeats: int = 5) -> float:
@@ -61,6 +76,8 @@ def main() -> None:
     p.add_argument("--scales", default=",".join(map(str, SCALES)),
                    help="tiny sizes at batch 1 make a CPU run Python-bound, like small GPU batches")
     p.add_argument("--convert-only", action="store_true", help="only time convert()")
+    p.add_argument("--shell", action="store_true",
+                   help="also time the converted model with plain BN layers put back (shell/orig)")
     args = p.parse_args()
     scales = [int(v) for v in args.scales.split(",")]
     if args.threads:
@@ -69,7 +86,8 @@ def main() -> None:
     print(f"device={args.device} batch={args.batch} repeats={args.repeats} torch={torch.__version__} "
           f"threads={torch.get_num_threads()}")
     if not args.convert_only:
-        print(f"{'model':24s} {'scale':>5s} {'orig ms':>9s} {'conv/orig':>9s} {'extr/orig':>9s}")
+        print(f"{'model':24s} {'scale':>5s} {'orig ms':>9s} {'conv/orig':>9s} {'extr/orig':>9s}"
+              + (f" {'shell/orig':>10s}" if args.shell else ""))
     for name in args.models.split(",") if not args.convert_only else []:
         torch.manual_seed(0)
         original = timm.create_model(name, pretrained=False).eval()
@@ -79,21 +97,25 @@ def main() -> None:
             extracted = sct.extract(converted, s).eval().to(args.device)
             x = torch.randn(args.batch, 3, s, s, device=args.device)
             models = [original, converted, extracted]
+            if args.shell:
+                models.append(plain_bn_shell(converted, s).eval())
+            n = len(models)
             with torch.inference_mode():
                 for _ in range(args.warmup):
                     for m in models:
                         m(x)
-                ratios_c, ratios_e, base = [], [], []
+                ratios, base = [[] for _ in range(n)], []
                 for r in range(args.repeats):
-                    order = [(r + i) % 3 for i in range(3)]
-                    t = [0.0, 0.0, 0.0]
+                    order = [(r + i) % n for i in range(n)]
+                    t = [0.0] * n
                     for i in order:
                         t[i] = run(models[i], x)
                     base.append(t[0])
-                    ratios_c.append(t[1] / t[0])
-                    ratios_e.append(t[2] / t[0])
-            print(f"{name:24s} {s:5d} {1000 * statistics.median(base):9.2f} "
-                  f"{statistics.median(ratios_c):9.3f} {statistics.median(ratios_e):9.3f}", flush=True)
+                    for i in range(n):
+                        ratios[i].append(t[i] / t[0])
+            medians = [statistics.median(v) for v in ratios]
+            line = f"{name:24s} {s:5d} {1000 * statistics.median(base):9.2f} {medians[1]:9.3f} {medians[2]:9.3f}"
+            print(line + (f" {medians[3]:10.3f}" if args.shell else ""), flush=True)
     for name in args.models.split(","):
         print(f"convert({name}) at {SCALES}: {convert_seconds(name):.3f} s (median of 5, CPU model)")
 
