@@ -25,7 +25,7 @@ case "${1:-checks}" in
   checks)
     timeout 240 python -m pytest -q -rs tests/test_training.py tests/test_ddp.py -k "cuda or nccl" \
       > "$OUT/pytest_cuda.txt" 2>&1
-    (cd benchmarks && timeout 120 python overhead.py --device cuda --repeats 200) > "$OUT/overhead_gpu.txt" 2>&1
+    (cd benchmarks && timeout 150 python overhead.py --device cuda --repeats 200 --shell) > "$OUT/overhead_gpu.txt" 2>&1
     (cd benchmarks && timeout 90 python train_cost.py --device cuda --batch 64) > "$OUT/train_cost_gpu.txt" 2>&1
     (cd benchmarks && timeout 240 python compile_check.py --device cuda --model resnet50 --counts 1,2,5) \
       > "$OUT/compile_check_gpu.txt" 2>&1
