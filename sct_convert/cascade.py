@@ -24,6 +24,7 @@ from torch import nn
 
 from .converted import context_of, is_converted, scale as pinned_scale, unwrap
 from .probe import run_mode
+from .runtime import confidence_of as runtime_confidence
 from .sampling import resize_to
 from .scales import HW, Scale, model_device, model_dtype, pixels, scale_key
 
@@ -69,20 +70,13 @@ class CascadeReport(NamedTuple):
                 f"scale; answered at {answered}; single scales {singles}")
 
 
-def confidence_of(logits: Any, how: str) -> Any:
-    """Per row: the largest softmax probability, or the gap between the two largest (``margin``).
-    Works on torch tensors and NumPy arrays alike (the runtime's rule is this one)."""
-    if isinstance(logits, torch.Tensor):
-        p = torch.softmax(logits.float(), dim=1)
-        top = p.topk(min(2, p.shape[1]), dim=1).values
-    else:
-        z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        top = -np.sort(-p, axis=1)[:, :2]
-    if how == "softmax" or top.shape[1] == 1:
-        return top[:, 0]
-    return top[:, 0] - top[:, 1]
+def confidence_of(logits: torch.Tensor, how: str) -> torch.Tensor:
+    """Per row: the largest softmax probability, or the gap between the two largest (``margin``),
+    in float64 on ``logits``' device. The rule is :func:`sct_convert.runtime.confidence_of`'s, run
+    on a host copy, so the eager cascade, its fitting and the torch-free runtime compare the very
+    same numbers against a threshold."""
+    conf = runtime_confidence(logits.detach().float().cpu().numpy(), how)
+    return torch.from_numpy(conf).to(logits.device)
 
 
 def count_macs(model: nn.Module, hw: HW) -> int:

@@ -39,7 +39,9 @@ class RuntimeResult(NamedTuple):
 
 
 def confidence_of(logits: np.ndarray, how: str) -> np.ndarray:
-    """The cascade's confidence (``sct_convert.cascade.confidence_of``), in NumPy."""
+    """Per row of ``logits`` (N, classes): the largest softmax probability (``how="softmax"``), or
+    the gap between the two largest (``"margin"``), in float64. The one home of the cascade's
+    confidence rule: :func:`sct_convert.cascade.confidence_of` calls it too."""
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)

@@ -1,6 +1,7 @@
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,3 +15,21 @@ def _seed():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="timm")
         yield
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A labelled image folder: 3 classes x 12 images of different sizes (a real loader resizes
+    them), a colour cue per class so that scores are not all chance."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("val")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"class_{c}").mkdir()
+        for i in range(12):
+            side = int(rng.integers(40, 90))
+            image = rng.integers(0, 255, (side, side + 7, 3), dtype=np.uint8)
+            image[..., c] = 255
+            Image.fromarray(image).save(root / f"class_{c}" / f"{i}.png")
+    return root

@@ -99,9 +99,12 @@ def test_clips_cascade_like_images():
     x = torch.randn(6, 3, 4, 32, 32)
     with torch.no_grad(), sct.scale(model, 16):
         small = model(sct.resize_to(x, (16, 16)))
-    cut = float(torch.softmax(small, 1).max(1).values.median())
+    top = torch.softmax(small, 1).max(1).values
+    ranked = top.sort().values
+    cut = float((ranked[2] + ranked[3]) / 2)  # between two rows: half answer at 16, whatever the precision
     result = sct.Cascade(model, {16: cut, 32: None}).run(x)
-    assert torch.equal(result.scales == 16, torch.softmax(small, 1).max(1).values >= cut)
+    assert torch.equal(result.scales == 16, top >= cut)
+    assert (result.scales == 16).sum() == 3
 
 
 def fit_data(model, n=64, seed=1):
@@ -235,23 +238,6 @@ def test_the_runtime_needs_no_torch(cascade, cascade_file, tmp_path):
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
     assert np.array_equal(np.load(tmp_path / "scales.npy"), cascade.run(x).scales.numpy())
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A labelled folder: 3 classes x 12 images of different sizes, a colour cue per class."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("val")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"class_{c}").mkdir()
-        for i in range(12):
-            side = int(rng.integers(40, 90))
-            image = rng.integers(0, 255, (side, side + 7, 3), dtype=np.uint8)
-            image[..., c] = 255
-            Image.fromarray(image).save(root / f"class_{c}" / f"{i}.png")
-    return root
 
 
 def test_cli_fits_a_cascade_into_the_model_file_and_evaluate_plots_it(folder, tmp_path):

@@ -5,34 +5,17 @@ import json
 import time
 import warnings
 
-import numpy as np
 import pytest
 import safetensors.torch
 import timm
 import timm.data
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 import sct_convert as sct
 from sct_convert.cli import cli
 
 SCALES = [64, 48, 32]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A labelled folder: 3 classes x 12 images of different sizes (a real loader resizes them)."""
-    root = tmp_path_factory.mktemp("val")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / f"class_{c}").mkdir()
-        for i in range(12):
-            side = int(rng.integers(40, 90))
-            image = rng.integers(0, 255, (side, side + 7, 3), dtype=np.uint8)
-            image[..., c] = 255  # a colour cue per class, so the scores are not all chance
-            Image.fromarray(image).save(root / f"class_{c}" / f"{i}.png")
-    return root
 
 
 def manual_top1(model, root, size, indices):
