@@ -36,7 +36,7 @@ import fashion_mnist  # noqa: E402
 from fmnist_sct import train_arm  # noqa: E402
 
 import sct_convert as sct  # noqa: E402
-from sct_convert.cascade import count_macs  # noqa: E402
+from sct_convert.serving.cascade import count_macs  # noqa: E402
 
 ARMS = {"sct@32,16": [32, 16], "sct@32,24,16": [32, 24, 16], "plain@32+cal": [32]}
 DROPS = (0.0, 0.3, 0.5, 1.0)

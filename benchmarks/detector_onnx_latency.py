@@ -28,7 +28,7 @@ import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sct_convert as sct  # noqa: E402
-from sct_convert.deploy import read_deploy_metadata  # noqa: E402
+from sct_convert.deploy.api import read_deploy_metadata  # noqa: E402
 
 DEFAULT_MODELS = "ssdlite320_mobilenet_v3_large,fasterrcnn_mobilenet_v3_large_320_fpn,retinanet_resnet50_fpn"
 

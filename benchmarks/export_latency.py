@@ -26,7 +26,8 @@ import timm
 import torch
 
 import sct_convert as sct
-from sct_convert.deploy import DEFAULT_OPSET, _onnx_branches
+from sct_convert.deploy.api import _onnx_branches
+from sct_convert.deploy.onnx_trace import DEFAULT_OPSET
 
 
 def session(path: Path, threads: int):

@@ -25,7 +25,7 @@ import json, sys, warnings
 from pathlib import Path
 import torch
 import sct_convert as sct
-from sct_convert.zoo import create_model
+from sct_convert.checkpoints.zoo import create_model
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(2)

@@ -59,8 +59,8 @@ def check(name: str, source: str, tmp: Path, threads: int) -> dict:
     from zoo_coverage import native_size, round8
 
     import sct_convert as sct
-    from sct_convert.deploy import onnx_max_relative_error
-    from sct_convert.zoo import create_model
+    from sct_convert.deploy.api import onnx_max_relative_error
+    from sct_convert.checkpoints.zoo import create_model
 
     row = {"model": name, "source": source}
     model, _ = create_model(name, source)

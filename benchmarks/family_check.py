@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torchvision
 
 import sct_convert as sct
-from sct_convert.dense import iter_tensors
+from sct_convert.training.dense import iter_tensors
 
 warnings.simplefilter("ignore")
 
@@ -180,8 +180,8 @@ def detector_file_row(model, path, scale) -> str:
     """A detector's per-scale ONNX file: the route that wrote it, and its detections against
     ``sct.extract(model, scale)`` on two more image sizes in onnxruntime (matched as the export's
     own check matches them)."""
-    from sct_convert.deploy import read_deploy_metadata
-    from sct_convert.detector_export import _check, _images
+    from sct_convert.deploy.api import read_deploy_metadata
+    from sct_convert.deploy.detector_onnx import _check, _images
 
     meta = read_deploy_metadata(path)
     plain = sct.extract(model, scale).eval()
@@ -200,8 +200,8 @@ def detector_core_row(model, path) -> str:
     orientations (matched as the export's own check matches them)."""
     import onnxruntime as ort
 
-    from sct_convert.deploy import read_deploy_metadata
-    from sct_convert.detector_export import _images, compare_detections
+    from sct_convert.deploy.api import read_deploy_metadata
+    from sct_convert.deploy.detector_onnx import _images, compare_detections
 
     try:
         sct.export_onnx(model, path, part="core")

@@ -23,7 +23,7 @@ import timm
 import torch
 
 import sct_convert as sct
-from sct_convert.scales import scale_key
+from sct_convert.core.scales import scale_key
 
 MODELS = ["resnet50", "mobilenetv3_large_100"]
 SCALES = [224, 192, 128]

@@ -29,7 +29,7 @@ import fashion_mnist  # noqa: E402
 from fmnist_sct import evaluate, train_arm  # noqa: E402
 
 import sct_convert as sct  # noqa: E402
-from sct_convert.diagnostics import branch_divergence  # noqa: E402
+from sct_convert.training.diagnostics import branch_divergence  # noqa: E402
 
 SIZES = list(range(16, 33, 2))
 

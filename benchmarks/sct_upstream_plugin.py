@@ -23,7 +23,7 @@ import threading
 import warnings
 
 import sct_convert as sct
-from sct_convert.converted import is_converted
+from sct_convert.core.model import is_converted
 
 CONVERTED: list = []
 _BUILDING = threading.local()
@@ -50,7 +50,7 @@ def _convert(model, name: str, side: int):
 
 
 def _torchvision_side(model) -> int:
-    from sct_convert.resizers import find_resizer, transform_size
+    from sct_convert.core.resizer import find_resizer, transform_size
 
     resizer = find_resizer(model)
     return transform_size(model.get_submodule(resizer))[0] if resizer else 224

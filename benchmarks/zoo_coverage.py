@@ -100,7 +100,7 @@ RESPAWN = 3  # a worker's exit code: start a fresh worker on the rest of its sha
 
 def out_of_memory(e: BaseException) -> bool:
     """The host ran out (or hit --max-memory-gb): says nothing about the model."""
-    from sct_convert.probe import _out_of_memory
+    from sct_convert.conversion.probe import _out_of_memory
 
     # safetensors' serializer panics ("PyObject pointer is null") when Python cannot allocate
     # the bytes it returns
@@ -139,7 +139,7 @@ def contract_checks(model, original, ctx, inputs, row, source):
         model.eval()
 
     def train_step():
-        from sct_convert.training import main_logits
+        from sct_convert.training.step import main_logits
 
         m = copy.deepcopy(model).train()
         out = m(inputs[0])
@@ -265,10 +265,10 @@ def check_model(name, source, device, batch, contract=False):
     from safetensors.torch import save as st_save
 
     import sct_convert as sct
-    from sct_convert.files import _saveable
-    from sct_convert.io import plain_state_dict
-    from sct_convert.weights import with_module_metadata
-    from sct_convert.zoo import create_model
+    from sct_convert._utils.files import _saveable
+    from sct_convert.checkpoints.files import plain_state_dict
+    from sct_convert.checkpoints.weights import with_module_metadata
+    from sct_convert.checkpoints.zoo import create_model
 
     row = {"model": name, "source": source}
     model, _ = create_model(name, source)

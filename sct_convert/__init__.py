@@ -9,33 +9,42 @@ does not pay for importing torch, torchvision and timm until a name that needs t
 import importlib
 from typing import TYPE_CHECKING, Any, List
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401 - sct_convert.__version__
 
-# public name -> the submodule that defines it (a submodule itself where the name is the module)
+# public name -> the module that defines it
 _SOURCES = {
-    "FROZEN_BATCH_NORM_TYPES": "bn", "ScaleSpecificBatchNorm": "bn", "is_batch_norm": "bn",
-    "ScaleContext": "context",
-    "ConversionError": "discovery", "context_of": "converted", "convert": "conversion", "extract": "converted",
-    "find_batch_norms": "discovery", "original_class": "converted", "route": "converted", "scale": "converted",
-    "scale_specific_layers": "converted", "scales_of": "converted",
-    "ScaleOutputs": "sampling", "resize_to": "sampling",
-    "SCTLoss": "training", "StepResult": "training", "random_scale_subset": "training",
-    "sampling_scales": "training", "set_sampling": "training", "train_step": "training",
-    "add_scale": "calibration", "calibrate": "calibration", "remove_scale": "calibration",
-    "diagnostics": None, "zoo": None,
-    "export": "io", "load": "io", "load_plain": "io", "load_weights": "weights", "save": "io",
-    "save_per_scale": "io",
-    "export_onnx": "deploy", "export_program": "deploy",
-    "EvaluationReport": "evaluation_report", "evaluate": "evaluation",
-    "Cascade": "cascade", "CascadeReport": "cascade", "CascadeResult": "cascade", "fit_cascade": "cascade",
-    "load_cascade": "io",
-    "DetectorBatch": "detector_split", "DetectorCore": "detector_split", "detector_core": "detector_split",
-    "detector_postprocess": "detector_split", "detector_preprocess": "detector_split",
+    "ConversionError": "core.errors", "FileFormatError": "core.errors",
+    "UnsafeCheckpointError": "core.errors", "WeightsMismatchError": "core.errors",
+    "FROZEN_BATCH_NORM_TYPES": "core.batchnorm", "ScaleSpecificBatchNorm": "core.batchnorm",
+    "is_batch_norm": "core.batchnorm",
+    "ScaleContext": "core.context",
+    "context_of": "core.model", "extract": "core.model", "original_class": "core.model",
+    "route": "core.model", "scale": "core.model", "scale_specific_layers": "core.model",
+    "scales_of": "core.model",
+    "ScaleOutputs": "core.sampling", "resize_to": "core.sampling",
+    "convert": "conversion.rewrite", "find_batch_norms": "conversion.discovery",
+    "SCTLoss": "training.step", "StepResult": "training.step", "random_scale_subset": "training.step",
+    "sampling_scales": "training.step", "set_sampling": "training.step", "train_step": "training.step",
+    "add_scale": "training.calibration", "calibrate": "training.calibration",
+    "remove_scale": "training.calibration",
+    "Cascade": "serving.cascade", "CascadeReport": "serving.cascade",
+    "CascadeResult": "serving.cascade", "fit_cascade": "serving.cascade",
+    "DetectorBatch": "detection.split", "DetectorCore": "detection.split",
+    "detector_core": "detection.split", "detector_postprocess": "detection.split",
+    "detector_preprocess": "detection.split",
+    "export": "checkpoints.files", "load": "checkpoints.files", "load_cascade": "checkpoints.files",
+    "load_plain": "checkpoints.files", "save": "checkpoints.files",
+    "save_per_scale": "checkpoints.files", "load_weights": "checkpoints.weights",
+    "export_onnx": "deploy.api", "export_program": "deploy.api",
+    "EvaluationReport": "evaluation.report", "evaluate": "evaluation.run",
 }
+# public modules: sct.zoo (models by name), sct.diagnostics (branch statistics)
+_MODULES = {"zoo": "checkpoints.zoo", "diagnostics": "training.diagnostics"}
 
 __all__ = [
     "Cascade", "CascadeReport", "CascadeResult", "ConversionError", "DetectorBatch", "DetectorCore",
-    "EvaluationReport", "FROZEN_BATCH_NORM_TYPES", "SCTLoss", "ScaleContext", "ScaleOutputs",
+    "EvaluationReport", "FROZEN_BATCH_NORM_TYPES", "FileFormatError", "UnsafeCheckpointError",
+    "WeightsMismatchError", "SCTLoss", "ScaleContext", "ScaleOutputs",
     "ScaleSpecificBatchNorm", "StepResult", "add_scale", "calibrate", "context_of", "convert",
     "detector_core", "detector_postprocess", "detector_preprocess", "diagnostics", "evaluate",
     "export", "export_onnx", "export_program", "extract", "find_batch_norms", "fit_cascade",
@@ -48,11 +57,12 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """PEP 562: a public name loads its submodule on first use, then is an ordinary attribute."""
-    if name not in _SOURCES:
+    if name in _MODULES:
+        value = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    elif name in _SOURCES:
+        value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    source = _SOURCES[name]
-    module = importlib.import_module(f"{__name__}.{source or name}")
-    value = module if source is None else getattr(module, name)
     globals()[name] = value
     return value
 
@@ -60,20 +70,25 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> List[str]:
     return sorted(set(globals()) | set(__all__))
 
+
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
-    from . import diagnostics, zoo
-    from .cascade import Cascade, CascadeReport, CascadeResult, fit_cascade
-    from .bn import FROZEN_BATCH_NORM_TYPES, ScaleSpecificBatchNorm, is_batch_norm
-    from .calibration import add_scale, calibrate, remove_scale
-    from .context import ScaleContext
-    from .conversion import convert
-    from .converted import context_of, extract, original_class, route, scale, scale_specific_layers, scales_of
-    from .deploy import export_onnx, export_program
-    from .detector_split import DetectorBatch, DetectorCore, detector_core, detector_postprocess, detector_preprocess
-    from .discovery import ConversionError, find_batch_norms
-    from .evaluation import evaluate
-    from .evaluation_report import EvaluationReport
-    from .io import export, load, load_cascade, load_plain, save, save_per_scale
-    from .weights import load_weights
-    from .sampling import ScaleOutputs, resize_to
-    from .training import SCTLoss, StepResult, random_scale_subset, sampling_scales, set_sampling, train_step
+    from .checkpoints import zoo
+    from .checkpoints.files import export, load, load_cascade, load_plain, save, save_per_scale
+    from .checkpoints.weights import load_weights
+    from .conversion.discovery import find_batch_norms
+    from .conversion.rewrite import convert
+    from .core.batchnorm import FROZEN_BATCH_NORM_TYPES, ScaleSpecificBatchNorm, is_batch_norm
+    from .core.context import ScaleContext
+    from .core.errors import ConversionError, FileFormatError, UnsafeCheckpointError, WeightsMismatchError
+    from .core.model import (context_of, extract, original_class, route, scale, scale_specific_layers,
+                             scales_of)
+    from .core.sampling import ScaleOutputs, resize_to
+    from .deploy.api import export_onnx, export_program
+    from .detection.split import (DetectorBatch, DetectorCore, detector_core, detector_postprocess,
+                                  detector_preprocess)
+    from .evaluation.report import EvaluationReport
+    from .evaluation.run import evaluate
+    from .serving.cascade import Cascade, CascadeReport, CascadeResult, fit_cascade
+    from .training import diagnostics
+    from .training.calibration import add_scale, calibrate, remove_scale
+    from .training.step import SCTLoss, StepResult, random_scale_subset, sampling_scales, set_sampling, train_step

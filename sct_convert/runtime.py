@@ -41,7 +41,7 @@ class RuntimeResult(NamedTuple):
 def confidence_of(logits: np.ndarray, how: str) -> np.ndarray:
     """Per row of ``logits`` (N, classes): the largest softmax probability (``how="softmax"``), or
     the gap between the two largest (``"margin"``), in float64. The one home of the cascade's
-    confidence rule: :func:`sct_convert.cascade.confidence_of` calls it too."""
+    confidence rule: :func:`sct_convert.serving.cascade.confidence_of` calls it too."""
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
@@ -112,9 +112,9 @@ class CascadeSession:
 
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         meta: Dict[str, str] = self.session.get_modelmeta().custom_metadata_map
-        if "sct_convert.cascade" not in meta:
+        if "sct_convert.serving.cascade" not in meta:
             raise ValueError(f"{path} holds no cascade: export one with sct.export_onnx(cascade, path)")
-        spec = json.loads(meta["sct_convert.cascade"])
+        spec = json.loads(meta["sct_convert.serving.cascade"])
         self.confidence: str = spec["confidence"]
         self.antialias: bool = bool(spec["antialias"])
         self.stages: List[Tuple[Tuple[int, int], Optional[float], int]] = [

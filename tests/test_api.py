@@ -56,7 +56,7 @@ def test_import_and_cli_help_load_no_torch():
 
 def test_functions_keep_their_names_when_their_submodules_load_first():
     # loading the submodules that define them first leaves the public names the functions
-    code = ("import sct_convert.conversion, sct_convert.calibration, sct_convert as sct, inspect; "
+    code = ("import sct_convert.conversion.rewrite, sct_convert.training.calibration, sct_convert as sct, inspect; "
             "print(inspect.isfunction(sct.convert), inspect.isfunction(sct.calibrate), "
             "sorted(set(sct.__all__) - set(dir(sct))))")
     assert _run(code) == "True True []"

@@ -9,7 +9,7 @@ import torchvision
 from _util import ConvBN, perturb_branches, converted_test_resnet
 
 import sct_convert as sct
-from sct_convert.diagnostics import branch_divergence, symmetric_kl
+from sct_convert.training.diagnostics import branch_divergence, symmetric_kl
 
 
 Net = functools.partial(ConvBN, classes=2, dropout=0.5, relu=True)

@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import sct_convert as sct
-from sct_convert.cascade import confidence_of, count_macs
+from sct_convert.serving.cascade import confidence_of, count_macs
 
 from _util import Clip, converted_test_resnet, perturb_branches
 
@@ -197,7 +197,7 @@ def cascade_file(cascade, tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_runtime_serves_what_the_eager_cascade_does(cascade, cascade_file):
-    from sct_convert.deploy import read_deploy_metadata
+    from sct_convert.deploy.api import read_deploy_metadata
     from sct_convert.runtime import CascadeSession
 
     spec = json.loads(read_deploy_metadata(cascade_file)["cascade"])

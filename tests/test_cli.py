@@ -38,10 +38,10 @@ def test_convert_inspect_export(tmp_path):
 
 
 def test_warnings_are_one_line_each(tmp_path, monkeypatch):
-    import sct_convert.zoo
+    import sct_convert.checkpoints.zoo
     from _util import TrainOnlyHead
 
-    monkeypatch.setattr(sct_convert.zoo, "create_model", lambda *a, **k: (TrainOnlyHead(), "timm"))
+    monkeypatch.setattr(sct_convert.checkpoints.zoo, "create_model", lambda *a, **k: (TrainOnlyHead(), "timm"))
     r = run("train_only_head", "--scales", "32,8", "--out", tmp_path / "m.safetensors")
     assert r.exit_code == 0, r.output
     warning = [line for line in r.stderr.splitlines() if "scale 8" in line]
@@ -241,7 +241,7 @@ def test_a_scale_the_stem_reduces_to_one_pixel_warns(tmp_path):
 
 
 def test_unknown_scale_choices_are_the_routing_policies_and_round_trip(tmp_path):
-    from sct_convert.context import ROUTING_POLICIES
+    from sct_convert.core.context import ROUTING_POLICIES
 
     option = next(p for p in cli.commands["convert"].params if p.name == "unknown_scale")
     assert tuple(option.type.choices) == ROUTING_POLICIES

@@ -12,7 +12,7 @@ from _util import TinySegNet, assert_equivalent, perturb_branches
 from torchvision import tv_tensors
 
 import sct_convert as sct
-from sct_convert.dense import resize_target
+from sct_convert.training.dense import resize_target
 
 SCALES = [64, 48, 32]
 
@@ -199,7 +199,7 @@ def test_timm_features_only_backbone_with_a_head_trains_routes_and_exports_per_s
 @pytest.mark.slow
 def test_segmentation_model_exports_onnx_and_torch_export_serving_every_scale(tmp_path):
     pytest.importorskip("onnxruntime")
-    from sct_convert.deploy import onnx_max_relative_error
+    from sct_convert.deploy.api import onnx_max_relative_error
 
     model = sct.convert(TinySegNet(), SCALES).eval()
     perturb_branches(model)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import sct_convert as sct
 from sct_convert.cli import cli
-from sct_convert.deploy import onnx_max_relative_error, read_deploy_metadata
+from sct_convert.deploy.api import onnx_max_relative_error, read_deploy_metadata
 
 SCALES = [64, 48, 32]
 BETWEEN = (56, 56)  # not a trained scale: routed to the nearest (64) in the file as in eager
@@ -127,8 +127,8 @@ def test_onnx_past_protobufs_2gb_limit_keeps_weights_beside_it(model, tmp_path, 
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from sct_convert import onnx_graph
-    from sct_convert.onnx_graph import initializers
+    from sct_convert.deploy import onnx_graph
+    from sct_convert.deploy.onnx_graph import initializers
 
     monkeypatch.setattr(onnx_graph, "_PROTOBUF_LIMIT", 0)  # as if this tiny model were over 2 GB
     path = sct.export_onnx(model, tmp_path / "m.onnx", scale=scale)
@@ -208,7 +208,7 @@ def test_missing_onnx_extra_is_a_clear_error_with_an_install_command_that_works_
     import re
     from pathlib import Path
 
-    import sct_convert.environment
+    import sct_convert._utils.environment
 
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
     monkeypatch.chdir(tmp_path)
@@ -217,7 +217,7 @@ def test_missing_onnx_extra_is_a_clear_error_with_an_install_command_that_works_
     assert not (tmp_path / "m.onnx").exists()
     clone = Path(re.search(r'pip install -e "(.+)\[onnx\]"', str(info.value)).group(1))
     assert "onnx =" in (clone / "setup.cfg").read_text()  # the clone this runs from, which has the extra
-    monkeypatch.setattr(sct_convert.environment, "source_checkout", lambda: None)  # a wheel install
+    monkeypatch.setattr(sct_convert._utils.environment, "source_checkout", lambda: None)  # a wheel install
     with pytest.raises(ImportError, match=r'pip install "sct-convert\[onnx\]"'):
         sct.export_onnx(model, tmp_path / "m.onnx")
 

@@ -12,7 +12,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import sct_convert as sct
 from sct_convert.cli import cli
-from sct_convert.deploy import read_deploy_metadata
+from sct_convert.deploy.api import read_deploy_metadata
 
 from _util import SCALES_320_256 as SCALES, blobs, detector, same_detections
 

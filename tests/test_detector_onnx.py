@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 import sct_convert as sct
 from sct_convert.cli import cli
-from sct_convert.deploy import read_deploy_metadata
+from sct_convert.deploy.api import read_deploy_metadata
 
 from _util import blobs, detector, same_detections
 

@@ -122,7 +122,7 @@ def test_a_folder_whose_classes_cannot_be_the_models_is_warned_about_and_noted(f
 
 
 def test_latency_is_the_median_of_warm_runs_within_a_time_budget():
-    from sct_convert.evaluation import latency_ms
+    from sct_convert.evaluation.run import latency_ms
 
     calls = []
 
@@ -138,7 +138,7 @@ def test_latency_is_the_median_of_warm_runs_within_a_time_budget():
 
 
 def test_arms_are_timed_in_turns_so_load_hits_them_alike():
-    from sct_convert.evaluation import paired_latency_ms
+    from sct_convert.evaluation.run import paired_latency_ms
 
     calls = []
 

@@ -10,7 +10,9 @@ from _util import assert_equivalent, perturb_branches, converted_test_resnet
 from torch import nn
 
 import sct_convert as sct
-from sct_convert import files, io, metadata
+from sct_convert._utils import files
+from sct_convert.checkpoints import files as io
+from sct_convert.checkpoints import format as metadata
 
 SCALES = [96, (64, 48)]
 
@@ -208,5 +210,5 @@ def test_load_weights_takes_a_wrapped_checkpoint_as_the_cli_does(tmp_path):
     torch.save(wrapped, tmp_path / "lightning.ckpt.pth")
     fresh = sct.load_weights(timm.create_model("test_resnet", num_classes=5), tmp_path / "lightning.ckpt.pth")
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in fresh.state_dict().items())
-    with pytest.raises(sct.weights.WeightsMismatchError, match="size mismatch for fc.weight"):
+    with pytest.raises(sct.WeightsMismatchError, match="size mismatch for fc.weight"):
         sct.load_weights(timm.create_model("test_resnet", num_classes=3), tmp_path / "lightning.ckpt.pth")

@@ -1,7 +1,7 @@
 """Progress of long steps: a tqdm bar on a terminal, one plain line per step in a log."""
 import io
 
-from sct_convert.progress import Steps
+from sct_convert._utils.progress import Steps
 
 
 class Terminal(io.StringIO):

@@ -13,9 +13,9 @@ from _util import Clip, ConvBN, perturb_branches
 from torch import nn
 
 import sct_convert as sct
-from sct_convert.scales import normalize_scale
-from sct_convert.deploy import export_program_object, read_deploy_metadata
-from sct_convert.routing import Blend, ScaleBlend, bracket, choose
+from sct_convert.core.scales import normalize_scale
+from sct_convert.deploy.api import export_program_object, read_deploy_metadata
+from sct_convert.core.rule import Blend, ScaleBlend, bracket, choose
 
 # 1024, 384, 384 (two shapes, same pixel count), 256 pixels
 SCALES = [32, (24, 16), (16, 24), 16]
@@ -222,7 +222,7 @@ def test_every_input_the_model_takes_is_routed(kind):
 
 def test_an_onnx_file_that_fails_in_onnxruntime_is_never_written(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    import sct_convert.onnx_graph as onnx_graph
+    import sct_convert.deploy.onnx_graph as onnx_graph
 
     model = sct.convert(Net(), [32, 16]).eval()
     real = onnx_graph.switchable_model

@@ -8,7 +8,7 @@ from _util import Clip, ConvBN
 from click.testing import CliRunner
 
 import sct_convert as sct
-from sct_convert import scales as S
+from sct_convert.core import scales as S
 from sct_convert.cli import cli
 
 

@@ -1,0 +1,1 @@
+"""Helpers every stage uses and none owns: atomic file writes, progress bars, install hints."""

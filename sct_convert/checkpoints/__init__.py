@@ -1,0 +1,1 @@
+"""Checkpoint files: the safetensors format and its metadata, weights loading, the model zoo."""

@@ -1,0 +1,1 @@
+"""Deployment files: switchable and per-scale ONNX, torch.export programs, detector files."""

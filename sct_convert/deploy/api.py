@@ -1,0 +1,342 @@
+"""Deployment files: ONNX and ``torch.export`` programs, one per scale or one for every scale.
+
+A *switchable* file holds every branch and picks one in the graph from the input's shape
+(exact size first, else the nearest scale by pixel count, as eager routing does); batch, height
+and width are dynamic. In ONNX each scale is its own subgraph under a chain of ``If`` nodes,
+sharing one copy of the weights that every branch reads unchanged, so runtimes fold each
+branch's BN into its convs (:mod:`sct_convert.deploy.onnx_graph`). In a ``torch.export`` program each S-BN gathers its branch's
+statistics with ``index_select``. A *per-scale* file is the plain original architecture with that
+scale's BN (``sct.extract``), static in H and W, dynamic in batch, so runtimes fold the BN into
+the conv.
+
+An exported file cannot refuse an untrained size (``unknown_scale="error"``): it takes the
+nearest branch; refuse in the caller. Under ``unknown_scale="interpolate"`` a ``torch.export``
+program blends the two bracketing branches as eager does; an ONNX file routes to the nearest
+branch and says so (metadata ``routing_note``, a warning at export). Metadata (scales, routing, architecture, versions) goes into
+ONNX ``metadata_props`` and the ``.pt2`` archive's extra files, and ``sct-convert inspect``
+reads it back. Files are written to a temporary name and renamed, never half-written.
+
+ONNX needs the optional extra: ``pip install -e ".[onnx]"`` in a clone.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..core.scales import Scale, model_device, normalize_scale, scale_key
+from ..core.model import context_of, extract, unwrap
+from ..training.dense import iter_tensors
+from ..conversion.probe import run_mode
+from .._utils.files import atomic_write
+from ..checkpoints.format import model_metadata
+from .._utils.progress import Steps
+from .onnx_trace import DEFAULT_OPSET, INPUT_NAME, missing_onnx, require_onnx, to_onnx, unfolded_onnx
+from .program import (checked_program, example_for, export_program_object, probe_inputs, refuse_upstream_limits)
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .onnx_graph import ExternalTensors
+
+PathLike = Union[str, os.PathLike]
+
+ONNX_FORMAT = "sct-convert/onnx"
+PROGRAM_FORMAT = "sct-convert/pt2"
+#: Name of the JSON metadata inside a ``.pt2`` archive (``torch.export.save`` extra files).
+PROGRAM_METADATA = "sct_convert.json"
+#: What ``export_onnx(part=...)`` writes of a torchvision detector: the whole model, or its core.
+PARTS = ("model", "core")
+
+
+def deploy_metadata(model: nn.Module, scale: Optional[Scale], fmt: str) -> Dict[str, str]:
+    """What a deployment file records: format, scales, routing, architecture and versions."""
+    from .._version import __version__
+
+    ctx = context_of(model)
+    meta = {
+        "format": fmt,
+        "sct_convert_version": __version__,
+        "torch_version": torch.__version__,
+        **model_metadata(unwrap(model)),
+        "scales": json.dumps([list(s) if isinstance(s, tuple) else s for s in ctx.scales]),
+        "input_name": INPUT_NAME,
+    }
+    meta["arch"] = meta["arch"] or type(unwrap(model)).__name__
+    if scale is None:
+        # in-graph: exact size first, else (ONNX always) nearest by pixel count
+        blends = ctx.unknown_scale == "interpolate" and fmt != ONNX_FORMAT
+        meta["routing"] = "interpolate" if blends else "nearest"
+        if ctx.unknown_scale == "interpolate" and not blends:
+            meta["routing_note"] = ("the model blends the two nearest branches for in-between sizes "
+                                    "(unknown_scale='interpolate'); this file runs the nearest branch")
+            warnings.warn(
+                "sct_convert: the switchable ONNX file routes sizes between trained scales to the "
+                "nearest branch, not to the blend the model uses (unknown_scale='interpolate'); "
+                "to ship chosen in-between sizes, sct.add_scale(model, size) (optionally "
+                "sct.calibrate) before exporting, or use sct.export_program, which blends",
+                UserWarning, stacklevel=3)
+    else:
+        meta["scale"] = scale_key(ctx.sizes[ctx.index(scale)])
+        meta["routing"] = "fixed"
+    return meta
+
+
+def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor],
+                   on_step: Callable[[str], None]) -> Iterator["onnx.ModelProto"]:
+    """Each scale's plain model as ONNX (:func:`unfolded_onnx`).
+
+    Each scale is traced at its own size: some conversions bake the traced size into the graph
+    (VGG's adaptive pooling becomes a fixed-kernel pool), so one trace reused for every scale
+    would serve only its own. A generator: one scale's graph (and its copy of the weights) is
+    alive at a time.
+    """
+    for scale in context_of(model).scales:
+        x = example_for(model, scale, None)
+        if example_input is not None:  # the caller's leading dims and dtype, at this scale's size
+            x = torch.randn(*example_input.shape[:-2], *x.shape[-2:], dtype=example_input.dtype,
+                            device=example_input.device)
+        proto = [unfolded_onnx(extract(model, scale), x, opset)]
+        on_step(f"traced scale {scale_key(normalize_scale(scale))}")
+        yield proto.pop()  # nor does this frame keep the proto alive while the next one is traced
+
+
+def _switchable_onnx(model: nn.Module, opset: int, example_input: Optional[torch.Tensor],
+                     on_step: Callable[[str], None], store: "ExternalTensors") -> "onnx.ModelProto":
+    from .onnx_graph import switchable_model
+
+    sizes = context_of(model).sizes
+    return switchable_model(_onnx_branches(model, opset, example_input, on_step), sizes,
+                            [scale_key(s) for s in sizes], INPUT_NAME, store)
+
+
+def _per_scale_onnx(model: nn.Module, scale: Scale, opset: int, example_input: Optional[torch.Tensor],
+                    on_step: Callable[[str], None], store: "ExternalTensors") -> "onnx.ModelProto":
+    from .onnx_graph import externalized
+
+    proto = to_onnx(export_program_object(model, scale, example_input), opset).model_proto
+    on_step(f"traced scale {scale_key(normalize_scale(scale))}")
+    return externalized(proto, store)
+
+
+def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
+                   example_input: Optional[torch.Tensor] = None, progress: bool = False) -> Path:
+    """Write a ``torch.export`` program (``.pt2``) that serves every scale, or one.
+
+    Args:
+        model: a converted model (eval mode is used for the export; the model is left as it was).
+        path: the ``.pt2`` file to write (atomically).
+        scale: ``None`` for one program that routes every input size to its branch in the graph
+            (dynamic batch, height and width); a scale for the plain architecture at that scale
+            (dynamic batch). A clip's frame count (N, C, T, H, W) is dynamic in both.
+        example_input: an input to trace with; by default a batch of 2 at the largest scale (and,
+            if that program fails at another scale, at the smallest).
+        progress: report the trace and the write (a bar on a terminal, lines otherwise).
+
+    The program is run at every scale it serves before it is written; one that fails is refused
+    (``ValueError`` naming the scale and the reason, nothing written).
+
+    Returns:
+        The path written. ``torch.export.load(path).module()`` runs it; the metadata is in the
+        archive's extra file ``sct_convert.json`` (``sct-convert inspect`` prints it).
+    """
+    with Steps(2, "export pt2", progress) as steps:
+        program = checked_program(model, scale, example_input)
+        steps.advance("traced and run" + ("" if scale is None else f" at scale {scale_key(normalize_scale(scale))}"))
+        meta = deploy_metadata(model, scale, PROGRAM_FORMAT)
+        path = atomic_write(path, lambda tmp: torch.export.save(
+            program, tmp, extra_files={PROGRAM_METADATA: json.dumps(meta)}))
+        steps.advance("written")
+    return path
+
+
+def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
+                opset: int = DEFAULT_OPSET, example_input: Optional[torch.Tensor] = None,
+                check: bool = True, progress: bool = False, exporter: Optional[str] = None,
+                part: str = "model") -> Path:
+    """Write an ONNX file that serves every scale, or one (needs the ``[onnx]`` extra).
+
+    Args:
+        model: a converted model, or a :class:`~sct_convert.Cascade` (its model's switchable file,
+            with the stages and thresholds in the metadata, for :mod:`sct_convert.runtime`).
+        path: the ``.onnx`` file to write (atomically).
+        scale: ``None`` for one file that routes each input size to its branch in the graph
+            (``Shape``, ``ArgMin``, then one ``If`` subgraph per scale, sharing the conv weights;
+            dynamic batch, height and width); a scale for the plain architecture at that scale (static
+            height and width, dynamic batch). A clip's frame count (N, C, T, H, W) is dynamic in both.
+        opset: ONNX opset version.
+        example_input: an input to trace with; by default a batch of 2 at the largest scale.
+        check: when onnxruntime is installed, run the file at every scale it serves before it is
+            renamed into place, and refuse (``ValueError`` naming the scale and onnxruntime's
+            reason, nothing written) a file that fails. Costs one session's memory and a forward
+            per scale.
+        progress: report each step (a scale traced, the file written, a scale run): a bar on a
+            terminal, one line on stderr otherwise.
+        exporter: torchvision detectors only: ``"dynamo"`` or ``"torchscript"`` to use one route;
+            ``None`` tries ``torch.export`` first, then the TorchScript-based exporter
+            (:mod:`sct_convert.deploy.detector_onnx`).
+        part: torchvision detectors only: ``"model"`` for the whole detector of one scale,
+            ``"core"`` for its backbone and dense heads (:mod:`sct_convert.detection.split`).
+
+    A torchvision detector (a model whose transform resizes its input) exports either the whole
+    detector of one scale (``scale=`` required): its plain detector, taking one ``(3, H, W)``
+    image of any size and returning the detections, checked in onnxruntime against
+    ``sct.extract(model, scale)`` on two image sizes; or (``part="core"``) its core, for every
+    scale in one file routed by the batch's size (``scale=None``) or for one scale, taking the
+    batch ``sct.detector_preprocess`` builds and returning the feature maps and raw head outputs
+    that ``sct.detector_postprocess`` turns into detections, checked in onnxruntime at every
+    scale it serves (pre + file + post against the eager model).
+
+    Returns:
+        The path written. Its ``metadata_props`` hold the scales, routing and architecture.
+        The input is named ``images``.
+    """
+    require_onnx()
+    from ..serving.cascade import Cascade
+
+    cascade_meta: Dict[str, str] = {}
+    if isinstance(model, Cascade):
+        if scale is not None or part != "model":
+            raise ValueError("a cascade exports as its model's switchable file, which serves every stage: "
+                             "export_onnx(cascade, path) without scale= or part=")
+        cascade_meta, model = model.metadata(), model.model
+    if part not in PARTS:
+        raise ValueError(f"part={part!r}: choose one of {', '.join(map(repr, PARTS))}")
+    if context_of(model).resizer:
+        return _detector_onnx(model, path, scale, opset, check, progress, exporter, part)
+    if part != "model":
+        raise ValueError("part='core' splits a torchvision detector (backbone and heads apart from its transform "
+                         "and post-processing); this model exports whole (part='model')")
+    if exporter is not None:
+        raise ValueError("exporter= chooses the route of a torchvision detector's file; other models "
+                         "export through torch.export only")
+    if scale is None:  # a per-scale file traces through export_program_object, which checks this
+        refuse_upstream_limits(model, example_input)
+    from .onnx_graph import will_check, write_onnx
+
+    meta = deploy_metadata(model, scale, ONNX_FORMAT)
+    meta["opset"] = str(opset)
+    meta.update(cascade_meta)
+    props = {f"sct_convert.{k}": v for k, v in meta.items()}
+    probes = probe_inputs(model, scale, example_input) if check else []
+    traces = len(context_of(model).scales) if scale is None else 1
+    with Steps(traces + 1 + (len(probes) if will_check(probes) else 0), "export onnx", progress) as steps:
+        build = (functools.partial(_switchable_onnx, model, opset, example_input, steps.advance) if scale is None
+                 else functools.partial(_per_scale_onnx, model, scale, opset, example_input, steps.advance))
+        return write_onnx(path, build, props, probes, steps.advance)
+
+
+def _detector_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale], opset: int, check: bool,
+                   progress: bool, exporter: Optional[str], part: str) -> Path:
+    from .detector_onnx import EXPORTERS, write_core_onnx, write_detector_onnx
+    from ..core.resizer import sized_attributes
+
+    ctx = context_of(model)
+    if exporter is not None and exporter not in EXPORTERS:
+        raise ValueError(f"exporter={exporter!r}: choose one of {', '.join(EXPORTERS)}, or None to try them in order")
+    routes = EXPORTERS if exporter is None else (exporter,)
+    transform = unwrap(model).get_submodule(ctx.resizer)
+    sizes = ctx.sizes if scale is None else [ctx.sizes[ctx.index(scale)]]
+    transform_sizes = {scale_key(hw): sized_attributes(transform, hw) for hw in sizes}
+    if part == "core":
+        meta = deploy_metadata(model, scale, ONNX_FORMAT)
+        if scale is None:
+            meta["routing"] = "size_input"
+        meta.update(opset=str(opset), part="core", transform_sizes=json.dumps(transform_sizes),
+                    input_layout="(N, 3, H, W) batch from sct.detector_preprocess (resized, normalized, padded)")
+        steps_total = len(sizes) * (2 if check else 1) + 1
+        with Steps(steps_total, "export onnx core", progress) as steps:
+            return write_core_onnx(unwrap(model), path, scale, meta, opset=opset, check=check, routes=routes,
+                                   on_step=steps.advance)
+    if scale is None:
+        raise ValueError(
+            "a torchvision detector exports one scale per ONNX file (its transform resizes to that "
+            f"scale): pass scale=..., one of {', '.join(scale_key(s) for s in ctx.sizes)} (on the CLI, --scale); "
+            "part='core' (--part core) writes one file of the backbone and heads that serves every scale")
+    meta = deploy_metadata(model, scale, ONNX_FORMAT)
+    meta.update(opset=str(opset), part="model", transform_sizes=json.dumps(transform_sizes))
+    with Steps(2, "export onnx", progress) as steps:
+        return write_detector_onnx(unwrap(model), path, scale, meta, opset=opset, check=check, routes=routes,
+                                   on_step=steps.advance)
+
+
+def read_deploy_metadata(path: PathLike) -> Dict[str, str]:
+    """The sct-convert metadata of an ``.onnx`` or ``.pt2`` file; ``ValueError`` if it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix == ".onnx":
+        try:
+            import onnx
+        except ImportError:
+            raise missing_onnx() from None
+        try:
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as e:  # noqa: BLE001 - onnx raises its own decode errors
+            raise ValueError(f"{path} is not a readable ONNX file: {str(e).splitlines()[0][:200]}") from None
+        meta = {k[len("sct_convert."):]: v for k, v in props.items() if k.startswith("sct_convert.")}
+    else:
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith(f"extra/{PROGRAM_METADATA}")), None)
+                meta = json.loads(z.read(name)) if name else {}
+        except (zipfile.BadZipFile, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a readable torch.export archive: {e}") from None
+    if not meta:
+        raise ValueError(f"{path} has no sct-convert metadata (not written by sct.export_onnx / export_program)")
+    return meta
+
+
+def onnx_max_relative_error(model: nn.Module, path: PathLike, sizes: Sequence[Tuple[int, int]],
+                            batch: int = 2, seed: int = 0, threads: Optional[int] = None) -> List[float]:
+    """Run ``path`` in onnxruntime (CPU) and the eager model at each size; max |diff| / max |eager|.
+
+    Args:
+        model: the converted model the file was exported from.
+        path: an ONNX file written by :func:`export_onnx`.
+        sizes: ``(height, width)`` pairs to compare at, one random batch each.
+        batch: images per batch.
+        seed: seed of the random inputs.
+        threads: onnxruntime's intra-op threads (default: its own choice, every core).
+
+    Returns:
+        One relative error per size: max absolute difference over max absolute eager output,
+        the worst of the model's outputs (a dict or list output is compared tensor by tensor,
+        in order, with the file's outputs).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise missing_onnx() from None
+    ctx = context_of(model)
+    lead = tuple(ctx.probe_lead)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    g = torch.Generator().manual_seed(seed)
+    errors = []
+    module = unwrap(model)
+    with run_mode(module), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the nearest-branch notice for in-between sizes
+        for hw in sizes:
+            x = torch.randn(batch, *lead[1:], *hw, generator=g)
+            wants = [t.float().cpu() for t in iter_tensors(module(x.to(model_device(module))))]
+            gots = [torch.from_numpy(a) for a in session.run(None, {name: x.numpy()})]
+            if len(gots) != len(wants):
+                raise ValueError(f"{path} has {len(gots)} outputs, the model returns {len(wants)} tensors")
+            errors.append(max(float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+                              for got, want in zip(gots, wants)))
+    return errors
+
+
+__all__ = ["export_onnx", "export_program", "read_deploy_metadata", "onnx_max_relative_error"]

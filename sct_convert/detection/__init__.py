@@ -1,0 +1,1 @@
+"""torchvision detectors split into pre-processing, a routed core, and post-processing."""
