@@ -100,11 +100,11 @@ RESPAWN = 3  # a worker's exit code: start a fresh worker on the rest of its sha
 
 def out_of_memory(e: BaseException) -> bool:
     """The host ran out (or hit --max-memory-gb): says nothing about the model."""
-    from sct_convert.conversion.probe import _out_of_memory
+    from sct_convert.conversion.probe import out_of_memory
 
     # safetensors' serializer panics ("PyObject pointer is null") when Python cannot allocate
     # the bytes it returns
-    return _out_of_memory(e) or (type(e).__name__ == "PanicException" and "pointer is null" in str(e))
+    return out_of_memory(e) or (type(e).__name__ == "PanicException" and "pointer is null" in str(e))
 
 
 def contract_checks(model, original, ctx, inputs, row, source):
@@ -265,7 +265,7 @@ def check_model(name, source, device, batch, contract=False):
     from safetensors.torch import save as st_save
 
     import sct_convert as sct
-    from sct_convert._utils.files import _saveable
+    from sct_convert._utils.files import saveable
     from sct_convert.checkpoints.files import plain_state_dict
     from sct_convert.checkpoints.weights import with_module_metadata
     from sct_convert.checkpoints.zoo import create_model
@@ -304,7 +304,7 @@ def check_model(name, source, device, batch, contract=False):
                         t.mul_(1 + 0.05 * torch.rand(t.shape, generator=g).to(t.device))
         export_diffs = []
         for s, x in zip(ctx.scales, inputs):
-            blob = st_save(_saveable({k: v.cpu() for k, v in plain_state_dict(model, s).items()}))
+            blob = st_save(saveable({k: v.cpu() for k, v in plain_state_dict(model, s).items()}))
             plain = copy.deepcopy(original)
             plain.load_state_dict(with_module_metadata(st_load(blob), plain), strict=True)
             plain.to(device).eval()

@@ -63,7 +63,7 @@ def test_calibrated_arm_uses_another_folder_when_given(folder, tmp_path):
     for suffix in (".csv", ".md", ".json"):
         report.write(tmp_path / f"r{suffix}")
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
-    assert list(rows[0]) == ["scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32", "relative_macs"]
+    assert list(rows[0]) == ["scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32", "relative_macs", "cascade_of"]
     assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["arm"] == "calibrated"
     assert "| 48 | calibrated |" in (tmp_path / "r.md").read_text()
     with pytest.raises(ValueError, match=r"\.csv, \.md or \.json"):
@@ -101,7 +101,7 @@ def test_cli_evaluate_writes_the_report_and_plot(folder, tmp_path):
     bad = CliRunner().invoke(cli, ["evaluate", "test_resnet", "--images", str(folder), "--out", str(tmp_path / "r.txt")])
     assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1 and ".csv, .md or .json" in bad.output
     bad = CliRunner().invoke(cli, ["evaluate", "test_resnet", "--images", str(tmp_path / "none"), "--out", str(out)])
-    assert bad.exit_code != 0 and "is not a directory" in bad.output
+    assert bad.exit_code != 0 and "--images" in bad.output and "does not exist" in bad.output
 
 
 def test_sizes_without_a_branch_say_what_served_them(folder):

@@ -18,13 +18,14 @@ from torch import nn
 
 from ..core.scales import Scale, normalize_scale, scale_key, scales_to_json, split_branch_key
 from .._utils.progress import Steps
-from .._utils.files import atomic_save, atomic_save_model
-from .format import (FORMAT, PLAIN_FORMAT, PathLike, base_metadata, checked_metadata, file_scales,
+from .._utils.files import PathLike, atomic_save, atomic_save_model, writable_directory
+from .format import (FORMAT, PLAIN_FORMAT, base_metadata, checked_metadata, file_scales,
                        read_metadata)
 from .weights import load_state_dict_strict
 from ..conversion.rewrite import convert_in_order
 from ..core.model import context_of, is_converted, scale_specific_layers, unwrap
 from .zoo import arch_info, create_model
+from ..core.context import record_origin
 
 if TYPE_CHECKING:
     from ..serving.cascade import Cascade
@@ -127,9 +128,7 @@ def save_per_scale(
     Returns:
         The paths written, one per scale, in the model's scale order.
     """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"cannot write per-scale checkpoints to {directory}: not a directory")
+    directory = writable_directory(directory, "per-scale checkpoints")
     directory.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
     name = arch or arch_info(model).get("arch") or type(model).__name__.lower()
@@ -193,7 +192,7 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
             kwargs["aux_loss"] = True
         model, _ = create_model(arch, source, **kwargs)
         if source == "torchvision":
-            model.sct_arch = {"arch": arch, "source": source}
+            record_origin(model, arch, source)
     if not is_converted(model):
         model = convert_in_order(model, scales, meta.get("unknown_scale", "nearest"),
                         scale_specific_bn=meta.get("scale_specific_bn", "1") == "1")

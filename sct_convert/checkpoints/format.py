@@ -9,20 +9,19 @@ versions that wrote it. Reading a file that is corrupt, foreign or newer is a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from .._utils.files import PathLike
 from ..core.errors import FileFormatError
 from ..core.model import context_of, is_converted
 from ..core.scales import Scale, scales_from_json
 from .zoo import arch_info
 
-PathLike = Union[str, os.PathLike]
 
 
 FORMAT = "sct-convert"

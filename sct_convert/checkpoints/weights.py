@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .format import PathLike, read_metadata
+from .._utils.files import PathLike
+from .format import read_metadata
 from ..core.errors import UnsafeCheckpointError, WeightsMismatchError
 from ..core.scales import is_branched
 

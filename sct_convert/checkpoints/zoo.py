@@ -7,6 +7,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from ..core.context import record_origin, recorded_origin
+
 SOURCES = ("timm", "torchvision")
 
 
@@ -150,15 +152,15 @@ def create_model(
     if torchvision_family(name) in ("segmentation", "detection"):
         kwargs.setdefault("weights_backbone", None)  # else torchvision downloads ImageNet backbone weights
     model = torchvision.models.get_model(name, weights=weights, **kwargs)
-    model.sct_arch = {"arch": name, "source": source}  # torchvision models do not carry it
+    record_origin(model, name, source)  # torchvision models do not carry their name
     return model, source
 
 
 def arch_info(model: nn.Module) -> Dict[str, str]:
     """``{"arch", "source"}`` of a model built by timm or :func:`create_model`, else empty."""
-    stamped = getattr(model, "sct_arch", None)
-    if isinstance(stamped, dict):
-        return dict(stamped)
+    recorded = recorded_origin(model)
+    if recorded:
+        return recorded
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
         return {"arch": str(cfg["architecture"]), "source": "timm"}

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import click
 
@@ -64,13 +64,13 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     from ..core.scales import split_branch_key
     from ..conversion.rewrite import convert
     from ..checkpoints.zoo import create_model
+    from ..core.model import context_of
+    from .._utils.files import writable_directory, writable_file
 
     scale_list = parse_scales(scales)
-    out_path = Path(out)
-    if not out_path.parent.is_dir():
-        raise ValueError(f"cannot write {out}: directory {out_path.parent} does not exist")
+    out_path = writable_file(out)
     if per_scale:  # check every output before writing any, so a bad one changes nothing
-        _check_writable_dir(Path(per_scale))
+        writable_directory(per_scale, "per-scale checkpoints")
     model, source = create_model(model_name, source, pretrained=pretrained, num_classes=num_classes)
     state = weights.read_weights(checkpoint) if checkpoint else None
     trained_converted = state is not None and weights.has_branches(state)
@@ -81,13 +81,13 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
     convert(model, scale_list, unknown_scale)
     if trained_converted:  # a converted model's training checkpoint (timm train.py, Lightning, ...)
         held = sorted({parts[1] for parts in map(split_branch_key, state) if parts is not None})
-        wanted = sorted(model._sct_context.keys)
+        wanted = sorted(context_of(model).keys)
         if held != wanted:
             raise ValueError(f"{checkpoint} holds a converted model with scales {', '.join(held)}; "
                              f"pass --scales {','.join(held)} (got {', '.join(wanted)})")
         weights.load_state(model, state, checkpoint)
     path = io.save(model, out_path, arch=model_name, source=source)
-    layers = len(model._sct_context.report.converted)
+    layers = len(context_of(model).report.converted)
     extra = ""
     if per_scale:
         files = io.save_per_scale(model, per_scale, arch=model_name, source=source, progress=True)
@@ -97,17 +97,6 @@ def convert_cmd(model_name, out, scales, source, checkpoint, pretrained, num_cla
         f"({', '.join(map(scale_text, scale_list))}); wrote {path} "
         f"({human_bytes(path.stat().st_size)}){extra}"
     )
-
-
-def _check_writable_dir(directory: Path) -> None:
-    """``ValueError`` unless ``directory`` is, or can be created as, a directory."""
-    for parent in [directory, *directory.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"cannot write per-scale checkpoints to {directory}: {parent} is a file")
-            if not os.access(parent, os.W_OK):
-                raise ValueError(f"cannot write per-scale checkpoints to {directory}: {parent} is not writable")
-            return
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -261,20 +250,6 @@ def export_cmd(file, fmt, scale_option, out, model_name, part):
     click.echo(f"wrote {path}: {meta.get('arch') or model_name} {what} ({fmt})")
 
 
-def _preprocessing(model: Any, meta: Dict[str, str]) -> Any:
-    """The model's own eval transform: timm's data config, or torchvision's weights transform."""
-    if meta.get("source") == "timm":
-        import timm.data
-
-        return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    if meta.get("source") == "torchvision":
-        import torchvision
-
-        return torchvision.models.get_model_weights(meta["arch"]).DEFAULT.transforms()
-    raise ValueError(f"{meta.get('arch') or 'this model'} has no known preprocessing; "
-                     "calibrate from Python with sct.calibrate")
-
-
 @cli.command("calibrate")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--images", required=True, type=click.Path(file_okay=False), help="ImageFolder-style directory (labels unused).")
@@ -284,19 +259,21 @@ def _preprocessing(model: Any, meta: Dict[str, str]) -> Any:
 @click.option("--add-scale", "add", default=None, help="Add this scale (e.g. 160 or 160x128) before calibrating.")
 @clean_errors
 def calibrate_cmd(file, images, out, batches, batch_size, add):
-    """Re-estimate every branch's BN statistics from IMAGES (no labels, no training)."""
-    import torch.utils.data
-    import torchvision
+    """Re-estimate every branch's BN statistics from IMAGES (no labels, no training).
 
+    Images are read and preprocessed as sct-convert evaluate reads them (timm's data config,
+    resized and center-cropped to the largest scale); calibration resizes them to each scale.
+    """
     from ..checkpoints import files as io
-
     from ..checkpoints import format as metadata
+    from ..core.model import context_of
+    from ..core.scales import largest_index
+    from ..evaluation.data import image_dataset, loader_at, resolve_data_config, split_indices
     from ..training.calibration import add_scale, calibrate
+    from .._utils.files import existing_directory, writable_file
 
-    if not Path(images).is_dir():
-        raise ValueError(f"--images {images} is not a directory")
-    if not Path(out).resolve().parent.is_dir():
-        raise ValueError(f"cannot write {out}: directory {Path(out).parent} does not exist")
+    existing_directory(images, "--images")
+    writable_file(out)
     meta = metadata.checked_metadata(file)
     model = io.load(file)
     if add:
@@ -304,16 +281,17 @@ def calibrate_cmd(file, images, out, batches, batch_size, add):
         if len(added) != 1:
             raise ValueError(f"--add-scale takes one scale, got {add!r}")
         add_scale(model, added[0])
-    try:
-        dataset = torchvision.datasets.ImageFolder(images, transform=_preprocessing(model, meta))
-    except (FileNotFoundError, RuntimeError) as e:
-        raise ValueError(f"cannot read images from {images}: {' '.join(str(e).split())}") from None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    config = resolve_data_config(model)
+    dataset = image_dataset(images, config, what="--images")
+    sizes = context_of(model).sizes
+    # every image in a seeded shuffle, so the first batches come from across the folder's classes
+    _, indices = split_indices(len(dataset), holdout=len(dataset), max_images=None)
+    loader = loader_at(dataset, indices, config, sizes[largest_index(sizes)], batch_size, 0)
     calibrate(model, loader, num_batches=batches, progress=True)
     path = io.save(model, out, arch=meta.get("arch"), source=meta.get("source"))
     n = min(batches, len(loader))
     images_used = min(len(dataset), n * batch_size)
-    click.echo(f"calibrated {len(model._sct_context.scales)} scales on {n} batch{'es' if n != 1 else ''} "
+    click.echo(f"calibrated {len(context_of(model).scales)} scales on {n} batch{'es' if n != 1 else ''} "
                f"({images_used} images) from {images}; wrote {path}")
 
 

@@ -87,17 +87,17 @@ def evaluate_cmd(model_arg, images, scales, out, plot, checkpoint, pretrained, s
     sct-convert evaluate model.safetensors --images val/ --cascade --out report.md --plot curve.png
     """
     from ..evaluation.run import evaluate
+    from .._utils.files import existing_directory, writable_file
 
     scale_list = parse_scales(scales)
     out_path = Path(out)
     if out_path.suffix not in REPORT_SUFFIXES:
         raise ValueError(f"--out {out}: the report is written as .csv, .md or .json")
-    for path in filter(None, (out_path, Path(plot) if plot else None)):
-        if not path.resolve().parent.is_dir():
-            raise ValueError(f"cannot write {path}: directory {path.parent} does not exist")
+    for path in filter(None, (out_path, plot)):
+        writable_file(path)
     for folder, option in ((images, "--images"), (calibrate_images, "--calibrate-images")):
-        if folder is not None and not Path(folder).is_dir():
-            raise ValueError(f"{option} {folder} is not a directory")
+        if folder is not None:
+            existing_directory(folder, option)
     model, what = _model(model_arg, source, checkpoint, pretrained, num_classes, in_chans)
     click.echo(f"evaluating {what} at {len(scale_list)} scales on {images}", err=True)
     overrides = {"mean": _floats(mean, "--mean"), "std": _floats(std, "--std"), "crop_pct": crop_pct,
@@ -136,23 +136,23 @@ def cascade_cmd(file, images, out, max_drop, budget, stages, confidence, max_ima
     from ..checkpoints import files as io
     from ..checkpoints import format as metadata
     from ..serving.cascade import fit_cascade
-    from ..evaluation.run import _dataset, _loader, _split, resolve_data_config
+    from ..core.model import context_of
     from ..core.scales import largest_index
+    from ..evaluation.data import image_dataset, loader_at, resolve_data_config, split_indices
+    from .._utils.files import writable_file
 
     if not str(out).endswith(".safetensors"):
         raise ValueError(f"--out {out}: the cascade is written into a .safetensors model file")
-    if not Path(out).resolve().parent.is_dir():
-        raise ValueError(f"cannot write {out}: directory {Path(out).parent} does not exist")
-    from ..core.model import context_of
+    writable_file(out)
 
     meta = metadata.checked_metadata(file)
     model = io.load(file).eval()
     sizes = context_of(model).sizes
     config = resolve_data_config(model)
-    dataset = _dataset(images, config)
-    indices, _ = _split(len(dataset), 0, max_images)
+    dataset = image_dataset(images, config, what="--images")
+    indices, _ = split_indices(len(dataset), 0, max_images)
     largest = sizes[largest_index(sizes)]
-    loader = _loader(dataset, indices, config, largest, batch_size, workers)
+    loader = loader_at(dataset, indices, config, largest, batch_size, workers)
     cascade = fit_cascade(model, loader, max_drop=max_drop, budget=budget,
                           stages=parse_scales(stages, "--stages") if stages else None, confidence=confidence,
                           progress=True)

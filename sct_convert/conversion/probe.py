@@ -17,6 +17,7 @@ from torch import nn
 
 from ..core.scales import HW, Scale, largest_index, model_device, model_dtype, smallest_index
 from ..core.errors import ConversionError
+from .._utils.modes import run_mode
 
 def stem_conv(model: nn.Module) -> Optional[nn.Module]:
     """The conv the image reaches first: timm's ``pretrained_cfg["first_conv"]``, else the first conv."""
@@ -52,7 +53,7 @@ def _channel_candidates(model: nn.Module, in_chans: Optional[int]) -> List[int]:
     return list(dict.fromkeys(c for c in candidates if c is not None))
 
 
-def _probe_leads(model: nn.Module, in_chans: Optional[int],
+def probe_leads(model: nn.Module, in_chans: Optional[int],
                  example_input: Optional[torch.Tensor]) -> List[Tuple[int, ...]]:
     """Leading dims of probe inputs to try, (N, C) or (N, C, T) for 3-d convs; spatial dims appended."""
     if example_input is not None:
@@ -63,7 +64,7 @@ def _probe_leads(model: nn.Module, in_chans: Optional[int],
     return [(1, c) for c in channels]
 
 
-def _first_lead_that_runs(model: nn.Module, leads: List[Tuple[int, ...]],
+def first_lead_that_runs(model: nn.Module, leads: List[Tuple[int, ...]],
                           probe: Callable[[Tuple[int, ...]], object]) -> Tuple[Tuple[int, ...], object]:
     """``(lead, probe(lead))`` for the first lead the model accepts; else the first lead's error
     (for clips, saying which clip lengths were tried)."""
@@ -83,7 +84,7 @@ def _first_lead_that_runs(model: nn.Module, leads: List[Tuple[int, ...]],
     raise errors[leads[0]]
 
 
-def _describe_failure(e: BaseException) -> str:
+def describe_failure(e: BaseException) -> str:
     """``Type: first line of message (at file.py:line in fn)`` for the innermost frame."""
     msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     tb = e.__traceback__
@@ -96,22 +97,10 @@ def _describe_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}{where}" if msg else f"{type(e).__name__}{where}"
 
 
-def _out_of_memory(e: BaseException) -> bool:
+def out_of_memory(e: BaseException) -> bool:
     """The host ran out of memory: says nothing about whether the model accepts a size."""
     # torch's CPU allocator raises a plain RuntimeError (no error type of its own), so its text is all there is
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
-
-
-@contextlib.contextmanager
-def run_mode(model: nn.Module, training: bool = False) -> Iterator[None]:
-    """Eval (or with ``training``, train) mode inside the block; every module's flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _probe_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
@@ -120,7 +109,7 @@ def _probe_device_dtype(model: nn.Module) -> Tuple[torch.device, torch.dtype]:
 
 
 @contextlib.contextmanager
-def _rng_kept(model: nn.Module) -> Iterator[None]:
+def rng_kept(model: nn.Module) -> Iterator[None]:
     """Probe inputs are random; the caller's RNG streams (CPU and the model's GPU) stay as they were."""
     device, _ = _probe_device_dtype(model)
     devices = []
@@ -144,7 +133,7 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
                 b.copy_(copy_of_b)
 
 
-def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale],
+def training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale],
                       lead: Tuple[int, ...], index: Optional[int] = None) -> Optional[str]:
     """A warning when the train-mode forward fails at scale ``index`` but runs at the largest.
 
@@ -176,18 +165,18 @@ def _training_failure(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Sc
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the model's own train-mode warnings are not ours
         failed = failure(probed)
-        if failed is None or _out_of_memory(failed) or failure(reference) is not None:
+        if failed is None or out_of_memory(failed) or failure(reference) is not None:
             return None
     shape = "x".join(map(str, (*train_lead, *sizes[probed])))
     return (
         f"scale {scales[probed]!r}: the model runs at this size in eval mode, but its "
-        f"train-mode forward fails (input {shape}): {_describe_failure(failed)}; SCT training "
+        f"train-mode forward fails (input {shape}): {describe_failure(failed)}; SCT training "
         "with this scale will fail: drop the scale, or switch off the train-only part that "
         "fails (for torchvision Inception-v3, aux_logits=False)"
     )
 
 
-class _SizeLog:
+class SizeLog:
     """Forward pre-hooks that record the (H, W) every leaf-like module sees, one record per
     probed scale, and the order modules are first reached before the first batch norm."""
 
@@ -232,8 +221,8 @@ class _SizeLog:
         return sizes if len(set(sizes)) == len(sizes) else None
 
 
-def _run_at_every_scale(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale],
-                        lead: Tuple[int, ...], log: _SizeLog) -> None:
+def run_at_every_scale(model: nn.Module, sizes: Sequence[HW], scales: Sequence[Scale],
+                        lead: Tuple[int, ...], log: SizeLog) -> None:
     """One eval, no-grad forward per scale; a failure names the scale and the input."""
     device, dtype = _probe_device_dtype(model)
     with run_mode(model), torch.no_grad():
@@ -243,12 +232,12 @@ def _run_at_every_scale(model: nn.Module, sizes: Sequence[HW], scales: Sequence[
             try:
                 model(x)
             except Exception as e:  # noqa: BLE001 - reported with the scale that failed
-                if _out_of_memory(e):
+                if out_of_memory(e):
                     raise  # not the architecture's verdict on this scale
                 shape = "x".join(map(str, x.shape))
                 raise ConversionError(
                     f"model cannot run at scale {scale!r} (input {shape}): "
-                    f"{_describe_failure(e)}; drop that scale or pick sizes the "
+                    f"{describe_failure(e)}; drop that scale or pick sizes the "
                     "architecture accepts (fixed-size models need their native size)"
                 ) from e
 
@@ -264,9 +253,9 @@ def probe_entry(
     it is called more than once per forward or sees the same size at two scales). Without
     ``need_entry`` the model only has to run: ``("", [])`` when no layer can route.
     """
-    log = _SizeLog(model, batch_norms)
+    log = SizeLog(model, batch_norms)
     try:
-        _run_at_every_scale(model, sizes, scales, lead, log)
+        run_at_every_scale(model, sizes, scales, lead, log)
     finally:
         log.remove()
     names = {id(m): n for n, m in model.named_modules()}

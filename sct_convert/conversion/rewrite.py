@@ -18,15 +18,15 @@ import torch
 from torch import nn
 
 from ..core.batchnorm import ScaleSpecificBatchNorm, is_batch_norm
-from ..core.context import CONTEXT_ATTR, ScaleContext
+from ..core.context import CONTEXT_ATTR, ScaleContext, recorded_origin
 from ..core.scales import HW, Scale, model_device, normalize_scales, pixels, require_largest_first, scale_key
 from ..core.model import install, route
 from ..core.detector_forward import install_sized_transform
 from ..core.resizer import find_resizer, sized_attributes, transform_size
 from ..core.errors import ConversionError
 from .discovery import ConversionReport, find_batch_norms
-from .probe import (_describe_failure, _first_lead_that_runs, _probe_leads, _rng_kept, _training_failure, probe_entry,
-                    run_mode)
+from .probe import describe_failure, first_lead_that_runs, probe_entry, probe_leads, rng_kept, training_failure
+from .._utils.modes import run_mode
 from ..core.route import EntryRouter
 
 class OneScaleWarning(UserWarning):
@@ -101,7 +101,7 @@ def convert_in_order(model: nn.Module, scales: Sequence[Scale], unknown_scale: s
     (it appends) may have left in another order than largest first."""
     _check_convertible(model)
     context = ScaleContext(scales, unknown_scale, sampling=sampling, antialias=antialias,
-                           scale_specific_bn=scale_specific_bn)
+                           scale_specific_bn=scale_specific_bn, origin=recorded_origin(model))
     if len(context.scales) == 1:
         warnings.warn(
             f"sct_convert: one scale ({scale_key(context.sizes[0])}) is plain training at that size; SCT "
@@ -126,14 +126,14 @@ def _convert_batch_norms(model: nn.Module, context: ScaleContext, example_input:
             "train on several scales without conversion)"
         )
     bn_sizes: Dict[str, Optional[List[HW]]] = {}
-    with _rng_kept(model):
-        lead, (entry_name, entry_sizes) = _first_lead_that_runs(
-            model, _probe_leads(model, in_chans, example_input),
+    with rng_kept(model):
+        lead, (entry_name, entry_sizes) = first_lead_that_runs(
+            model, probe_leads(model, in_chans, example_input),
             lambda lead: probe_entry(model, context.sizes, context.scales, lead,
                                      {id(m) for _, m in found}, bn_sizes))
-        training_failure = _training_failure(model, context.sizes, context.scales, lead)
-    if training_failure:
-        warnings.warn(training_failure, UserWarning, stacklevel=4)
+        failure = training_failure(model, context.sizes, context.scales, lead)
+    if failure:
+        warnings.warn(failure, UserWarning, stacklevel=4)
     for s, hw in zip(context.scales, entry_sizes):
         if pixels(hw) <= 1:
             warnings.warn(
@@ -189,7 +189,7 @@ def _convert_resizing_model(model: nn.Module, context: ScaleContext, resizer: st
     if context.scale_specific_bn and not found:
         raise ConversionError(f"{type(model).__name__} has no batch-norm layer, so there is nothing to make "
                               "scale-specific; pass scale_specific_bn=False for SCT sampling alone")
-    with _rng_kept(model), run_mode(model), torch.no_grad():
+    with rng_kept(model), run_mode(model), torch.no_grad():
         saved = dict(vars(transform))
         for s, hw in zip(context.scales, context.sizes):
             vars(transform).update(sized_attributes(transform, hw))
@@ -197,7 +197,7 @@ def _convert_resizing_model(model: nn.Module, context: ScaleContext, resizer: st
                 model([torch.rand(3, *hw, device=model_device(model))])
             except Exception as e:  # noqa: BLE001 - any failure means the scale cannot be served
                 raise ConversionError(f"model cannot run with its transform at scale {s!r}: "
-                                      f"{_describe_failure(e)}; drop that scale") from e
+                                      f"{describe_failure(e)}; drop that scale") from e
             finally:
                 vars(transform).clear()
                 vars(transform).update(saved)
@@ -223,13 +223,13 @@ def _convert_resizing_model(model: nn.Module, context: ScaleContext, resizer: st
 def _install_sampling_only(model: nn.Module, context: ScaleContext, example_input: Optional[torch.Tensor],
                            in_chans: Optional[int]) -> nn.Module:
     """Shared norm layers, SCT sampling only: nothing to route, so no probe for an entry."""
-    with _rng_kept(model):
-        lead, _ = _first_lead_that_runs(
-            model, _probe_leads(model, in_chans, example_input),
+    with rng_kept(model):
+        lead, _ = first_lead_that_runs(
+            model, probe_leads(model, in_chans, example_input),
             lambda lead: probe_entry(model, context.sizes, context.scales, lead, set(), need_entry=False))
-        training_failure = _training_failure(model, context.sizes, context.scales, lead)
-    if training_failure:
-        warnings.warn(training_failure, UserWarning, stacklevel=4)
+        failure = training_failure(model, context.sizes, context.scales, lead)
+    if failure:
+        warnings.warn(failure, UserWarning, stacklevel=4)
     context.entry_name, context.hook_id, context.probe_lead = "", None, tuple(lead)
     context.report = ConversionReport(traced=False)
     install(model, context)

@@ -7,7 +7,7 @@ is just taking its branch back out. Which branch runs is the current call's rout
 """
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.fx
@@ -90,6 +90,15 @@ def _traced_state(module: nn.Module, name: str, x: torch.Tensor) -> Optional[tor
     return x.tracer.create_proxy("get_attr", f"{path}.{name}" if path else name, (), {})
 
 
+def blended_state(low: nn.Module, high: nn.Module, t: Union[float, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Two branches' parameters and buffers blended: ``(1 - t) * low + t * high`` for floating
+    tensors, a copy of ``low``'s for the rest (``num_batches_tracked``). The one rule for an
+    in-between size, whether a forward blends on the fly or ``sct.add_scale`` writes a branch."""
+    highs = dict(high.named_parameters()) | dict(high.named_buffers())
+    return {name: torch.lerp(tensor, highs[name], t) if tensor.is_floating_point() else tensor.clone()
+            for name, tensor in list(low.named_parameters()) + list(low.named_buffers())}
+
+
 class ScaleSpecificBatchNorm(nn.Module):
     """Per-scale copies of one batch-norm layer; the current call's route selects the copy.
 
@@ -168,12 +177,7 @@ class ScaleSpecificBatchNorm(nn.Module):
         """
         keys = self.context.keys
         low, high = self.branches[keys[blend.low]], self.branches[keys[blend.high]]
-        highs = dict(high.named_parameters()) | dict(high.named_buffers())
-        state = {}
-        for name, tensor in list(low.named_parameters()) + list(low.named_buffers()):
-            state[name] = (torch.lerp(tensor, highs[name], blend.t) if tensor.is_floating_point()
-                           else tensor.clone())  # counters: a copy, so the branch's stays
-        return torch.func.functional_call(low, state, (x,))
+        return torch.func.functional_call(low, blended_state(low, high, blend.t), (x,))
 
     def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
         """TorchScript: route by this layer's own input size (exact, else nearest by pixels)."""

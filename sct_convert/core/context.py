@@ -10,7 +10,7 @@ route (:mod:`sct_convert.core.route`), held per thread for the duration of the c
 """
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -45,6 +45,7 @@ class ScaleContext:
         hook_id: id of the entry router's hook, when the entry layer is not an S-BN.
         resizer: the module that resizes the model's input itself (a torchvision detection
             transform), ``""`` for none; when set, a call routes by that module's size.
+        origin: ``{"arch", "source"}`` of a model built by name (:func:`record_origin`), else empty.
     """
 
     scales: Tuple[Scale, ...]
@@ -60,6 +61,7 @@ class ScaleContext:
     report: Any = None
     hook_id: Optional[int] = None
     resizer: str = ""
+    origin: Dict[str, str] = field(default_factory=dict)
     sizes: Tuple[HW, ...] = field(init=False)
     keys: Tuple[str, ...] = field(init=False)
     warned: Set[Any] = field(init=False, repr=False)  # sizes already warned about
@@ -108,3 +110,25 @@ _LIVE_CONTEXTS: "weakref.WeakValueDictionary[int, ScaleContext]" = weakref.WeakV
 def live_context(key: int) -> Optional[ScaleContext]:
     """The context an FX graph's ``fx_key`` names, while its model is alive."""
     return _LIVE_CONTEXTS.get(key)
+
+
+# Models built by name -> {"arch", "source"}. Kept here, weakly, rather than as an attribute of
+# the user's model; a converted model carries it in its context (pickles and copies keep it).
+_ORIGINS: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, str]]" = weakref.WeakKeyDictionary()
+
+
+def record_origin(model: torch.nn.Module, arch: str, source: str) -> None:
+    """Remember that ``model`` is ``arch`` from ``source`` (timm or torchvision), for the files it is saved to."""
+    _ORIGINS[model] = {"arch": arch, "source": source}
+    ctx = getattr(model, CONTEXT_ATTR, None)
+    if isinstance(ctx, ScaleContext):
+        ctx.origin = dict(_ORIGINS[model])
+
+
+def recorded_origin(model: torch.nn.Module) -> Dict[str, str]:
+    """What :func:`record_origin` said of ``model`` (or of the model it was converted from), else ``{}``."""
+    ctx = getattr(model, CONTEXT_ATTR, None)
+    if isinstance(ctx, ScaleContext) and ctx.origin:
+        return dict(ctx.origin)
+    return dict(_ORIGINS.get(model, {}))
+

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 from torch import nn
 
-from .scales import HW
+from .scales import HW, short_side
 
 
 def _transform_type() -> Optional[type]:
@@ -50,6 +50,6 @@ def sized_attributes(transform: nn.Module, hw: HW) -> Dict[str, Any]:
     or ``fixed_size``."""
     if getattr(transform, "fixed_size", None):
         return {"fixed_size": (hw[0], hw[1])}
-    own = int(transform.min_size[-1])
-    return {"min_size": (min(hw),), "max_size": int(round(transform.max_size * min(hw) / own))}
+    own, side = int(transform.min_size[-1]), short_side(hw)
+    return {"min_size": (side,), "max_size": int(round(transform.max_size * side / own))}
 

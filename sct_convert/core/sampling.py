@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 
 from .route import Route, call_with, pin_in_graph
 from .context import ScaleContext
-from .scales import HW, Scale, as_given, by_pixels, normalize_scale
+from .scales import HW, Scale, by_pixels, normalize_scale, scale_of_size
 from .rule import choose, find_image
 
 
@@ -270,7 +270,7 @@ def between_size(ctx: ScaleContext) -> Optional[Tuple[Scale, Any]]:
         return None
     hw = candidates[int(torch.randint(len(candidates), ()))]
     policy = "nearest" if ctx.unknown_scale == "error" else ctx.unknown_scale
-    return as_given(hw[0] if hw[0] == hw[1] else hw), choose(hw, ctx.sizes, policy)
+    return scale_of_size(hw), choose(hw, ctx.sizes, policy)
 
 
 def scale_runs(ctx: ScaleContext, indices: Optional[Sequence[int]] = None,

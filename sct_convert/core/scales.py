@@ -55,6 +55,17 @@ def as_given(scale: object) -> Scale:
     return hw[0] if as_int(scale) is not None else hw
 
 
+def scale_of_size(size: Sequence[int]) -> Scale:
+    """The scale of an ``(h, w)`` size as users write it: an int when square, else an ``(h, w)`` tuple."""
+    h, w = normalize_scale(tuple(size))
+    return h if h == w else (h, w)
+
+
+def short_side(scale: object) -> int:
+    """The shorter side of a scale: what a torchvision detector's transform resizes to (``min_size``)."""
+    return min(normalize_scale(scale))
+
+
 def normalize_scales(scales: Iterable[object]) -> Tuple[Tuple[Scale, ...], Tuple[HW, ...]]:
     """Validate a list of scales; return them as given (ints or tuples) and as ``(h, w)`` pairs.
 

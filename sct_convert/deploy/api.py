@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,8 +32,8 @@ from torch import nn
 from ..core.scales import Scale, model_device, normalize_scale, scale_key
 from ..core.model import context_of, extract, unwrap
 from ..training.dense import iter_tensors
-from ..conversion.probe import run_mode
-from .._utils.files import atomic_write
+from .._utils.modes import run_mode
+from .._utils.files import PathLike, atomic_write
 from ..checkpoints.format import model_metadata
 from .._utils.progress import Steps
 from .onnx_trace import DEFAULT_OPSET, INPUT_NAME, missing_onnx, require_onnx, to_onnx, unfolded_onnx
@@ -45,7 +44,6 @@ if TYPE_CHECKING:
 
     from .onnx_graph import ExternalTensors
 
-PathLike = Union[str, os.PathLike]
 
 ONNX_FORMAT = "sct-convert/onnx"
 PROGRAM_FORMAT = "sct-convert/pt2"

@@ -268,7 +268,7 @@ def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str
                                 detector_postprocess, detector_preprocess)
     from ..core.model import scale as pinned_scale
     from .onnx_graph import switchable_model, write_onnx
-    from ..conversion.probe import run_mode
+    from .._utils.modes import run_mode
     from ..core.rule import onnx_core_route_nodes
 
     ctx = context_of(model)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core.scales import Scale, largest_index, model_device, model_dtype, smallest_index
 from ..core.model import context_of, extract, unwrap
-from ..conversion.probe import run_mode
+from .._utils.modes import run_mode
 
 
 def example_for(model: nn.Module, scale: Optional[Scale], example_input: Optional[torch.Tensor]) -> torch.Tensor:

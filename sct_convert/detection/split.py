@@ -35,7 +35,7 @@ from torch import nn
 from ..core.route import call_with, pin_of, scale_route
 from ..core.model import context_of, is_converted, scale as pinned_scale, unwrap
 from ..core.rule import core_index
-from ..core.scales import HW, Scale, model_device, scale_key
+from ..core.scales import HW, Scale, model_device, scale_key, short_side
 
 FEATURE = "feature_"
 
@@ -109,7 +109,7 @@ class DetectorCore(nn.Module):
             if size is None:
                 raise ValueError("a switchable detector core needs the side its batch was resized to: "
                                  "core(batch.tensor, batch.side), or run it inside sct.scale(model, s)")
-            route = scale_route(ctx, core_index(int(size), [min(hw) for hw in ctx.sizes]))
+            route = scale_route(ctx, core_index(int(size), [short_side(hw) for hw in ctx.sizes]))
         return call_with(ctx, route, self._outputs, images)
 
     def _outputs(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -168,7 +168,7 @@ def detector_preprocess(model: nn.Module, images: Sequence[torch.Tensor], scale:
         batch, _ = transform(images)
     index = ctx.index(scale)
     return DetectorBatch(batch.tensors, [tuple(s) for s in batch.image_sizes], original, ctx.scales[index],
-                         min(ctx.sizes[index]))
+                         short_side(ctx.sizes[index]))
 
 
 def detector_postprocess(model: nn.Module, outputs: Mapping[str, Any],
@@ -242,7 +242,7 @@ def _rcnn(detector: nn.Module, given: Dict[str, torch.Tensor], features: "Ordere
 def core_sides(model: nn.Module) -> List[int]:
     """Each scale's side: what the transform resizes the shorter side to (SSD: its fixed size's
     shorter side), what a switchable core routes by."""
-    return [min(hw) for hw in context_of(model).sizes]
+    return [short_side(hw) for hw in context_of(model).sizes]
 
 
 def check_core_sides(model: nn.Module) -> List[int]:

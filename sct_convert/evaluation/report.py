@@ -16,14 +16,15 @@ from typing import Any, Dict, List, Optional
 from .._utils.files import PathLike, atomic_write
 from ..core.scales import parse_key, pixels as scale_pixels
 
-COLUMNS = ("scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32", "relative_macs")
+COLUMNS = ("scale", "arm", "top1", "top5", "images", "latency_ms", "latency_ms_b32", "relative_macs", "cascade_of")
 
 
 @dataclass
 class ScaleResult:
     """One (scale, arm) row: accuracy in percent, per-image latency in ms (batch 1 and 32) and,
-    for converted arms, MACs per image relative to one pass at the largest scale (a cascade's
-    row: ``scale="cascade"``, its mean over the images)."""
+    for converted arms, MACs per image relative to one pass at the largest scale. A cascade's row
+    names the arm it was fitted on in ``cascade_of`` (its ``scale`` reads ``"cascade"``, its MACs
+    are the mean over the images)."""
 
     scale: str
     arm: str
@@ -33,6 +34,11 @@ class ScaleResult:
     latency_ms: Optional[float] = None
     latency_ms_b32: Optional[float] = None
     relative_macs: Optional[float] = None
+    cascade_of: Optional[str] = None
+
+    @property
+    def is_cascade(self) -> bool:
+        return self.cascade_of is not None
 
 
 @dataclass
@@ -90,22 +96,20 @@ class EvaluationReport:
     def plot(self, path: PathLike) -> Path:
         """A PNG: top-1 against size, and top-1 against batch-1 latency, one line per arm; with
         cascade rows, also top-1 against MACs (each single scale a point, each arm's cascades a curve)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+        try:  # a Figure of its own, not pyplot's: the caller's backend and open figures are left alone
+            from matplotlib.figure import Figure
         except ImportError as e:
             from .._utils.environment import install_command
 
             raise ValueError(f"plotting needs matplotlib: {install_command('plot')}") from e
-        cascades = [r for r in self.rows if r.scale == "cascade"]
-        fig, axes = plt.subplots(1, 3 if cascades else 2, figsize=(15 if cascades else 10, 4))
+        cascades = [r for r in self.rows if r.is_cascade]
+        fig = Figure(figsize=(15 if cascades else 10, 4))
+        axes = fig.subplots(1, 3 if cascades else 2)
         by_size, by_speed = axes[0], axes[1]
         if cascades:
             _plot_compute(axes[2], self.rows)
         for arm, rows in self.by_arm().items():
-            if rows[0].scale == "cascade":
+            if rows[0].is_cascade:
                 continue
             pixels = [scale_pixels(parse_key(r.scale)) for r in rows]
             by_size.plot([math.sqrt(p) for p in pixels], [r.top1 for r in rows], "o-", label=arm)
@@ -121,10 +125,7 @@ class EvaluationReport:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        try:
-            return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-        finally:
-            plt.close(fig)
+        return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 
@@ -134,8 +135,8 @@ def _plot_compute(ax: Any, rows: List[ScaleResult]) -> None:
     for r in rows:
         if r.relative_macs is None:
             continue
-        if r.scale == "cascade":
-            curves.setdefault(r.arm.split(" cascade")[0], []).append(r)
+        if r.is_cascade:
+            curves.setdefault(r.cascade_of, []).append(r)
         else:
             ax.plot([r.relative_macs], [r.top1], "o", color="gray")
             ax.annotate(f"{r.arm} {r.scale}", (r.relative_macs, r.top1), fontsize=7, xytext=(3, 3),

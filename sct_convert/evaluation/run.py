@@ -15,113 +15,30 @@ order, RGB or, for one-channel models, L).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import statistics
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..training.calibration import calibrate
-from ..core.scales import HW, Scale, model_device, normalize_scale, scale_key
+from ..core.scales import HW, Scale, largest_index, model_device, normalize_scale, scale_key
 from ..conversion.rewrite import OneScaleWarning, convert
 from ..core.rule import UnknownSizeWarning
 from ..core.model import context_of, is_converted, route, unwrap
+from .data import image_dataset, loader_at, resolve_data_config, split_indices
 from .report import EvaluationReport, ScaleResult
 from .._utils.files import PathLike
 from ..checkpoints.format import num_classes_of
+from .._utils.modes import run_mode
 from .._utils.progress import Steps
 
 LATENCY_BATCHES = (1, 32)
-
-
-def resolve_data_config(model: nn.Module, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The model's eval data config (timm's ``resolve_data_config``) with ``overrides`` applied.
-
-    Args:
-        model: the model (a converted one reads its probe's channel count).
-        overrides: any of ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``.
-
-    Returns:
-        timm's data config dict; ``input_size``'s channels are the model's. A one-channel model
-        whose config still holds three-channel mean / std (timm keeps ImageNet's) is refused
-        with a ``ValueError`` asking for ``mean`` and ``std``.
-    """
-    import timm.data
-
-    channels = _channels(model)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    config = timm.data.resolve_data_config({**overrides, "in_chans": channels}, model=unwrap(model))
-    config["input_size"] = (channels, *config["input_size"][1:])  # timm keeps its config's 3 here
-    for key in ("mean", "std"):
-        if len(config[key]) != channels:
-            raise ValueError(
-                f"the model takes {channels} channel(s) but its data config has {len(config[key])} {key} "
-                f"values {tuple(config[key])}; pass the {key} it was trained with (--mean / --std)")
-    return config
-
-
-def _channels(model: nn.Module) -> int:
-    try:
-        lead = context_of(model).probe_lead
-        if len(lead) > 1:
-            return int(lead[1])
-    except ValueError:
-        pass
-    from ..conversion.probe import stem_conv
-
-    conv = stem_conv(unwrap(model))
-    return int(conv.in_channels) if conv is not None else 3
-
-
-def transform_at(config: Dict[str, Any], hw: HW) -> Any:
-    """timm's eval transform (resize to ``size / crop_pct``, center crop) at ``hw``."""
-    import timm.data
-
-    return timm.data.create_transform(input_size=(config["input_size"][0], *hw), interpolation=config["interpolation"],
-                                      mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"],
-                                      crop_mode=config.get("crop_mode", "center"), is_training=False)
-
-
-def _dataset(root: PathLike, config: Dict[str, Any], class_map: Any = None) -> Any:
-    import timm.data
-
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"images folder {root} is not a directory")
-    mode = "RGB" if config["input_size"][0] == 3 else "L"
-    try:
-        dataset = timm.data.ImageDataset(str(root), input_img_mode=mode, class_map=class_map or "")
-    except Exception as e:  # noqa: BLE001 - timm raises several kinds for an unreadable folder
-        raise ValueError(f"cannot read images from {root}: {' '.join(str(e).split())}") from None
-    if len(dataset) == 0:
-        raise ValueError(f"no images found in {root} (expected one folder per class)")
-    return dataset
-
-
-class _At(torch.utils.data.Dataset):
-    """``dataset[indices]`` with the transform of one size (the base dataset is shared)."""
-
-    def __init__(self, dataset: Any, indices: Sequence[int], transform: Any) -> None:
-        self.dataset, self.indices, self.transform = dataset, list(indices), transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        image, target = self.dataset[self.indices[i]]
-        return self.transform(image), target
-
-
-def _split(n: int, holdout: int, max_images: Optional[int]) -> Tuple[List[int], List[int]]:
-    """(scored, calibration) indices: a seeded shuffle, the first ``holdout`` for calibration."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
-    calibration, scored = order[:holdout], sorted(order[holdout:])
-    return (scored if max_images is None else scored[:max_images]), calibration
 
 
 #: Seconds of timed forwards per (arm, size, batch) cell of the latency table, after the warm-up.
@@ -165,12 +82,6 @@ def latency_ms(model: nn.Module, shape: Sequence[int], repeats: int, device: tor
                budget_s: float = LATENCY_BUDGET_S) -> float:
     """:func:`paired_latency_ms` of one model."""
     return paired_latency_ms({"model": model}, shape, repeats, device, budget_s)["model"]
-
-
-def _loader(dataset: Any, indices: Sequence[int], config: Dict[str, Any], hw: HW, batch_size: int,
-            workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(_At(dataset, indices, transform_at(config, hw)), batch_size=batch_size,
-                                       num_workers=workers, shuffle=False)
 
 
 @torch.inference_mode()
@@ -240,10 +151,10 @@ def evaluate(
     if not sizes:
         raise ValueError("evaluate needs at least one scale")
     config = resolve_data_config(model, data_config)
-    dataset = _dataset(images, config, class_map)
+    dataset = image_dataset(images, config, class_map)
     notes = [_preprocessing_note(config)] + _class_count_notes(model, dataset, images, class_map)
     if is_converted(model):
-        scored, _ = _split(len(dataset), 0, max_images)
+        scored, _ = split_indices(len(dataset), 0, max_images)
         arms: Dict[str, nn.Module] = {"trained": model}
         notes += _untrained_size_notes(model, sizes)
     else:
@@ -252,7 +163,7 @@ def evaluate(
         arms = {"plain": model,
                 "calibrated": _calibrated(model, sizes, calibration_set, config, batch_size, workers, progress)}
     notes.insert(0, f"{len(scored)} scored images from {images}")
-    loaders = (_loader(dataset, scored, config, hw, batch_size, workers) for hw in sizes)
+    loaders = (loader_at(dataset, scored, config, hw, batch_size, workers) for hw in sizes)
     rows = _score_each_size(arms, sizes, loaders, config["input_size"][0], latency_repeats, progress)
     converted_arms = {arm: m for arm, m in arms.items() if is_converted(m)}
     _relative_macs(rows, converted_arms)
@@ -298,12 +209,12 @@ def _cascade_rows(arms: Dict[str, nn.Module], sizes: List[HW], dataset: Any, sco
         stages = [hw for hw in sizes if hw in ctx.sizes]
         if not stages:
             continue
-        largest = max(stages, key=lambda hw: hw[0] * hw[1])
-        fit_batches = list(_loader(dataset, fit_part, config, largest, batch_size, workers))
-        test_batches = list(_loader(dataset, test_part, config, largest, batch_size, workers))
+        largest = stages[largest_index(stages)]
+        fit_batches = list(loader_at(dataset, fit_part, config, largest, batch_size, workers))
+        test_batches = list(loader_at(dataset, test_part, config, largest, batch_size, workers))
         x_test = torch.cat([b[0] for b in test_batches])
         y_test = torch.cat([b[1] for b in test_batches])
-        full = max(ctx.sizes, key=lambda hw: hw[0] * hw[1])
+        full = ctx.sizes[largest_index(ctx.sizes)]
         with Steps(len(CASCADE_DROPS), f"cascades ({arm})", progress) as steps:
             for drop in CASCADE_DROPS:
                 fitted = fit_cascade(model, fit_batches, max_drop=drop, stages=stages)
@@ -313,7 +224,7 @@ def _cascade_rows(arms: Dict[str, nn.Module], sizes: List[HW], dataset: Any, sco
                 rows.append(ScaleResult("cascade", f"{arm} cascade max_drop={drop:g}",
                                         round(100 * (top[:, 0] == y_test).double().mean().item(), 2),
                                         round(100 * (top == y_test[:, None]).any(-1).double().mean().item(), 2),
-                                        len(y_test), relative_macs=round(relative, 4)))
+                                        len(y_test), relative_macs=round(relative, 4), cascade_of=arm))
                 steps.advance(f"max_drop {drop:g}: " + " -> ".join(scale_key(s) for s in fitted.thresholds))
     notes.append(f"cascade rows: stages and thresholds fitted (sct.fit_cascade) on {len(fit_part)} of the scored "
                  f"images (a seeded half), top-1 and MACs on the other {len(test_part)}; MACs from "
@@ -350,11 +261,10 @@ def _score_each_size(arms: Dict[str, nn.Module], sizes: List[HW], loaders: Itera
                      latency_repeats: int, progress: bool) -> List[ScaleResult]:
     """One row per (size, arm): accuracy on that size's loader, then latency; arms in eval meanwhile."""
     device = model_device(unwrap(next(iter(arms.values()))))
-    was_training = {arm: m.training for arm, m in arms.items()}
-    for m in arms.values():
-        m.eval()
     rows: List[ScaleResult] = []
-    try:
+    with contextlib.ExitStack() as modes:
+        for m in arms.values():
+            modes.enter_context(run_mode(m))  # every module's flag restored after, not just the top one
         with Steps(len(sizes), "evaluate", progress) as steps, warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UnknownSizeWarning)  # said in the notes
             for hw, loader in zip(sizes, loaders):
@@ -367,9 +277,6 @@ def _score_each_size(arms: Dict[str, nn.Module], sizes: List[HW], loaders: Itera
                                             *(None if t is None else round(t[arm], 4) for t in timing)))
                 steps.advance(f"{scale_key(hw)}: " + ", ".join(
                     f"{arm} {results[arm][0]:.1f}%" for arm in arms))
-    finally:
-        for arm, m in arms.items():
-            m.train(was_training[arm])
     return rows
 
 
@@ -378,15 +285,15 @@ def _calibration_source(dataset: Any, images: PathLike, calibrate_images: Option
                         notes: List[str]) -> Tuple[Tuple[Any, List[int]], List[int]]:
     """((dataset, indices) to calibrate on, indices of ``dataset`` to score)."""
     if calibrate_images is not None:
-        source = _dataset(calibrate_images, config)
-        scored, _ = _split(len(dataset), 0, max_images)
+        source = image_dataset(calibrate_images, config)
+        scored, _ = split_indices(len(dataset), 0, max_images)
         notes.append(f"calibrated on {len(source)} images of {calibrate_images}")
         return (source, list(range(len(source)))), scored
     take = min(holdout, len(dataset) // 2)
     if take < 1:
         raise ValueError(f"{images} holds {len(dataset)} image(s): too few to hold some out for calibration; "
                          "pass calibrate_images (--calibrate-images)")
-    scored, held = _split(len(dataset), take, max_images)
+    scored, held = split_indices(len(dataset), take, max_images)
     notes.append(f"calibrated on {take} images held out of {images} (a seeded draw), disjoint from the scored "
                  "images; pass --calibrate-images to calibrate on another folder")
     return (dataset, held), scored
@@ -402,7 +309,7 @@ def _calibrated(model: nn.Module, sizes: Sequence[HW], calibration_set: Tuple[An
     batches = math.ceil(len(indices) / batch_size)
     with Steps(len(sizes), "calibrate", progress) as steps:
         for hw in sizes:
-            loader = _loader(dataset, indices, config, hw, batch_size, workers)
+            loader = loader_at(dataset, indices, config, hw, batch_size, workers)
             calibrate(converted, loader, num_batches=batches, scales=[hw], progress=False)
             steps.advance(scale_key(hw))
     return converted

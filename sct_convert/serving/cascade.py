@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from ..core.model import context_of, is_converted, scale as pinned_scale, unwrap
-from ..conversion.probe import run_mode
+from .._utils.batches import labelled
+from .._utils.modes import run_mode
 from ..runtime import confidence_of as runtime_confidence
 from ..core.sampling import resize_to
-from ..core.scales import HW, Scale, model_device, model_dtype, pixels, scale_key
+from ..core.scales import HW, Scale, model_device, model_dtype, pixels, scale_key, scale_of_size
 
 CONFIDENCES = ("softmax", "margin")
 
@@ -209,8 +210,7 @@ def cascade_from_metadata(model: nn.Module, meta: Dict[str, str]) -> Cascade:
     if "cascade" not in meta:
         raise ValueError("this file records no cascade: fit one with sct.fit_cascade and save it with sct.save(cascade, path)")
     spec = json.loads(meta["cascade"])
-    return Cascade(model, {tuple(st["size"]) if st["size"][0] != st["size"][1] else st["size"][0]: st["threshold"]
-                           for st in spec["stages"]}, spec["confidence"])
+    return Cascade(model, {scale_of_size(st["size"]): st["threshold"] for st in spec["stages"]}, spec["confidence"])
 
 
 def _scale_logits(model: nn.Module, loader: Iterable, progress: bool) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -224,9 +224,8 @@ def _scale_logits(model: nn.Module, loader: Iterable, progress: bool) -> Tuple[L
     batches = list(loader) if not isinstance(loader, (list, tuple)) else loader
     with Steps(len(batches), "fit cascade: run every scale", progress) as steps:
         for item in batches:
-            if not isinstance(item, (tuple, list)) or len(item) < 2:
-                raise ValueError("fit_cascade needs labelled data: a loader of (images, labels) batches")
-            x, y = item[0].to(device), torch.as_tensor(item[1])
+            x, y = labelled(item, "fit_cascade")
+            x = x.to(device)
             for i, (s, hw) in enumerate(zip(ctx.scales, ctx.sizes)):
                 with torch.no_grad(), pinned_scale(model, s):
                     out = unwrap(model)(resize_to(x, hw, ctx.antialias))

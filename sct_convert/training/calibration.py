@@ -17,34 +17,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..core.batchnorm import FROZEN_BATCH_NORM_TYPES
+from ..core.batchnorm import FROZEN_BATCH_NORM_TYPES, blended_state
 from ..core.route import pinned
 from ..core.context import ScaleContext
 from ..core.scales import HW, Scale, normalize_scale, scale_key, model_device
 from ..core.model import context_of, scale, scale_specific_layers, unwrap
-from ..conversion.probe import _SizeLog, _rng_kept, _run_at_every_scale, _training_failure
+from ..conversion.probe import SizeLog, rng_kept, run_at_every_scale, training_failure
+from .._utils.batches import images_of
+from .._utils.modes import run_mode
 from .._utils.progress import Steps
 from ..core.rule import bracket, nearest_index
 from ..core.sampling import resize_to, scale_runs
-
-IMAGE_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")
-
-
-def _images(batch: Any) -> torch.Tensor:
-    """The image tensor of a batch: a tensor, the first item of a tuple/list, or a dict entry."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in IMAGE_KEYS:
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
-    raise TypeError(
-        f"cannot find images in a batch of type {type(batch).__name__}: yield tensors, "
-        f"(images, labels) tuples or dicts with one of the keys {IMAGE_KEYS}"
-    )
-
 
 class _FrozenAsBatchNorm(nn.Module):
     """Stand-in that lets a frozen BN branch collect statistics like a training BN."""
@@ -75,35 +58,32 @@ class _FrozenAsBatchNorm(nn.Module):
 @contextlib.contextmanager
 def _collecting(model: nn.Module, key: str) -> Iterator[List[_BatchNorm]]:
     """Model in eval, branch ``key`` of every S-BN collecting fresh cumulative statistics."""
-    training = [(m, m.training) for m in model.modules()]
     saved, stand_ins, collected = [], [], []
-    model.eval()
-    try:
-        for _, layer in scale_specific_layers(model):
-            branch = layer.branches[key]
-            if isinstance(branch, FROZEN_BATCH_NORM_TYPES):
-                stand_in = _FrozenAsBatchNorm(branch).train()
-                layer.branches[key] = stand_in
-                stand_ins.append((layer, stand_in))
-                collected.append(stand_in.bn)
-            elif isinstance(branch, _BatchNorm) and branch.running_mean is not None:
-                # (track_running_stats=False keeps no statistics: nothing to calibrate)
-                saved.append((branch, branch.momentum, branch.track_running_stats))
-                branch.momentum = None  # cumulative average: 1 / num_batches_tracked
-                branch.track_running_stats = True
-                branch.reset_running_stats()
-                branch.train()
-                collected.append(branch)
-        yield collected
-        for _, stand_in in stand_ins:
-            stand_in.write_back()
-    finally:
-        for layer, stand_in in stand_ins:
-            layer.branches[key] = stand_in.frozen
-        for branch, momentum, track in saved:
-            branch.momentum, branch.track_running_stats = momentum, track
-        for m, flag in training:
-            m.training = flag
+    with run_mode(model):  # eval inside; every module's flag as it was after
+        try:
+            for _, layer in scale_specific_layers(model):
+                branch = layer.branches[key]
+                if isinstance(branch, FROZEN_BATCH_NORM_TYPES):
+                    stand_in = _FrozenAsBatchNorm(branch).train()
+                    layer.branches[key] = stand_in
+                    stand_ins.append((layer, stand_in))
+                    collected.append(stand_in.bn)
+                elif isinstance(branch, _BatchNorm) and branch.running_mean is not None:
+                    # (track_running_stats=False keeps no statistics: nothing to calibrate)
+                    saved.append((branch, branch.momentum, branch.track_running_stats))
+                    branch.momentum = None  # cumulative average: 1 / num_batches_tracked
+                    branch.track_running_stats = True
+                    branch.reset_running_stats()
+                    branch.train()
+                    collected.append(branch)
+            yield collected
+            for _, stand_in in stand_ins:
+                stand_in.write_back()
+        finally:
+            for layer, stand_in in stand_ins:
+                layer.branches[key] = stand_in.frozen
+            for branch, momentum, track in saved:
+                branch.momentum, branch.track_running_stats = momentum, track
 
 
 def _reduce_across_ranks(bns: Sequence[_BatchNorm]) -> None:
@@ -152,7 +132,7 @@ def calibrate(
     batches: List[torch.Tensor] = []
     device = model_device(inner)
     for batch in data:
-        batches.append(_images(batch))
+        batches.append(images_of(batch))
         if len(batches) >= num_batches:
             break
     if not batches:
@@ -229,8 +209,8 @@ def _training_failure_at(model: nn.Module, ctx: ScaleContext, index: int, lead: 
     """convert's train-mode check for one scale of a converted model, with sampling held off."""
     sampling, ctx.sampling = ctx.sampling, False  # one plain forward at the input's own size
     try:
-        with _rng_kept(model):
-            return _training_failure(model, ctx.sizes, ctx.scales, lead, index)
+        with rng_kept(model):
+            return training_failure(model, ctx.sizes, ctx.scales, lead, index)
     finally:
         ctx.sampling = sampling
 
@@ -238,11 +218,10 @@ def _training_failure_at(model: nn.Module, ctx: ScaleContext, index: int, lead: 
 @torch.no_grad()
 def _blend_into(target: nn.Module, low: nn.Module, high: nn.Module, t: float) -> None:
     """target's floating tensors = (1 - t) * low's + t * high's (counters are left as copied)."""
-    named = lambda m: dict(m.named_parameters()) | dict(m.named_buffers())  # noqa: E731
-    lows, highs = named(low), named(high)
-    for name, tensor in named(target).items():
+    blended = blended_state(low, high, t)
+    for name, tensor in list(target.named_parameters()) + list(target.named_buffers()):
         if tensor.is_floating_point():
-            tensor.copy_(torch.lerp(lows[name], highs[name], t))
+            tensor.copy_(blended[name])
 
 
 def _measure_entry_size(model: nn.Module, ctx: ScaleContext, hw: HW, source: int,
@@ -253,10 +232,10 @@ def _measure_entry_size(model: nn.Module, ctx: ScaleContext, hw: HW, source: int
     sees in the same forward, or is cleared when that size does not tell the new scale apart.
     """
     layers = dict(scale_specific_layers(model))
-    log = _SizeLog(model, {id(layer) for layer in layers.values()})
+    log = SizeLog(model, {id(layer) for layer in layers.values()})
     try:
-        with scale(model, ctx.scales[source]), _rng_kept(model):  # the caller's RNG stream stays
-            _run_at_every_scale(model, [hw], [tuple(hw)], lead, log)
+        with scale(model, ctx.scales[source]), rng_kept(model):  # the caller's RNG stream stays
+            run_at_every_scale(model, [hw], [tuple(hw)], lead, log)
     finally:
         log.remove()
     seen = log.records[0]

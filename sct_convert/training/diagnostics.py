@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..core.model import context_of, scale_specific_layers, unwrap
+from ..core.scales import scale_key
 
 Row = Dict[str, Union[str, int, float]]
 
@@ -28,10 +29,6 @@ def symmetric_kl(mu_a: torch.Tensor, var_a: torch.Tensor, mu_b: torch.Tensor, va
     var_a, var_b = var_a.double() + eps, var_b.double() + eps
     kl = 0.5 * (_gaussian_kl(mu_a, var_a, mu_b, var_b) + _gaussian_kl(mu_b, var_b, mu_a, var_a))
     return float(kl.mean())
-
-
-def _label(s: object) -> str:
-    return f"{s[0]}x{s[1]}" if isinstance(s, tuple) else str(s)
 
 
 def branch_divergence(model: nn.Module, plot: Optional[str] = None) -> List[Row]:
@@ -53,7 +50,7 @@ def branch_divergence(model: nn.Module, plot: Optional[str] = None) -> List[Row]
             a, b = layer.branches[ka], layer.branches[kb]
             rows.append({
                 "layer": name, "index": index, "depth": index / max(n - 1, 1),
-                "pair": f"{_label(sa)}-{_label(sb)}",
+                "pair": f"{scale_key(sa)}-{scale_key(sb)}",
                 "divergence": symmetric_kl(a.running_mean, a.running_var, b.running_mean, b.running_var),
             })
     if plot:
@@ -63,11 +60,8 @@ def branch_divergence(model: nn.Module, plot: Optional[str] = None) -> List[Row]
 
 def plot_divergence(rows: List[Row], path: str, title: str = "S-BN branch divergence") -> None:
     """Divergence against layer index, one line per pair of scales; writes a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own, not pyplot's: the caller's backend and open figures are left alone
+        from matplotlib.figure import Figure
     except ImportError as e:
         from .._utils.environment import install_command
 
@@ -75,7 +69,8 @@ def plot_divergence(rows: List[Row], path: str, title: str = "S-BN branch diverg
     if not any(float(r["divergence"]) > 0 for r in rows):
         raise ValueError("every branch still has the same statistics (a freshly converted model): "
                          "there is no divergence to plot; train or calibrate first")
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     for pair in dict.fromkeys(r["pair"] for r in rows):
         pts = [(r["index"], r["divergence"]) for r in rows if r["pair"] == pair]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=pair)
@@ -86,4 +81,3 @@ def plot_divergence(rows: List[Row], path: str, title: str = "S-BN branch diverg
     ax.legend(title="scales")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
