@@ -97,6 +97,30 @@ def resize(x: np.ndarray, hw: Sequence[int], antialias: bool = True) -> np.ndarr
     return out.astype(x.dtype, copy=False)
 
 
+def open_session(path: str, *, providers: Sequence[str] = ("CPUExecutionProvider",), options: Optional[Any] = None,
+                 threads: Optional[int] = None, quiet: bool = False) -> Any:
+    """An ``onnxruntime.InferenceSession`` over ``path``: the one place sct-convert opens one.
+
+    Args:
+        path: the ONNX file.
+        providers: onnxruntime execution providers (default: the CPU).
+        options: an ``onnxruntime.SessionOptions`` to start from (a new one by default).
+        threads: intra-op threads (default: onnxruntime's choice, every core).
+        quiet: no onnxruntime log output (for a caller that reports the failure itself).
+
+    Returns:
+        The session.
+    """
+    import onnxruntime as ort
+
+    options = options if options is not None else ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if quiet:
+        options.log_severity_level = 4
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
 class CascadeSession:
     """An onnxruntime session over a cascade's ONNX file (``sct.export_onnx(cascade, path)``).
 
@@ -108,13 +132,11 @@ class CascadeSession:
 
     def __init__(self, path: str, providers: Sequence[str] = ("CPUExecutionProvider",),
                  options: Optional[Any] = None) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        self.session = open_session(path, providers=providers, options=options)
         meta: Dict[str, str] = self.session.get_modelmeta().custom_metadata_map
-        if "sct_convert.serving.cascade" not in meta:
+        if "sct_convert.cascade" not in meta:
             raise ValueError(f"{path} holds no cascade: export one with sct.export_onnx(cascade, path)")
-        spec = json.loads(meta["sct_convert.serving.cascade"])
+        spec = json.loads(meta["sct_convert.cascade"])
         self.confidence: str = spec["confidence"]
         self.antialias: bool = bool(spec["antialias"])
         self.stages: List[Tuple[Tuple[int, int], Optional[float], int]] = [

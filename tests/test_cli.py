@@ -132,7 +132,7 @@ def test_calibrate_and_diagnose(tmp_path):
     r = run("diagnose", out, "--plot", tmp_path / "d.png")
     assert r.exit_code == 0, r.output
     assert "96-64" in r.output and (tmp_path / "d.png").exists()
-    assert_one_line_error(run("calibrate", good, "--images", tmp_path / "nope", "--out", out), "not a directory")
+    assert_one_line_error(run("calibrate", good, "--images", tmp_path / "nope", "--out", out), "does not exist")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run("calibrate", good, "--images", tmp_path / "empty", "--out", out), "cannot read images")
 

@@ -160,10 +160,11 @@ def test_onnx_metadata_is_read_back_by_inspect(model, switchable_onnx):
     meta = read_deploy_metadata(switchable_onnx)
     assert json.loads(meta["scales"]) == SCALES and meta["routing"] == "nearest"
     assert meta["arch"] == "test_resnet" and meta["source"] == "timm" and meta["num_classes"] == "7"
-    assert meta["sct_convert_version"] == sct.__version__
+    assert json.loads(meta["versions"])["sct_convert"] == sct.__version__  # the checkpoints' schema
     result = CliRunner().invoke(cli, ["inspect", str(switchable_onnx)])
     assert result.exit_code == 0, result.output
     assert "64, 48, 32" in result.output and "every scale" in result.output
+    assert f"sct-convert {sct.__version__}, torch {torch.__version__}" in result.output
 
 
 @pytest.mark.parametrize("scale", [None, 48], ids=["switchable", "per-scale"])

@@ -129,7 +129,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0o600
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - Ctrl-C too: the temp file goes, the error is re-raised
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError):

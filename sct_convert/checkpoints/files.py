@@ -7,7 +7,6 @@ What a file records is :mod:`sct_convert.checkpoints.format`; how weights go int
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
@@ -19,7 +18,7 @@ from torch import nn
 from ..core.scales import Scale, normalize_scale, scale_key, scales_to_json, split_branch_key
 from .._utils.progress import Steps
 from .._utils.files import PathLike, atomic_save, atomic_save_model, writable_directory
-from .format import (FORMAT, PLAIN_FORMAT, base_metadata, checked_metadata, file_scales,
+from .format import (FORMAT, PLAIN_FORMAT, base_metadata, checked_metadata, file_scales, versions_of,
                        read_metadata)
 from .weights import load_state_dict_strict
 from ..conversion.rewrite import convert_in_order
@@ -256,7 +255,7 @@ def describe(path: PathLike) -> Dict[str, object]:
         "params_per_extra_scale": branch_params,
         "bytes_per_extra_scale": branch_bytes,
         "overhead_per_extra_scale": branch_params / max(shared + branch_params, 1),
-        "versions": json.loads(meta.get("versions", "{}")),
+        "versions": versions_of(meta, path),
     }
 
 

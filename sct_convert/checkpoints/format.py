@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from torchvision.models.detection.ssd import SSDClassificationHead
+from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
 
 from .._utils.files import PathLike
 from ..core.errors import FileFormatError
@@ -29,7 +31,8 @@ PLAIN_FORMAT = "sct-convert/plain"
 FORMAT_VERSION = "1"
 
 
-def _versions() -> str:
+def versions_json() -> str:
+    """The versions that write a file (sct-convert, torch, torchvision, timm), as JSON: every file's ``versions`` field."""
     import timm
     import torchvision
 
@@ -41,11 +44,26 @@ def _versions() -> str:
     )
 
 
+def versions_of(meta: Dict[str, str], path: PathLike = "the file") -> Dict[str, str]:
+    """Inverse of :func:`versions_json` on a file's metadata (``{}`` where it records none);
+    :class:`FileFormatError` naming ``path`` when the field is not that JSON."""
+    text = meta.get("versions")
+    if text is None:
+        return {}
+    try:
+        versions = json.loads(text)
+    except json.JSONDecodeError:
+        versions = None
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise FileFormatError(f"{path}: metadata field 'versions' is not a JSON object of version strings: {text[:80]!r}")
+    return versions
+
+
 def num_classes_of(model: nn.Module) -> Optional[int]:
     """How many classes ``model`` predicts, where its head tells (classifier, detection or segmentation head)."""
     for m in model.modules():  # the model (timm), or a detection head (RetinaNet, FCOS, SSD)
         n = getattr(m, "num_classes", None)
-        if not isinstance(n, int) and type(m).__name__.endswith("ClassificationHead"):
+        if not isinstance(n, int) and isinstance(m, (SSDClassificationHead, SSDLiteClassificationHead)):
             n = getattr(m, "num_columns", None)  # torchvision's SSD heads
         if isinstance(n, int):
             return n
@@ -103,7 +121,7 @@ def _input_layout(model: nn.Module) -> str:
 
 
 def base_metadata(model: nn.Module, arch: Optional[str], source: Optional[str]) -> Dict[str, str]:
-    return {"format_version": FORMAT_VERSION, **model_metadata(model, arch, source), "versions": _versions()}
+    return {"format_version": FORMAT_VERSION, **model_metadata(model, arch, source), "versions": versions_json()}
 
 
 
@@ -116,7 +134,7 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+    except (SafetensorError, OSError) as e:
         raise FileFormatError(
             f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
         ) from None

@@ -28,7 +28,7 @@ CHECKPOINT_ENTRIES = ("state_dict", "model", "state_dict_ema")
 def _unsafe_globals(path: Path) -> List[str]:
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # noqa: BLE001 - not a zip checkpoint: nothing to name
+    except (ValueError, RuntimeError, OSError):  # not a zip checkpoint (legacy or corrupt): nothing to name
         return []
 
 
@@ -54,7 +54,7 @@ def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a legacy or corrupt pickle: torch raises many types
+    except Exception as e:  # noqa: BLE001 - weights_only unpickling of any bytes: UnpicklingError, EOFError, RuntimeError, ...
         raise UnsafeCheckpointError(
             f"refusing to read {path}: torch.load(weights_only=True) cannot read it ({type(e).__name__}); "
             "re-save the weights with safetensors (safetensors.torch.save_file) or as a plain state dict"

@@ -112,10 +112,12 @@ def _same_file(a: str, b: str) -> bool:
 def inspect_cmd(file):
     """Print a file's architecture, scales and routing (combined .safetensors, .onnx or .pt2)."""
     if str(file).endswith((".onnx", ".pt2")):
+        from ..checkpoints.format import versions_of
+        from ..core.scales import scales_from_json
         from ..deploy.api import read_deploy_metadata
 
         meta = read_deploy_metadata(file)
-        scales = [tuple(v) if isinstance(v, list) else v for v in json.loads(meta.get("scales", "[]"))]
+        scales = scales_from_json(meta.get("scales", "[]"))
         click.echo(f"file:            {file} ({meta.get('format')})")
         click.echo(f"architecture:    {meta.get('arch')} ({meta.get('source')})")
         click.echo(f"scales:          {', '.join(map(scale_text, scales))}")
@@ -132,8 +134,7 @@ def inspect_cmd(file):
         click.echo(f"num classes:     {meta.get('num_classes', '?')}")
         layout = meta.get("input_layout") or "(N, C, H, W)"
         click.echo(f"input:           {meta.get('input_name')} {layout.replace('C', meta.get('in_chans') or 'C', 1)}")
-        click.echo(f"written by:      sct-convert {meta.get('sct_convert_version')}, "
-                   f"torch {meta.get('torch_version')}")
+        click.echo(f"written by:      {versions_text(versions_of(meta, file))}")
         return
     from ..checkpoints.files import describe
 
@@ -150,6 +151,12 @@ def inspect_cmd(file):
         f"({100 * info['overhead_per_extra_scale']:.2f}%), "
         f"+{human_bytes(info['bytes_per_extra_scale'])} on disk"
     )
+    click.echo(f"written by:      {versions_text(info['versions'])}")
+
+
+def versions_text(versions: Dict[str, str]) -> str:
+    """What wrote a file, from its ``versions`` field: ``sct-convert 0.1.0, torch 2.15.0, ...``."""
+    return ", ".join(f"{name.replace('_', '-')} {v}" for name, v in versions.items()) or "(not recorded)"
 
 
 def _detector_file_lines(meta: Dict[str, str]) -> None:

@@ -8,6 +8,7 @@ not trace is audited from its module tree. A batch norm that cannot be branched 
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
@@ -19,6 +20,8 @@ from torch import nn
 
 from ..core.batchnorm import is_batch_norm
 from ..core.errors import ConversionError
+
+logger = logging.getLogger(__name__)
 
 _FUNCTIONAL_BATCH_NORMS = {F.batch_norm, torch.batch_norm}
 
@@ -141,9 +144,13 @@ def find_batch_norms(model: nn.Module) -> Tuple[List[Tuple[str, nn.Module]], Con
     report = ConversionReport()
     try:
         graph = BatchNormTracer().trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure falls back to the module tree
+    except Exception as e:  # noqa: BLE001 - FX runs the model's own forward on proxies: it fails in any type
+        # The module-tree audit is the stricter one (it refuses modules that may apply batch norm
+        # functionally), so this fallback never converts less; the report and the log say it happened.
         report.traced = False
         report.trace_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        logger.info("torch.fx cannot trace %s (%s): batch norms audited from the module tree",
+                    type(model).__name__, report.trace_error)
         _audit_module_tree(model)
     else:
         report.functional_owners = _audit_graph(model, graph, report)

@@ -304,7 +304,7 @@ def sampling_forward(model: torch.nn.Module, forward: Callable, ctx: ScaleContex
                 call_args, {**call_kwargs, name: x})
         try:
             outputs.append(call_with(ctx, route, forward, model, *call_args, **call_kwargs))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - re-raised as it is, with a note naming the scale
             # e.g. a train-only aux head too big for a small scale: say which scale it was
             if hasattr(e, "add_note") and isinstance(x, torch.Tensor):
                 e.add_note(f"sct_convert: raised by the train-mode forward at scale {s!r} "

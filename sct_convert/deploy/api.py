@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequ
 import torch
 from torch import nn
 
-from ..core.scales import Scale, model_device, normalize_scale, scale_key
+from ..core.scales import Scale, model_device, normalize_scale, scale_key, scales_to_json
 from ..core.model import context_of, extract, unwrap
 from ..training.dense import iter_tensors
 from .._utils.modes import run_mode
+from ..runtime import open_session
 from .._utils.files import PathLike, atomic_write
-from ..checkpoints.format import model_metadata
+from ..checkpoints.format import model_metadata, versions_json
 from .._utils.progress import Steps
 from .onnx_trace import DEFAULT_OPSET, INPUT_NAME, missing_onnx, require_onnx, to_onnx, unfolded_onnx
 from .program import (checked_program, example_for, export_program_object, probe_inputs, refuse_upstream_limits)
@@ -55,15 +56,12 @@ PARTS = ("model", "core")
 
 def deploy_metadata(model: nn.Module, scale: Optional[Scale], fmt: str) -> Dict[str, str]:
     """What a deployment file records: format, scales, routing, architecture and versions."""
-    from .._version import __version__
-
     ctx = context_of(model)
     meta = {
         "format": fmt,
-        "sct_convert_version": __version__,
-        "torch_version": torch.__version__,
         **model_metadata(unwrap(model)),
-        "scales": json.dumps([list(s) if isinstance(s, tuple) else s for s in ctx.scales]),
+        "versions": versions_json(),
+        "scales": scales_to_json(ctx.scales),
         "input_name": INPUT_NAME,
     }
     meta["arch"] = meta["arch"] or type(unwrap(model)).__name__
@@ -272,11 +270,12 @@ def read_deploy_metadata(path: PathLike) -> Dict[str, str]:
     if path.suffix == ".onnx":
         try:
             import onnx
+            from google.protobuf.message import DecodeError
         except ImportError:
             raise missing_onnx() from None
         try:
             props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        except Exception as e:  # noqa: BLE001 - onnx raises its own decode errors
+        except (DecodeError, OSError, ValueError) as e:  # protobuf's, for bytes that are not a model
             raise ValueError(f"{path} is not a readable ONNX file: {str(e).splitlines()[0][:200]}") from None
         meta = {k[len("sct_convert."):]: v for k, v in props.items() if k.startswith("sct_convert.")}
     else:
@@ -311,15 +310,12 @@ def onnx_max_relative_error(model: nn.Module, path: PathLike, sizes: Sequence[Tu
         in order, with the file's outputs).
     """
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         raise missing_onnx() from None
     ctx = context_of(model)
     lead = tuple(ctx.probe_lead)
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_session(path, threads=threads)
     name = session.get_inputs()[0].name
     g = torch.Generator().manual_seed(seed)
     errors = []

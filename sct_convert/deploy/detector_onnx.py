@@ -17,13 +17,12 @@ used as soon as the installed torch can do without it. The file's metadata recor
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +31,8 @@ from torch import nn
 from ..core.model import context_of, extract, unwrap
 from .._utils.files import PathLike, atomic_write
 from ..core.scales import HW, Scale, scale_key
+from ..runtime import open_session
+from .onnx_trace import INPUT_NAME
 
 #: The second input of a switchable detector core: the side its batch was resized to.
 SIZE_INPUT = "size"
@@ -67,16 +68,15 @@ def _images(hw: HW, seed: int) -> torch.Tensor:
 
 def _export(plain: nn.Module, image: torch.Tensor, names: List[str], path: str, opset: int,
             route: str) -> None:
-    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    with quiet[0], quiet[1], warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript tracer's warnings about Python values
         if route == "dynamo":
-            torch.onnx.export(plain, ([image],), path, dynamo=True, opset_version=max(opset, 18),
-                              input_names=["images"], output_names=names,
+            torch.onnx.export(plain, ([image],), path, dynamo=True, opset_version=max(opset, 18), verbose=False,
+                              input_names=[INPUT_NAME], output_names=names,
                               dynamic_shapes=(([{1: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO}],),))
         else:
             torch.onnx.export(plain, ([image],), path, dynamo=False, opset_version=min(opset, 17),
-                              input_names=["images"], output_names=names,
+                              input_names=[INPUT_NAME], output_names=names,
                               dynamic_axes={"images": [1, 2], **{n: [0] for n in names}})
 
 
@@ -154,16 +154,27 @@ def _check(path: str, plain: nn.Module, names: List[str], sizes: Sequence[HW],
     """Run the file at each of ``sizes`` against the plain detector: the largest difference, and
     how many detections were matched in all (0: none scored clearly above the others, as with a
     random-init model, so the check only saw the file run); ``ValueError`` beyond ``tolerance``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = open_session(path, quiet=True)
     results = [_compare(session, plain, names, hw, seed) for seed, hw in enumerate(sizes)]
     worst = max(error for error, _ in results)
     if worst > tolerance:
         raise ValueError(f"detections differ from eager by {worst:.2e} (tolerance {tolerance:.0e})")
     return worst, sum(n for _, n in results)
+
+
+T = TypeVar("T")
+
+
+def first_route_that_works(routes: Sequence[str], attempt: Callable[[str], T], refusal: Callable[[str], str]) -> T:
+    """``attempt(route)`` for each exporter route in turn: the first that returns; when every one
+    fails, a ``ValueError`` with ``refusal(reasons)``, the reasons naming each route's failure."""
+    failures = []
+    for route in routes:
+        try:
+            return attempt(route)
+        except Exception as e:  # noqa: BLE001 - an exporter or the runtime fails in any type; each reason is reported
+            failures.append(f"{route}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    raise ValueError(refusal("; ".join(failures)))
 
 
 def write_detector_onnx(model: nn.Module, path: PathLike, scale: Scale, meta: Dict[str, str], *,
@@ -185,33 +196,25 @@ def write_detector_onnx(model: nn.Module, path: PathLike, scale: Scale, meta: Di
     image = _images(hw, 0)
     with torch.no_grad():
         names = list(plain([image])[0].keys())
-    failures: List[Tuple[str, str]] = []
+    def attempt(tmp: str, route: str) -> None:
+        _export(plain, image, names, tmp, opset, route)
+        on_step(f"traced scale {scale_key(hw)} ({route})")
+        checked = _check(tmp, plain, names, check_sizes(hw), tolerance) if check else None
+        proto = onnx.load(tmp)
+        props = {**meta, "exporter": route, "outputs": ",".join(names),
+                 "input_layout": "one (3, H, W) image, any size (the transform resizes it)"}
+        if checked is not None:
+            props["max_error"], props["checked_detections"] = f"{checked[0]:.2e}", str(checked[1])
+        onnx.helper.set_model_props(proto, {f"sct_convert.{k}": v for k, v in props.items()})
+        onnx.save_model(proto, tmp)
+        on_step("checked in onnxruntime" if check else "written")
 
-    def write(tmp: str) -> None:
-        for route in routes:
-            try:
-                _export(plain, image, names, tmp, opset, route)
-                on_step(f"traced scale {scale_key(hw)} ({route})")
-                checked = _check(tmp, plain, names, check_sizes(hw), tolerance) if check else None
-            except Exception as e:  # noqa: BLE001 - every way a route fails is reported below
-                failures.append((route, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
-                continue
-            proto = onnx.load(tmp)
-            props = {**meta, "exporter": route, "outputs": ",".join(names),
-                     "input_layout": "one (3, H, W) image, any size (the transform resizes it)"}
-            if checked is not None:
-                props["max_error"], props["checked_detections"] = f"{checked[0]:.2e}", str(checked[1])
-            onnx.helper.set_model_props(proto, {f"sct_convert.{k}": v for k, v in props.items()})
-            onnx.save_model(proto, tmp)
-            on_step("checked in onnxruntime" if check else "written")
-            return
-        raise ValueError(
-            f"no exporter writes a working ONNX file of {type(plain).__name__} at scale {scale_key(hw)} "
-            f"with torch {torch.__version__}: " + "; ".join(f"{r}: {why}" for r, why in failures)
-            + "; nothing was written. The limit is upstream (torchvision's detector as it is); "
-            "sct.save_per_scale writes checkpoints that load into the plain model")
+    def refusal(reasons: str) -> str:
+        return (f"no exporter writes a working ONNX file of {type(plain).__name__} at scale {scale_key(hw)} "
+                f"with torch {torch.__version__}: {reasons}; nothing was written. The limit is upstream "
+                "(torchvision's detector as it is); sct.save_per_scale writes checkpoints that load into the plain model")
 
-    return atomic_write(path, write)
+    return atomic_write(path, lambda tmp: first_route_that_works(routes, functools.partial(attempt, tmp), refusal))
 
 
 def _torchscript_core(core: nn.Module, x: torch.Tensor, names: List[str], opset: int) -> Any:
@@ -230,11 +233,10 @@ def _torchscript_core(core: nn.Module, x: torch.Tensor, names: List[str], opset:
     with torch.no_grad():
         ranks = [v.dim() for v in core(x).values()]
     axes = {"images": [0, 2, 3], **{n: list(range(r)) for n, r in zip(names, ranks)}}
-    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
-    with quiet[0], quiet[1], warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(Flat().eval(), (x,), buffer, dynamo=False, opset_version=min(opset, 17),
-                          input_names=["images"], output_names=names, dynamic_axes=axes)
+                          input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes)
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -263,7 +265,7 @@ def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str
     """
     import onnx
 
-    from .onnx_trace import INPUT_NAME, unfolded_onnx
+    from .onnx_trace import unfolded_onnx
     from ..detection.split import (DetectorCore, check_core_sides, core_example, core_sides, detector_core,
                                 detector_postprocess, detector_preprocess)
     from ..core.model import scale as pinned_scale
@@ -293,12 +295,10 @@ def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str
         if not check:
             return {}
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError:
             return {}
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        session = open_session(file, quiet=True)
         core, raw, worst, matched = detector_core(model), 0.0, 0.0, 0
         with torch.no_grad(), run_mode(model):
             for i in served:
@@ -320,19 +320,16 @@ def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str
         return {"sct_convert.max_core_error": f"{raw:.2e}", "sct_convert.max_error": f"{worst:.2e}",
                 "sct_convert.checked_detections": str(matched)}
 
-    failures: List[Tuple[str, str]] = []
-    for route in routes:
+    def attempt(route: str) -> Path:
         props = {**meta, "exporter": route, "outputs": ",".join(names), "sides": json.dumps(
             [sides[i] for i in served])}
         build = functools.partial(lambda store, route: switchable_model(
             branches(route), [ctx.sizes[i] for i in served], [scale_key(ctx.sizes[i]) for i in served], INPUT_NAME,
             store, router=lambda _, table, prefix: onnx_core_route_nodes(SIZE_INPUT, table, prefix),
             table=[sides[i] for i in served], extra_inputs=[size_input]), route=route)
-        try:
-            return write_onnx(path, build, {f"sct_convert.{k}": v for k, v in props.items()}, (), on_step, verify)
-        except Exception as e:  # noqa: BLE001 - every way a route fails is reported below
-            failures.append((route, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
-    raise ValueError(
+        return write_onnx(path, build, {f"sct_convert.{k}": v for k, v in props.items()}, (), on_step, verify)
+
+    return first_route_that_works(routes, attempt, lambda reasons: (
         f"no exporter writes a working ONNX core of {type(unwrap(model)).__name__} with torch {torch.__version__}: "
-        + "; ".join(f"{r}: {why}" for r, why in failures) + "; nothing was written. Per-scale files of the whole "
-        "detector (part='model', scale=...) and sct.save_per_scale checkpoints are the other ways to ship it")
+        f"{reasons}; nothing was written. Per-scale files of the whole detector (part='model', scale=...) and "
+        "sct.save_per_scale checkpoints are the other ways to ship it"))

@@ -34,6 +34,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from ..core.scales import Scale
 from .._utils.files import PathLike, atomic_write, staging_directory
 from ..core.rule import onnx_route_nodes
+from ..runtime import open_session
 
 ROUTE = "sct_route/"
 _Message = TypeVar("_Message", onnx.ModelProto, TensorProto)
@@ -281,13 +282,10 @@ def check_runs(path: PathLike, probes: Sequence[Tuple[Scale, torch.Tensor]],
     """
     if not will_check(probes):
         return
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # the failure is reported below, once
     s: Any = None
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = open_session(path, quiet=True)  # the failure is reported below, once
         for s, x in probes:  # noqa: B007 - the failing scale is named below
             session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
             on_step(f"ran scale {s} in onnxruntime")

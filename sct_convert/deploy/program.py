@@ -74,13 +74,16 @@ def trace(module: nn.Module, x: torch.Tensor, dynamic_size: bool) -> "torch.expo
         warnings.simplefilter("ignore", UserWarning)
         try:
             program = torch.export.export(module, (x,), dynamic_shapes=dynamic_shapes(x, dynamic_size), strict=False)
-        except Exception:
+        except Exception as first:  # noqa: BLE001 - torch.export fails in many types (UserError, guard and constraint errors, RuntimeError)
             if x.dim() != 5:
                 raise
             # a clip model whose frame count torch.export cannot keep symbolic (s3d's pooling
-            # arithmetic): the frames stay at the example's length
-            program = torch.export.export(module, (x,), dynamic_shapes=dynamic_shapes(x, dynamic_size, frames=False),
-                                          strict=False)
+            # arithmetic): the frames stay at the example's length; if that fails too, both errors show
+            try:
+                program = torch.export.export(module, (x,), strict=False,
+                                              dynamic_shapes=dynamic_shapes(x, dynamic_size, frames=False))
+            except Exception as second:  # noqa: BLE001 - as above
+                raise second from first
     if dynamic_size:
         check_size_stays_dynamic(program, x)
     return program

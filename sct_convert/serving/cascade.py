@@ -197,7 +197,7 @@ class Cascade(nn.Module):
         return CascadeResult(logits, answered, macs)
 
     def metadata(self) -> Dict[str, str]:
-        """What a file records of the cascade (``sct_convert.serving.cascade``, JSON): stages, thresholds,
+        """What a file records of the cascade (``sct_convert.cascade``, JSON): stages, thresholds,
         sizes, MACs, the confidence rule and the resize's antialiasing."""
         return {"cascade": json.dumps({
             "confidence": self.confidence, "antialias": bool(context_of(self.model).antialias),

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.googlenet import GoogLeNetOutputs
+from torchvision.models.inception import InceptionOutputs
 
 from ..core.route import Route, pinned
 from ..core.context import ScaleContext
@@ -36,10 +38,9 @@ def split_aux(output: Any) -> Tuple[Any, List[Tuple[torch.Tensor, float]]]:
 
     Any other output is its own main output, with no aux terms.
     """
-    name = type(output).__name__
-    if name == "GoogLeNetOutputs":
+    if isinstance(output, GoogLeNetOutputs):
         return output.logits, [(t, 0.3) for t in (output.aux_logits1, output.aux_logits2) if t is not None]
-    if name == "InceptionOutputs":
+    if isinstance(output, InceptionOutputs):
         return output.logits, ([(output.aux_logits, 0.4)] if output.aux_logits is not None else [])
     return output, []
 
