@@ -146,7 +146,7 @@ def main():
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per latency cell")
     p.add_argument("--arms", default=";".join(ARMS), help="semicolon-separated")
     p.add_argument("--out", default="benchmarks/results/cascade_fmnist.json")
-    p.add_argument("--plot", default="docs/cascade_fmnist.png")
+    p.add_argument("--plot", default="docs/figures/cascade_fmnist.png")
     args = p.parse_args()
     args.seeds_list = [int(s) for s in args.seeds.split(",")]
     if args.threads:

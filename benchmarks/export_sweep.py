@@ -10,7 +10,7 @@ says so). One CSV row per model,
 with export seconds, file size and the max relative error; a failure names the operator or the
 reason. Rows are appended as models finish and a rerun skips models already in the CSV.
 
-    python benchmarks/export_sweep.py --only @benchmarks/results/zoo_sample_issue13.txt
+    python benchmarks/export_sweep.py --only @benchmarks/results/zoo_sample.txt
     python benchmarks/export_sweep.py --only torchvision/resnet18,timm/resnet50
     python benchmarks/export_sweep.py --only @FILE --workers 14 --threads 1   # a many-core host
     python benchmarks/export_sweep.py --summary                                # the table of a CSV

@@ -1,4 +1,4 @@
-"""Draw docs/routing.png: the picture of Scale-Specific BN routing in the README.
+"""Draw docs/figures/routing.png: the picture of Scale-Specific BN routing in the README.
 
     python docs/make_figure.py
 """
@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
 
 SCALES = [(224, "#1f77b4"), (192, "#ff7f0e"), (128, "#2ca02c")]
-OUT = Path(__file__).with_name("routing.png")
+OUT = Path(__file__).with_name("figures") / "routing.png"
 
 
 def box(ax, x, y, w, h, text, color="#eeeeee", edge="#555555", size=9, weight="normal"):

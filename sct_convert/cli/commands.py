@@ -35,6 +35,7 @@ def cli() -> None:
     sct-convert calibrate model.safetensors --images DIR --out calibrated.safetensors
     sct-convert diagnose model.safetensors [--plot divergence.png]
     sct-convert evaluate resnet50 --pretrained --images val/ --scales 224,160,128 --out report.csv
+    sct-convert cascade model.safetensors --images val/ --max-drop 0.5 --out model.safetensors
     """
 
 
@@ -261,8 +262,9 @@ def export_cmd(file, fmt, scale_option, out, model_name, part):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--images", required=True, type=click.Path(file_okay=False), help="ImageFolder-style directory (labels unused).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Calibrated combined .safetensors to write.")
-@click.option("--batches", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batches", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Batches of images to estimate each scale's statistics from.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--add-scale", "add", default=None, help="Add this scale (e.g. 160 or 160x128) before calibrating.")
 @clean_errors
 def calibrate_cmd(file, images, out, batches, batch_size, add):

@@ -66,7 +66,7 @@ def _floats(text: Optional[str], option: str) -> Optional[Tuple[float, ...]]:
 @click.option("--calibrate-images", default=None, type=click.Path(), help="Images for the calibrated arm (default: hold out part of --images).")
 @click.option("--holdout", default=1000, show_default=True, type=click.IntRange(min=1), help="Images of --images held out for calibration when --calibrate-images is not given.")
 @click.option("--max-images", default=None, type=click.IntRange(min=1), help="Score at most this many images.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--mean", default=None, help="Override the data config's mean, e.g. 0.286 or 0.485,0.456,0.406.")
 @click.option("--std", default=None, help="Override the data config's std.")
 @click.option("--crop-pct", default=None, type=click.FloatRange(min=0.01, max=1.0), help="Override crop_pct (resize to size / crop_pct, then center crop).")
@@ -119,9 +119,10 @@ def evaluate_cmd(model_arg, images, scales, out, plot, checkpoint, pretrained, s
 @click.option("--max-drop", default=0.5, show_default=True, type=float, help="Top-1 points the cascade may lose against the best single scale.")
 @click.option("--budget", default=None, type=float, help="Instead: the most accurate cascade within this fraction of the largest scale's MACs.")
 @click.option("--stages", default=None, help="Scales to use, e.g. 32,16 (default: choose among all).")
-@click.option("--confidence", type=click.Choice(["softmax", "margin"]), default="softmax", show_default=True)
+@click.option("--confidence", type=click.Choice(["softmax", "margin"]), default="softmax", show_default=True,
+              help="How sure a stage is of a row: the top softmax probability, or its margin over the second.")
 @click.option("--max-images", default=None, type=click.IntRange(min=1), help="Fit on at most this many images.")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="DataLoader worker processes.")
 @clean_errors
 def cascade_cmd(file, images, out, max_drop, budget, stages, confidence, max_images, batch_size, workers):

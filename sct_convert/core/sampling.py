@@ -63,6 +63,9 @@ class ScaleOutputs(tuple):
         obj.scales = scales
         return obj
 
+    def __init__(self, outputs: Iterable[Any], scales: Optional[Sequence[Scale]] = None) -> None:
+        super().__init__()  # the tuple is built in __new__; this states the signature
+
     def __reduce__(self):
         return (ScaleOutputs, (tuple(self), self.scales))
 
