@@ -26,7 +26,7 @@ import timm
 import torch
 
 import sct_convert as sct
-from sct_convert.deploy.api import _onnx_branches
+from sct_convert.deploy.api import onnx_branches
 from sct_convert.deploy.onnx_trace import DEFAULT_OPSET
 
 
@@ -64,7 +64,7 @@ def main() -> None:
             model = sct.convert(timm.create_model(name), scales).eval()
             switchable_path = sct.export_onnx(model, Path(tmp) / f"{name}.onnx")
             switchable = session(switchable_path, args.threads)
-            branches = _onnx_branches(model, DEFAULT_OPSET, None)
+            branches = onnx_branches(model, DEFAULT_OPSET, None)
             for s, branch_proto in zip(scales, branches):
                 static_path = sct.export_onnx(model, Path(tmp) / f"{name}_{s}.onnx", scale=s)
                 static = session(static_path, args.threads)

@@ -181,15 +181,15 @@ def detector_file_row(model, path, scale) -> str:
     ``sct.extract(model, scale)`` on two more image sizes in onnxruntime (matched as the export's
     own check matches them)."""
     from sct_convert.deploy.api import read_deploy_metadata
-    from sct_convert.deploy.detector_onnx import _check, _images
+    from sct_convert.deploy.detector_onnx import check_detector_file, structured_image
 
     meta = read_deploy_metadata(path)
     plain = sct.extract(model, scale).eval()
     names = meta["outputs"].split(",")
     sizes = [(280, 360), (400, 300)]
-    error, _ = _check(path, plain, names, sizes, float("inf"))
+    error, _ = check_detector_file(path, plain, names, sizes, float("inf"))
     with torch.no_grad():
-        found = [len(plain([_images(hw, seed)])[0]["scores"]) for seed, hw in enumerate(sizes)]
+        found = [len(plain([structured_image(hw, seed)])[0]["scores"]) for seed, hw in enumerate(sizes)]
     return (f"ok via {meta['exporter']}, max error {error:.1e} at 280x360, 400x300 ({found[0]}, {found[1]} "
             f"eager detections; the export's own check: {meta.get('max_error')})")
 
@@ -201,7 +201,7 @@ def detector_core_row(model, path) -> str:
     import onnxruntime as ort
 
     from sct_convert.deploy.api import read_deploy_metadata
-    from sct_convert.deploy.detector_onnx import _images, compare_detections
+    from sct_convert.deploy.detector_onnx import structured_image, compare_detections
 
     try:
         sct.export_onnx(model, path, part="core")
@@ -211,7 +211,7 @@ def detector_core_row(model, path) -> str:
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     sizes = [(280, 360), (400, 300), (200, 420)]
-    images = [_images(hw, 10 + seed) for seed, hw in enumerate(sizes)]
+    images = [structured_image(hw, 10 + seed) for seed, hw in enumerate(sizes)]
     worst, matched = 0.0, 0
     with torch.no_grad():
         for s in sct.scales_of(model):

@@ -82,7 +82,7 @@ def writable_directory(path: PathLike, what: str = "files") -> Path:
     for parent in [path, *path.parents]:
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"cannot write {what} to {path}: {parent} is a file")
+                raise ValueError(f"cannot write {what} to {path}: {parent} is a file, not a directory")
             if not os.access(parent, os.W_OK):
                 raise ValueError(f"cannot write {what} to {path}: {parent} is not writable")
             break

@@ -221,7 +221,9 @@ def onnx_route_nodes(input_name: str, sizes: Sequence[HW], prefix: str) -> Tuple
         node("Gather", [r + "shape", r + "w_axis"], [r + "w"], axis=0, name=r + "w"),
         node("Mul", [r + "h", r + "w"], [r + "hw"], name=r + "hw"),
         node("Sub", [r + "pixels", r + "hw"], [r + "diff"], name=r + "diff"),
-        node("Abs", [r + "diff"], [r + "gap"], name=r + "gap"),
+        # the squared difference, not Abs: OpenVINO 2026.4's CPU plugin leaves int64 Abs of a
+        # negative value negative, which routed every size nearer the largest scale wrongly
+        node("Mul", [r + "diff", r + "diff"], [r + "gap"], name=r + "gap"),
         node("Equal", [r + "heights", r + "h"], [r + "same_h"], name=r + "same_h"),
         node("Equal", [r + "widths", r + "w"], [r + "same_w"], name=r + "same_w"),
         node("And", [r + "same_h", r + "same_w"], [r + "exact"], name=r + "exact"),
@@ -248,7 +250,9 @@ def onnx_core_route_nodes(size_input: str, sides: Sequence[int], prefix: str) ->
     node = helper.make_node
     nodes = [
         node("Sub", [r + "sides", size_input], [r + "diff"], name=r + "diff"),
-        node("Abs", [r + "diff"], [r + "gap"], name=r + "gap"),
+        # the squared difference, not Abs: OpenVINO 2026.4's CPU plugin leaves int64 Abs of a
+        # negative value negative, which routed every size nearer the largest scale wrongly
+        node("Mul", [r + "diff", r + "diff"], [r + "gap"], name=r + "gap"),
         node("ArgMin", [r + "gap"], [r + "index"], axis=0, keepdims=0, name=r + "index"),
     ]
     return nodes, constants

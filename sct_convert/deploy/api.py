@@ -84,8 +84,8 @@ def deploy_metadata(model: nn.Module, scale: Optional[Scale], fmt: str) -> Dict[
     return meta
 
 
-def _onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor],
-                   on_step: Callable[[str], None]) -> Iterator["onnx.ModelProto"]:
+def onnx_branches(model: nn.Module, opset: int, example_input: Optional[torch.Tensor],
+                  on_step: Callable[[str], None] = lambda label: None) -> Iterator["onnx.ModelProto"]:
     """Each scale's plain model as ONNX (:func:`unfolded_onnx`).
 
     Each scale is traced at its own size: some conversions bake the traced size into the graph
@@ -108,7 +108,7 @@ def _switchable_onnx(model: nn.Module, opset: int, example_input: Optional[torch
     from .onnx_graph import switchable_model
 
     sizes = context_of(model).sizes
-    return switchable_model(_onnx_branches(model, opset, example_input, on_step), sizes,
+    return switchable_model(onnx_branches(model, opset, example_input, on_step), sizes,
                             [scale_key(s) for s in sizes], INPUT_NAME, store)
 
 

@@ -57,7 +57,7 @@ def check_sizes(hw: HW) -> List[HW]:
     return [(round(h * 0.75), w), (round(h * 0.8), round(w * 0.6))]
 
 
-def _images(hw: HW, seed: int) -> torch.Tensor:
+def structured_image(hw: HW, seed: int) -> torch.Tensor:
     """A test image with structure at several sizes (smooth blobs plus fine noise): a flat or
     white-noise image scores many boxes exactly alike, which leaves their order to chance."""
     g = torch.Generator().manual_seed(seed)
@@ -120,7 +120,7 @@ def _difference(name: str, a: np.ndarray, b: np.ndarray, side: float) -> float:
 def _compare(session: Any, plain: nn.Module, names: List[str], hw: HW, seed: int) -> Tuple[float, int]:
     """Run the file and the eager plain detector on one image of size ``hw``: see
     :func:`compare_detections`."""
-    image = _images(hw, seed)
+    image = structured_image(hw, seed)
     with torch.no_grad():
         want = {k: v.numpy() for k, v in plain([image])[0].items()}
     got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: image.numpy()})))
@@ -149,7 +149,7 @@ def compare_detections(want: Dict[str, Any], got: Dict[str, Any], hw: HW) -> Tup
     return worst, int((want["scores"] > cut + MARGIN).sum())
 
 
-def _check(path: str, plain: nn.Module, names: List[str], sizes: Sequence[HW],
+def check_detector_file(path: str, plain: nn.Module, names: List[str], sizes: Sequence[HW],
            tolerance: float) -> Tuple[float, int]:
     """Run the file at each of ``sizes`` against the plain detector: the largest difference, and
     how many detections were matched in all (0: none scored clearly above the others, as with a
@@ -193,13 +193,13 @@ def write_detector_onnx(model: nn.Module, path: PathLike, scale: Scale, meta: Di
     ctx = context_of(model)
     hw = ctx.sizes[ctx.index(scale)]
     plain = extract(model, scale).eval()
-    image = _images(hw, 0)
+    image = structured_image(hw, 0)
     with torch.no_grad():
         names = list(plain([image])[0].keys())
     def attempt(tmp: str, route: str) -> None:
         _export(plain, image, names, tmp, opset, route)
         on_step(f"traced scale {scale_key(hw)} ({route})")
-        checked = _check(tmp, plain, names, check_sizes(hw), tolerance) if check else None
+        checked = check_detector_file(tmp, plain, names, check_sizes(hw), tolerance) if check else None
         proto = onnx.load(tmp)
         props = {**meta, "exporter": route, "outputs": ",".join(names),
                  "input_layout": "one (3, H, W) image, any size (the transform resizes it)"}
@@ -304,7 +304,7 @@ def write_core_onnx(model: nn.Module, path: PathLike, scale: Any, meta: Dict[str
             for i in served:
                 s, hw = ctx.scales[i], ctx.sizes[i]
                 sizes = [*check_sizes(hw), (round(hw[0] * 0.35), hw[1])]  # and a wide one, whose long side is capped
-                images = [_images(size, seed) for seed, size in enumerate(sizes)]
+                images = [structured_image(size, seed) for seed, size in enumerate(sizes)]
                 batch = detector_preprocess(model, images, s)
                 got = dict(zip(names, session.run(None, batch.feeds(switchable=scale is None))))
                 with pinned_scale(model, s):
