@@ -13,8 +13,8 @@ from ._version import __version__  # noqa: F401 - sct_convert.__version__
 
 # public name -> the module that defines it
 _SOURCES = {
-    "ConversionError": "core.errors", "FileFormatError": "core.errors",
-    "UnsafeCheckpointError": "core.errors", "WeightsMismatchError": "core.errors",
+    "ConversionError": "errors", "FileFormatError": "errors",
+    "UnsafeCheckpointError": "errors", "WeightsMismatchError": "errors",
     "FROZEN_BATCH_NORM_TYPES": "core.batchnorm", "ScaleSpecificBatchNorm": "core.batchnorm",
     "is_batch_norm": "core.batchnorm",
     "ScaleContext": "core.context",
@@ -79,7 +79,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from .conversion.rewrite import convert
     from .core.batchnorm import FROZEN_BATCH_NORM_TYPES, ScaleSpecificBatchNorm, is_batch_norm
     from .core.context import ScaleContext
-    from .core.errors import ConversionError, FileFormatError, UnsafeCheckpointError, WeightsMismatchError
+    from .errors import ConversionError, FileFormatError, UnsafeCheckpointError, WeightsMismatchError
     from .core.model import (context_of, extract, original_class, route, scale, scale_specific_layers,
                              scales_of)
     from .core.sampling import ScaleOutputs, resize_to

@@ -18,10 +18,12 @@ Needs ``onnxruntime`` and ``numpy`` only (``pip install onnxruntime numpy``).
 from __future__ import annotations
 
 import functools
-import json
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .errors import FileFormatError
+from .metadata_fields import read_cascade, read_scales
 
 
 class RuntimeResult(NamedTuple):
@@ -132,11 +134,21 @@ class CascadeSession:
 
     def __init__(self, path: str, providers: Sequence[str] = ("CPUExecutionProvider",),
                  options: Optional[Any] = None) -> None:
-        self.session = open_session(path, providers=providers, options=options)
-        meta: Dict[str, str] = self.session.get_modelmeta().custom_metadata_map
-        if "sct_convert.cascade" not in meta:
-            raise ValueError(f"{path} holds no cascade: export one with sct.export_onnx(cascade, path)")
-        spec = json.loads(meta["sct_convert.cascade"])
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        unloadable = (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile,
+                      ort_errors.InvalidArgument, ort_errors.NotImplemented, OSError)
+        try:
+            self.session = open_session(path, providers=providers, options=options)
+        except unloadable as e:
+            raise FileFormatError(f"{path} is not an ONNX file onnxruntime can load: "
+                                  f"{' '.join(str(e).split())[:200]}", path=path) from None
+        meta = {k[len("sct_convert."):]: v for k, v in self.session.get_modelmeta().custom_metadata_map.items()
+                if k.startswith("sct_convert.")}
+        if "cascade" not in meta:
+            raise FileFormatError(f"{path} holds no cascade: export one with sct.export_onnx(cascade, path)",
+                                  path=path, field="cascade")
+        spec = read_cascade(meta, path, read_scales(meta, path))
         self.confidence: str = spec["confidence"]
         self.antialias: bool = bool(spec["antialias"])
         self.stages: List[Tuple[Tuple[int, int], Optional[float], int]] = [

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from ..core.scales import Scale, normalize_scale, scale_key, scales_to_json, split_branch_key
 from .._utils.progress import Steps
 from .._utils.files import PathLike, atomic_save, atomic_save_model, writable_directory
-from .format import (FORMAT, PLAIN_FORMAT, base_metadata, checked_metadata, file_scales, versions_of,
+from ..errors import FileFormatError
+from ..metadata_fields import CHECKPOINT_FIELDS, check_fields
+from .format import (FORMAT, PLAIN_FORMAT, base_metadata, read_tensors, checked_metadata, file_scales, versions_of,
                        read_metadata)
 from .weights import load_state_dict_strict
 from ..conversion.rewrite import convert_in_order
@@ -157,7 +158,7 @@ def load_cascade(path: PathLike, model: Optional[nn.Module] = None, map_location
     if "cascade" not in meta:
         raise ValueError(f"{path} records no cascade: fit one with sct.fit_cascade (or sct-convert cascade) "
                          "and save it with sct.save(cascade, path); sct.load(path) gives the model")
-    return cascade_from_metadata(load(path, model=model, map_location=map_location).eval(), meta).eval()
+    return cascade_from_metadata(load(path, model=model, map_location=map_location).eval(), meta, path).eval()
 
 
 def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = "cpu") -> nn.Module:
@@ -174,7 +175,8 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
         the file is not a converted checkpoint or does not match ``model``.
     """
     meta = checked_metadata(path)
-    scales = file_scales(meta)
+    fields = check_fields(meta, path, CHECKPOINT_FIELDS)
+    scales = fields["scales"]
     if model is None:
         arch, source = meta.get("arch"), meta.get("source")
         if not arch or source not in ("timm", "torchvision"):
@@ -183,10 +185,10 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
                 f"source={source!r}); pass the model: sct.load(path, model=my_net)"
             )
         kwargs = {}
-        if meta.get("num_classes"):
-            kwargs["num_classes"] = int(meta["num_classes"])
-        if source == "timm" and meta.get("in_chans"):
-            kwargs["in_chans"] = int(meta["in_chans"])
+        if fields.get("num_classes"):
+            kwargs["num_classes"] = fields["num_classes"]
+        if source == "timm" and fields.get("in_chans"):
+            kwargs["in_chans"] = fields["in_chans"]
         if source == "torchvision" and meta.get("aux_loss") == "1":
             kwargs["aux_loss"] = True
         model, _ = create_model(arch, source, **kwargs)
@@ -202,9 +204,14 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
                 f"{path} holds scales {scales} but the model was converted with "
                 f"{list(ctx.scales)}; pass an unconverted model"
             )
-    state = load_file(str(path), device=map_location)
-    load_state_dict_strict(model, state, path)
+    load_state_dict_strict(model, read_tensors(path, map_location), path)
+    layers = sum(1 for _ in scale_specific_layers(model))  # the tensors fit: this is the true count
+    if fields.get("layers") is not None and fields["layers"] != layers:
+        raise FileFormatError(f"{path}: metadata field 'layers' says {fields['layers']} scale-specific layers, "
+                              f"but the file's tensors hold {layers}: the metadata is damaged",
+                              path=path, field="layers")
     return model
+
 
 
 def load_plain(model: nn.Module, path: PathLike) -> nn.Module:
@@ -219,14 +226,14 @@ def load_plain(model: nn.Module, path: PathLike) -> nn.Module:
         keys.
     """
     read_metadata(path)
-    load_state_dict_strict(model, load_file(str(path)), path)
+    load_state_dict_strict(model, read_tensors(path), path)
     return model
 
 
 def describe(path: PathLike) -> Dict[str, object]:
     """What ``sct-convert inspect`` prints: architecture, scales and the cost of each scale."""
     meta = checked_metadata(path)
-    scales = file_scales(meta)
+    scales = file_scales(meta, path)
     first = scale_key(normalize_scale(scales[0]))
     layers, total, branch_params, branch_bytes = set(), 0, 0, 0
     with safe_open(str(path), framework="pt") as f:

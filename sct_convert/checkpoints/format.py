@@ -14,14 +14,16 @@ from typing import Dict, List, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.detection.ssd import SSDClassificationHead
 from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
 
 from .._utils.files import PathLike
-from ..core.errors import FileFormatError
+from ..errors import FileFormatError
 from ..core.model import context_of, is_converted
-from ..core.scales import Scale, scales_from_json
+from ..core.scales import Scale
+from ..metadata_fields import CHECKPOINT_FIELDS, INPUT_LAYOUTS, check_fields, read_scales, read_versions
 from .zoo import arch_info
 
 
@@ -42,21 +44,6 @@ def versions_json() -> str:
         {"sct_convert": __version__, "torch": torch.__version__,
          "torchvision": torchvision.__version__, "timm": timm.__version__}
     )
-
-
-def versions_of(meta: Dict[str, str], path: PathLike = "the file") -> Dict[str, str]:
-    """Inverse of :func:`versions_json` on a file's metadata (``{}`` where it records none);
-    :class:`FileFormatError` naming ``path`` when the field is not that JSON."""
-    text = meta.get("versions")
-    if text is None:
-        return {}
-    try:
-        versions = json.loads(text)
-    except json.JSONDecodeError:
-        versions = None
-    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
-        raise FileFormatError(f"{path}: metadata field 'versions' is not a JSON object of version strings: {text[:80]!r}")
-    return versions
 
 
 def num_classes_of(model: nn.Module) -> Optional[int]:
@@ -116,8 +103,8 @@ def _input_layout(model: nn.Module) -> str:
         return ""
     ctx = context_of(model)
     if ctx.resizer:
-        return "list of (C, H, W) images"
-    return "(N, C, T, H, W)" if len(ctx.probe_lead) == 3 else "(N, C, H, W)"
+        return INPUT_LAYOUTS[2]
+    return INPUT_LAYOUTS[1] if len(ctx.probe_lead) == 3 else INPUT_LAYOUTS[0]
 
 
 def base_metadata(model: nn.Module, arch: Optional[str], source: Optional[str]) -> Dict[str, str]:
@@ -136,7 +123,7 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError) as e:
         raise FileFormatError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {e}", path=path
         ) from None
 
 
@@ -152,16 +139,30 @@ def checked_metadata(path: PathLike) -> Dict[str, str]:
     if fmt != FORMAT:
         raise FileFormatError(
             f"{path} was not written by sct.save (no sct-convert metadata); for plain weights "
-            "use sct-convert MODEL --checkpoint FILE"
+            "use sct-convert MODEL --checkpoint FILE", path=path, field="format"
         )
     if meta.get("format_version") != FORMAT_VERSION:
         raise FileFormatError(
             f"{path} has sct-convert format version {meta.get('format_version')!r}; this "
-            f"version reads {FORMAT_VERSION}: upgrade sct-convert"
+            f"version reads {FORMAT_VERSION}: upgrade sct-convert", path=path, field="format_version"
         )
+    check_fields(meta, path, CHECKPOINT_FIELDS)  # every field it holds, or the first one at fault
     return meta
 
 
-def file_scales(meta: Dict[str, str]) -> List[Scale]:
+def file_scales(meta: Dict[str, str], path: PathLike = "the file") -> List[Scale]:
     """The scales a combined file's metadata records, in the file's order."""
-    return scales_from_json(meta["scales"])
+    return read_scales(meta, path)
+
+
+def versions_of(meta: Dict[str, str], path: PathLike = "the file") -> Dict[str, str]:
+    """Inverse of :func:`versions_json` on a file's metadata (``{}`` where it records none)."""
+    return read_versions(meta, path)
+
+
+def read_tensors(path: PathLike, map_location: str = "cpu") -> Dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; :class:`~sct_convert.FileFormatError` for a damaged one."""
+    try:
+        return load_file(str(path), device=map_location)
+    except (SafetensorError, OSError) as e:  # its header read, its data cut short or out of bounds
+        raise FileFormatError(f"{path}: the tensors cannot be read (truncated or corrupt?): {e}", path=path) from None

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Dict, Iterable, List
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .._utils.files import PathLike
-from .format import read_metadata
-from ..core.errors import UnsafeCheckpointError, WeightsMismatchError
+from .format import read_metadata, read_tensors
+from ..errors import UnsafeCheckpointError, WeightsMismatchError
 from ..core.scales import is_branched
 
 #: Entries of a training checkpoint that hold the weights (timm's train.py, torchvision's references).
@@ -43,8 +42,8 @@ def read_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if path.suffix == ".safetensors":
-        read_metadata(path)  # a corrupt file: a clear FileFormatError
-        return load_file(str(path))
+        read_metadata(path)  # a corrupt header: a clear FileFormatError
+        return read_tensors(path)
     unsafe = [g for g in _unsafe_globals(path) if g != "argparse.Namespace"]
     if unsafe:
         raise UnsafeCheckpointError(

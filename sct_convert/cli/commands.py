@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 import click
 
+from ..metadata_fields import ROUTING_POLICIES
 from .common import DEFAULT_SCALES, clean_errors, human_bytes, parse_scales, scale_text
 from .evaluate import cascade_cmd, evaluate_cmd
 
@@ -53,8 +54,7 @@ cli.add_command(cascade_cmd)
                    "model's training checkpoint (branch keys; give the same --scales).")
 @click.option("--pretrained", is_flag=True, help="Use the library's pretrained weights if already cached (never downloads).")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size.")
-# context.ROUTING_POLICIES, spelled out so that --help does not import torch (a test keeps them equal)
-@click.option("--unknown-scale", type=click.Choice(["nearest", "error", "interpolate"]), default="nearest",
+@click.option("--unknown-scale", type=click.Choice(ROUTING_POLICIES), default="nearest",
               show_default=True, help="what sizes between or beyond the scales run (docs/convert.md)")
 @click.option("--per-scale", "per_scale", type=click.Path(file_okay=False), default=None, help="Also write one plain checkpoint per scale here.")
 @clean_errors

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.batchnorm import is_batch_norm
-from ..core.errors import ConversionError
+from ..errors import ConversionError
 
 logger = logging.getLogger(__name__)
 

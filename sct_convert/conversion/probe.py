@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.scales import HW, Scale, largest_index, model_device, model_dtype, smallest_index
-from ..core.errors import ConversionError
+from ..errors import ConversionError
 from .._utils.modes import run_mode
 
 def stem_conv(model: nn.Module) -> Optional[nn.Module]:

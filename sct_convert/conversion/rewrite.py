@@ -23,7 +23,7 @@ from ..core.scales import HW, Scale, model_device, normalize_scales, pixels, req
 from ..core.model import install, route
 from ..core.detector_forward import install_sized_transform
 from ..core.resizer import find_resizer, sized_attributes, transform_size
-from ..core.errors import ConversionError
+from ..errors import ConversionError
 from .discovery import ConversionReport, find_batch_norms
 from .probe import describe_failure, first_lead_that_runs, probe_entry, probe_leads, rng_kept, training_failure
 from .._utils.modes import run_mode

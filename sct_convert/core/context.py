@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
+from ..metadata_fields import ROUTING_POLICIES
 from .scales import HW, Scale, normalize_scale, normalize_scales, scale_key
 
-ROUTING_POLICIES = ("nearest", "error", "interpolate")
 
 #: Attribute of a converted model that holds its :class:`ScaleContext`.
 CONTEXT_ATTR = "_sct_context"

@@ -26,7 +26,7 @@ from . import detector_forward as detection
 from . import sampling
 from .detector_forward import remove_sized_transform
 from .resizer import sized_attributes, transform_size
-from .errors import ConversionError
+from ..errors import ConversionError
 from .rule import ScaleBlend, find_image, route_size
 from .sampling import image_parameter, scaled_type
 from .scripting import ScriptedRouter

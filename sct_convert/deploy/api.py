@@ -36,6 +36,8 @@ from .._utils.modes import run_mode
 from ..runtime import open_session
 from .._utils.files import PathLike, atomic_write
 from ..checkpoints.format import model_metadata, versions_json
+from ..errors import FileFormatError
+from ..metadata_fields import DEPLOY_FIELDS, check_fields
 from .._utils.progress import Steps
 from .onnx_trace import DEFAULT_OPSET, INPUT_NAME, missing_onnx, require_onnx, to_onnx, unfolded_onnx
 from .program import (checked_program, example_for, export_program_object, probe_inputs, refuse_upstream_limits)
@@ -263,7 +265,16 @@ def _detector_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale], ops
 
 
 def read_deploy_metadata(path: PathLike) -> Dict[str, str]:
-    """The sct-convert metadata of an ``.onnx`` or ``.pt2`` file; ``ValueError`` if it has none."""
+    """The sct-convert metadata of an ``.onnx`` or ``.pt2`` file, every field checked.
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its fields (without the ``sct_convert.`` prefix ONNX keys carry). A file that cannot be
+        read, holds no sct-convert metadata, or has a field that is missing, malformed or out
+        of range is a :class:`~sct_convert.FileFormatError` naming the file and the field.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
@@ -276,7 +287,8 @@ def read_deploy_metadata(path: PathLike) -> Dict[str, str]:
         try:
             props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         except (DecodeError, OSError, ValueError) as e:  # protobuf's, for bytes that are not a model
-            raise ValueError(f"{path} is not a readable ONNX file: {str(e).splitlines()[0][:200]}") from None
+            raise FileFormatError(f"{path} is not a readable ONNX file: {str(e).splitlines()[0][:200]}",
+                                  path=path) from None
         meta = {k[len("sct_convert."):]: v for k, v in props.items() if k.startswith("sct_convert.")}
     else:
         import zipfile
@@ -285,10 +297,17 @@ def read_deploy_metadata(path: PathLike) -> Dict[str, str]:
             with zipfile.ZipFile(path) as z:
                 name = next((n for n in z.namelist() if n.endswith(f"extra/{PROGRAM_METADATA}")), None)
                 meta = json.loads(z.read(name)) if name else {}
-        except (zipfile.BadZipFile, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not a readable torch.export archive: {e}") from None
+        except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise FileFormatError(f"{path} is not a readable torch.export archive: {e}", path=path) from None
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise FileFormatError(f"{path}: its {PROGRAM_METADATA} is not a JSON object of strings", path=path)
     if not meta:
-        raise ValueError(f"{path} has no sct-convert metadata (not written by sct.export_onnx / export_program)")
+        raise FileFormatError(f"{path} has no sct-convert metadata (not written by sct.export_onnx / export_program)",
+                              path=path)
+    if meta.get("format") not in (ONNX_FORMAT, PROGRAM_FORMAT):
+        raise FileFormatError(f"{path}: metadata field 'format' is not {ONNX_FORMAT} or {PROGRAM_FORMAT} "
+                              f"(got {meta.get('format')!r})", path=path, field="format")
+    check_fields(meta, path, DEPLOY_FIELDS)
     return meta
 
 

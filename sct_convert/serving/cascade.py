@@ -24,12 +24,12 @@ from torch import nn
 
 from ..core.model import context_of, is_converted, scale as pinned_scale, unwrap
 from .._utils.batches import labelled
+from ..metadata_fields import CONFIDENCES, read_cascade
 from .._utils.modes import run_mode
 from ..runtime import confidence_of as runtime_confidence
 from ..core.sampling import resize_to
 from ..core.scales import HW, Scale, model_device, model_dtype, pixels, scale_key, scale_of_size
 
-CONFIDENCES = ("softmax", "margin")
 
 
 class CascadeResult(NamedTuple):
@@ -205,11 +205,11 @@ class Cascade(nn.Module):
                        for (_, hw, t), m in zip(self.stages, self.macs)]})}
 
 
-def cascade_from_metadata(model: nn.Module, meta: Dict[str, str]) -> Cascade:
+def cascade_from_metadata(model: nn.Module, meta: Dict[str, str], path: object = "the file") -> Cascade:
     """The :class:`Cascade` a file's metadata records (``ValueError`` when it records none)."""
     if "cascade" not in meta:
         raise ValueError("this file records no cascade: fit one with sct.fit_cascade and save it with sct.save(cascade, path)")
-    spec = json.loads(meta["cascade"])
+    spec = read_cascade(meta, path, context_of(model).scales)
     return Cascade(model, {scale_of_size(st["size"]): st["threshold"] for st in spec["stages"]}, spec["confidence"])
 
 
