@@ -191,7 +191,11 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
             kwargs["in_chans"] = fields["in_chans"]
         if source == "torchvision" and meta.get("aux_loss") == "1":
             kwargs["aux_loss"] = True
-        model, _ = create_model(arch, source, **kwargs)
+        try:
+            model, _ = create_model(arch, source, **kwargs)
+        except ValueError as e:  # the zoo's "unknown model" (with close matches), or arguments it refuses
+            raise FileFormatError(f"{path}: metadata field 'arch' names a model {source} cannot build: {e}",
+                                  path=path, field="arch") from None
         if source == "torchvision":
             record_origin(model, arch, source)
     if not is_converted(model):
