@@ -267,3 +267,29 @@ def test_cli_fits_a_cascade_into_the_model_file_and_evaluate_plots_it(folder, tm
     assert all(0 < float(row["relative_macs"]) <= 1 for row in cascades)
     assert [float(row["relative_macs"]) for row in rows if row["scale"] == "64"] == [1.0]
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_cascade_budget_and_stages_are_the_fit_they_ask_for(folder, tmp_path):
+    from click.testing import CliRunner
+
+    from sct_convert.cli import cli
+    from sct_convert.evaluation.data import image_dataset, loader_at, resolve_data_config, split_indices
+
+    model = converted_test_resnet(SCALES, num_classes=3)[1]
+    path = sct.save(model, tmp_path / "m.safetensors", arch="test_resnet", source="timm")
+    config = resolve_data_config(model)
+    dataset = image_dataset(folder, config)
+    loader = list(loader_at(dataset, split_indices(len(dataset), 0, None)[0], config, (64, 64), 64, 0))
+    for option, value, kwargs in (("--stages", "48,32", {"stages": [48, 32], "max_drop": 1.0}),
+                                  ("--budget", "0.5", {"budget": 0.5})):
+        out = tmp_path / f"{option[2:]}.safetensors"
+        args = ["cascade", str(path), "--images", str(folder), option, value, "--out", str(out)]
+        r = CliRunner().invoke(cli, args + (["--max-drop", "1"] if option == "--stages" else []))
+        assert r.exit_code == 0, r.output
+        want = sct.fit_cascade(sct.load(path).eval(), loader, **kwargs)
+        got = sct.load_cascade(out)
+        assert got.thresholds == want.thresholds, option
+        if option == "--stages":
+            assert set(got.thresholds) <= {48, 32}
+        else:
+            assert want.report.relative_macs <= 0.5

@@ -37,6 +37,49 @@ def test_convert_inspect_export(tmp_path):
     plain.load_state_dict(safetensors.torch.load_file(tmp_path / "e.safetensors"), strict=True)
 
 
+@pytest.mark.parametrize("scale", ["48", "64"])
+def test_export_scale_writes_that_scales_branch(tmp_path, scale):
+    """Every branch differs (as after training): the exported file must hold the asked one."""
+    import torch
+
+    import sct_convert as sct
+
+    _, model = converted_test_resnet([64, 48], num_classes=5)
+    combined = sct.save(model, tmp_path / "m.safetensors")
+    r = run("export", combined, "--scale", scale, "--out", tmp_path / "e.safetensors")
+    assert r.exit_code == 0, r.output
+    plain = timm.create_model("test_resnet", num_classes=5).eval()
+    plain.load_state_dict(safetensors.torch.load_file(tmp_path / "e.safetensors"), strict=True)
+    x = torch.randn(2, 3, int(scale), int(scale))
+    other = "64" if scale == "48" else "48"
+    with torch.no_grad(), sct.scale(model, int(scale)):
+        want = model(x)
+    with torch.no_grad(), sct.scale(model, int(other)):
+        wrong = model(x)
+    with torch.no_grad():
+        got = plain(x)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, wrong, atol=1e-3)
+
+
+def test_export_model_names_the_architecture_a_file_lacks(tmp_path):
+    """--model: a file written for a custom-built model records no timm name; --model gives it."""
+    import torch
+
+    import sct_convert as sct
+
+    _, model = converted_test_resnet([64, 48], num_classes=1000)  # the default head, as --model builds it
+    combined = sct.save(model, tmp_path / "m.safetensors", arch="", source="custom")
+    r = run("export", combined, "--scale", "48", "--out", tmp_path / "e.safetensors")
+    assert_one_line_error(r, "records no timm/torchvision architecture")
+    r = run("export", combined, "--scale", "48", "--out", tmp_path / "e.safetensors", "--model", "test_resnet")
+    assert r.exit_code == 0, r.output
+    plain = timm.create_model("test_resnet").eval()
+    plain.load_state_dict(safetensors.torch.load_file(tmp_path / "e.safetensors"), strict=True)
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), model(x), atol=1e-5)
+
+
 def test_warnings_are_one_line_each(tmp_path, monkeypatch):
     import sct_convert.checkpoints.zoo
     from _util import TrainOnlyHead
@@ -59,6 +102,11 @@ def test_checkpoint_and_torchvision_source(tmp_path):
             "--scales", "64,32", "--out", tmp_path / "m.safetensors")
     assert r.exit_code == 0, r.output
     assert "torchvision resnet18" in r.output
+    # the checkpoint's weights are in the file: in every branch of each BN, and in the shared layers
+    weights, written = torch.load(w, weights_only=True), safetensors.torch.load_file(tmp_path / "m.safetensors")
+    assert torch.equal(written["fc.weight"], weights["fc.weight"]) and torch.equal(written["conv1.weight"], weights["conv1.weight"])
+    for s in ("64", "32"):
+        assert torch.equal(written[f"bn1.branches.{s}.running_var"], weights["bn1.running_var"])
 
 
 @pytest.mark.parametrize("args,match", [

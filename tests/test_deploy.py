@@ -201,6 +201,15 @@ def test_cli_exports_every_format(model, tmp_path):
         if fmt == "pt2":
             assert "export pt2: 2/2 written" in result.output
     assert onnx_max_relative_error(model, tmp_path / "all.onnx", [(48, 48)])[0] < 1e-4
+    # the per-scale files hold their own scale's branch (every branch of `model` differs)
+    with torch.no_grad():
+        x32, x48 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+        program = torch.export.load(str(tmp_path / "m32.pt2")).module()
+        assert torch.allclose(program(x32), model(x32), atol=1e-5)
+        plain = sct.load_plain(timm.create_model("test_resnet", num_classes=7).eval(), tmp_path / "m48.safetensors")
+        assert torch.allclose(plain(x48), model(x48), atol=1e-5)
+        with sct.scale(model, 64):
+            assert not torch.allclose(plain(x48), model(x48), atol=1e-3)
     result = runner.invoke(cli, ["export", str(combined), "--format", "safetensors", "--out", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1 and "--scale is required" in result.output
 

@@ -2,7 +2,6 @@
 preprocessed as timm's validate.py does, and a report in CSV / Markdown / JSON with a plot."""
 import csv
 import json
-import time
 import warnings
 
 import pytest
@@ -18,19 +17,96 @@ from sct_convert.cli import cli
 SCALES = [64, 48, 32]
 
 
-def manual_top1(model, root, size, indices):
-    """What timm's validate.py computes: its dataset, its eval transform at this size, top-1."""
+def timm_transform(model, size):
     config = timm.data.resolve_data_config({}, model=model)
-    transform = timm.data.create_transform(input_size=(3, size, size), interpolation=config["interpolation"],
-                                           mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"])
+    return timm.data.create_transform(input_size=(3, size, size), interpolation=config["interpolation"],
+                                      mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"])
+
+
+def manual_top1(model, root, size, indices, top5=False):
+    """What timm's validate.py computes: its dataset, its eval transform at this size, top-1 (and top-5)."""
+    transform = timm_transform(model, size)
     dataset = timm.data.ImageDataset(str(root))
-    hits = 0
+    hits, hits5 = 0, 0
     model.eval()
     with torch.no_grad():
         for i in indices:
             image, target = dataset[i]
-            hits += int(model(transform(image)[None]).argmax() == target)
-    return 100 * hits / len(indices)
+            logits = model(transform(image)[None])[0]
+            hits += int(logits.argmax() == target)
+            hits5 += int(target in logits.topk(5).indices.tolist())
+    return (100 * hits / len(indices), 100 * hits5 / len(indices)) if top5 else 100 * hits / len(indices)
+
+
+@pytest.fixture(scope="module")
+def folder7(tmp_path_factory):
+    """7 classes x 5 images: top-5 is not every class, so it measures something."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("val7")
+    rng = np.random.default_rng(1)
+    for c in range(7):
+        (root / f"c{c}").mkdir()
+        for i in range(5):
+            image = rng.integers(0, 255, (50, 56, 3), dtype=np.uint8)
+            image[..., c % 3] = 40 * c
+            Image.fromarray(image).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_calibrated_and_trained_figures_are_what_timm_computes_on_those_models(folder7):
+    import copy
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=7)
+    report = sct.evaluate(model, folder7, [64, 32], holdout=7, latency_repeats=0)
+    order = torch.randperm(35, generator=torch.Generator().manual_seed(0)).tolist()
+    held, scored = order[:7], sorted(order[7:])
+    # the calibrated arm, rebuilt by hand: each branch's statistics from the 7 held-out images,
+    # preprocessed by timm's own transform at that size
+    calibrated = sct.convert(copy.deepcopy(model), [64, 32])
+    dataset = timm.data.ImageDataset(str(folder7))
+    for size in (64, 32):
+        transform = timm_transform(model, size)
+        batch = torch.stack([transform(dataset[i][0]) for i in held])
+        sct.calibrate(calibrated, [batch], num_batches=1, scales=[size])
+    rows = {(r.scale, r.arm): r for r in report.rows}
+    for size in (64, 32):
+        top1, top5 = manual_top1(calibrated, folder7, size, scored, top5=True)
+        row = rows[(str(size), "calibrated")]
+        assert (row.top1, row.top5) == (pytest.approx(top1, abs=0.01), pytest.approx(top5, abs=0.01)), size
+    assert any(r.top5 < 100 for r in report.rows)  # 7 classes: top-5 can miss
+    # an SCT model is scored with its own branches, on every image: the same figures again
+    trained = sct.evaluate(calibrated, folder7, [64, 32], latency_repeats=0)
+    for r in trained.rows:
+        assert r.arm == "trained" and r.images == 35
+        top1, top5 = manual_top1(calibrated, folder7, int(r.scale), range(35), top5=True)
+        assert (r.top1, r.top5) == (pytest.approx(top1, abs=0.01), pytest.approx(top5, abs=0.01))
+
+
+def test_cli_evaluate_applies_mean_std_crop_pct_and_calibrate_images(folder, tmp_path):
+    model = timm.create_model("test_resnet", num_classes=3)
+    safetensors.torch.save_file(model.state_dict(), str(tmp_path / "plain.safetensors"))
+    out = tmp_path / "report.json"
+    r = CliRunner().invoke(cli, ["evaluate", "test_resnet", "--checkpoint", str(tmp_path / "plain.safetensors"),
+                                 "--num-classes", "3", "--images", str(folder), "--scales", "48",
+                                 "--mean", "0.4,0.5,0.6", "--std", "0.2,0.25,0.3", "--crop-pct", "0.75",
+                                 "--calibrate-images", str(folder), "--max-images", "20", "--latency-repeats", "0",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    written = json.loads(out.read_text())
+    config = written["data_config"]
+    assert [float(v) for v in config["mean"]] == [0.4, 0.5, 0.6] and [float(v) for v in config["std"]] == [0.2, 0.25, 0.3]
+    assert float(config["crop_pct"]) == 0.75
+    assert any(f"calibrated on 36 images of {folder}" in n for n in written["notes"])
+    model.load_state_dict(safetensors.torch.load_file(tmp_path / "plain.safetensors"))
+    want = sct.evaluate(model, folder, [48], calibrate_images=folder, max_images=20, latency_repeats=0,
+                        data_config={"mean": (0.4, 0.5, 0.6), "std": (0.2, 0.25, 0.3), "crop_pct": 0.75})
+    assert [(row["arm"], row["top1"], row["top5"]) for row in written["rows"]] == [
+        (r.arm, r.top1, r.top5) for r in want.rows]
+    default = sct.evaluate(model, folder, [48], calibrate_images=folder, max_images=20, latency_repeats=0)
+    assert default.data_config["crop_pct"] != 0.75
 
 
 def test_plain_and_calibrated_arms_at_every_scale(folder):
@@ -121,38 +197,51 @@ def test_a_folder_whose_classes_cannot_be_the_models_is_warned_about_and_noted(f
     assert not [w for w in caught if "class folders" in str(w.message)]
 
 
+class FakeClock:
+    """A clock that moves only when a model runs: timing tests that cannot fail on a loaded CI box."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Takes(torch.nn.Module):
+    """A model whose forward takes ``seconds`` on the fake clock, one call after another."""
+
+    def __init__(self, clock, name, seconds):
+        super().__init__()
+        self.clock, self.name, self.seconds, self.calls = clock, name, seconds, calls_log
+
+    def forward(self, x):
+        self.calls.append(self.name)
+        self.clock.now += self.seconds.pop(0) if isinstance(self.seconds, list) else self.seconds
+        return x
+
+
+calls_log = []
+
+
 def test_latency_is_the_median_of_warm_runs_within_a_time_budget():
     from sct_convert.evaluation.run import latency_ms
 
-    calls = []
-
-    class Slow(torch.nn.Module):
-        def forward(self, x):
-            calls.append(1)
-            time.sleep(0.05)
-            return x
-
-    ms = latency_ms(Slow(), (1, 3, 8, 8), repeats=100, device=torch.device("cpu"), budget_s=0.2)
-    assert 2 + 3 <= len(calls) <= 2 + 6  # two warm-ups, then timed runs until 0.2 s are spent
-    assert 40 < ms < 200
+    calls_log.clear()
+    clock = FakeClock()
+    # two warm-ups (slow: building kernels), then 0.05 s a run with one outlier
+    model = Takes(clock, "m", [1.0, 1.0, 0.05, 0.05, 0.30, 0.05, 0.05, 0.05, 0.05])
+    ms = latency_ms(model, (1, 3, 8, 8), repeats=100, device=torch.device("cpu"), budget_s=0.44, clock=clock)
+    # runs until 0.44 s of timed runs are spent: 0.05 + 0.05 + 0.30 + 0.05 = 0.45, then stops
+    assert len(calls_log) == 2 + 4
+    assert ms == pytest.approx(50.0)  # the median: neither the warm-ups nor the outlier
 
 
 def test_arms_are_timed_in_turns_so_load_hits_them_alike():
     from sct_convert.evaluation.run import paired_latency_ms
 
-    calls = []
-
-    class Sleeps(torch.nn.Module):
-        def __init__(self, name, seconds):
-            super().__init__()
-            self.name, self.seconds = name, seconds
-
-        def forward(self, x):
-            calls.append(self.name)
-            time.sleep(self.seconds)
-            return x
-
-    ms = paired_latency_ms({"a": Sleeps("a", 0.02), "b": Sleeps("b", 0.04)}, (1, 3, 8, 8), repeats=4,
-                           device=torch.device("cpu"))
-    assert calls == ["a", "b"] * 2 + ["a", "b", "b", "a"] * 2  # warm-ups, then rounds in alternating order
-    assert 15 < ms["a"] < ms["b"] < 80
+    calls_log.clear()
+    clock = FakeClock()
+    ms = paired_latency_ms({"a": Takes(clock, "a", 0.02), "b": Takes(clock, "b", 0.04)}, (2, 3, 8, 8), repeats=4,
+                           device=torch.device("cpu"), clock=clock)
+    assert calls_log == ["a", "b"] * 2 + ["a", "b", "b", "a"] * 2  # warm-ups, then rounds in alternating order
+    assert ms == {"a": pytest.approx(10.0), "b": pytest.approx(20.0)}  # per image: batch of 2

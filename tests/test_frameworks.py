@@ -1,14 +1,13 @@
-"""Drop-in where people train: Hugging Face Accelerate (real library, CPU, bf16 autocast)."""
+"""Drop-in where people train: Hugging Face Accelerate, timm's scheduled batch sizes, Lightning
+(the real libraries, CPU, bf16 autocast). Each test skips only for the library it needs."""
 import pytest
 import timm
 import torch
 
 import sct_convert as sct
 
-accelerate = pytest.importorskip("accelerate")
-
-
 def test_accelerate_bf16_trains_every_branch_and_saves(tmp_path):
+    pytest.importorskip("accelerate")
     from accelerate import Accelerator
     from accelerate.utils import send_to_device
 

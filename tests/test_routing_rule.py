@@ -55,8 +55,13 @@ def served_by(model, x, out):
 
 
 def expected_scale(hw):
-    index = choose(hw, [normalize_scale(s) for s in SCALES], "nearest")
-    return SCALES[index]
+    """Written from DESIGN.md's rule, not the library's: exact (h, w) first, else the scale fewest
+    pixels away, ties to the one listed first."""
+    sizes = [normalize_scale(s) for s in SCALES]
+    if tuple(hw) in sizes:
+        return SCALES[sizes.index(tuple(hw))]
+    gaps = [abs(hw[0] * hw[1] - h * w) for h, w in sizes]
+    return SCALES[gaps.index(min(gaps))]
 
 
 def test_rule_ties_and_brackets():

@@ -135,26 +135,22 @@ def test_the_converted_forward_keeps_the_original_signature(served):
     assert isinstance(model, type(original))
 
 
-def _replicate_like_data_parallel(network, copies):
-    """torch.nn.parallel.replicate's module step on CPU (it refuses CPU devices): replicas
-    from ``_replicate_for_data_parallel``, which share every instance attribute."""
-    modules = list(network.modules())
-    index = {id(m): i for i, m in enumerate(modules)}
-    replicas = []
-    for _ in range(copies):
-        clones = [m._replicate_for_data_parallel() for m in modules]
-        for m, clone in zip(modules, clones):
-            for key, child in m._modules.items():
-                clone._modules[key] = None if child is None else clones[index[id(child)]]
-            for key, param in m._parameters.items():
-                clone._parameters[key] = param
-        replicas.append(clones[0])
-    return replicas
+def _replicate_like_data_parallel(network, copies, monkeypatch):
+    """torch.nn.parallel.replicate itself, on CPU: only its device transport (which needs CUDA)
+    is swapped for one that hands every replica the same tensors, as one device would hold them;
+    the module replication is torch's own code."""
+    import importlib
+
+    replicate = importlib.import_module("torch.nn.parallel.replicate")
+    monkeypatch.setattr(replicate, "_get_device_index", lambda device, optional=False: 0)
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape",
+                        lambda tensors, devices, detach=False: [list(tensors) for _ in devices])
+    return replicate.replicate(network, ["cpu"] * copies, detach=True)
 
 
-def test_data_parallel_replicas_route_independently_from_threads(served):
+def test_data_parallel_replicas_route_independently_from_threads(served, monkeypatch):
     _, model, inputs, expected = served
-    replicas = _replicate_like_data_parallel(model, 3)
+    replicas = _replicate_like_data_parallel(model, 3, monkeypatch)
     assert all(r._sct_context is model._sct_context for r in replicas)  # shared, as in DataParallel
     wrong, errors = [], []
 

@@ -61,6 +61,19 @@ def test_subset_of_scales_and_rank_consistent_draw():
     assert out.scales == (64, 32)  # model order, not the order asked
     assert model(x).scales == tuple(SCALES)
     assert sct.random_scale_subset(model, 2, step=7) == sct.random_scale_subset(model, 2, step=7)
+
+
+def test_random_scale_subset_draws_k_scales_per_step_alike_on_every_rank():
+    model, rank1 = make(), make()  # two ranks' models, built apart
+    draws = [sct.random_scale_subset(model, 2, step) for step in range(60)]
+    assert all(len(d) == 2 and len(set(d)) == 2 and set(d) <= set(SCALES) for d in draws)
+    assert all(d == sorted(d, key=SCALES.index) for d in draws)  # in the model's order
+    assert draws == [sct.random_scale_subset(rank1, 2, step) for step in range(60)]  # every rank the same
+    assert {tuple(d) for d in draws} == {(64, 48), (64, 32), (48, 32)}  # every subset comes up
+    assert draws != [sct.random_scale_subset(model, 2, step, seed=1) for step in range(60)]  # the seed matters
+    assert sct.random_scale_subset(model, 3, 5) == list(SCALES)
+    with pytest.raises(ValueError):
+        sct.random_scale_subset(model, 4, 0)
     with pytest.raises(ValueError, match="not one of"):
         sct.set_sampling(model, True, [100])
 

@@ -21,7 +21,7 @@ import math
 import statistics
 import time
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,25 +47,26 @@ LATENCY_BUDGET_S = 2.0
 
 @torch.inference_mode()
 def paired_latency_ms(models: Dict[str, nn.Module], shape: Sequence[int], repeats: int, device: torch.device,
-                      budget_s: float = LATENCY_BUDGET_S) -> Dict[str, float]:
+                      budget_s: float = LATENCY_BUDGET_S,
+                      clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
     """Median milliseconds per image of each model on one random batch of ``shape``, timed in turns.
 
     Two warm-up forwards each first (the first call at a new size builds kernels and caches, which
     is not the serving cost), then rounds of one timed forward per model, the order alternating,
     up to ``repeats`` rounds or until ``budget_s`` seconds per model are spent (at least one
     round), so that load on the machine hits every model alike and a large model on a CPU cannot
-    stall the report.
+    stall the report. ``clock`` is the time source (seconds), replaceable in tests.
     """
     x = torch.randn(*shape, device=device)
 
     def timed(model: nn.Module) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        start = time.perf_counter()
+        start = clock()
         model(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return clock() - start
 
     names = list(models)
     for name in names * 2:
@@ -79,9 +80,9 @@ def paired_latency_ms(models: Dict[str, nn.Module], shape: Sequence[int], repeat
 
 
 def latency_ms(model: nn.Module, shape: Sequence[int], repeats: int, device: torch.device,
-               budget_s: float = LATENCY_BUDGET_S) -> float:
+               budget_s: float = LATENCY_BUDGET_S, clock: Callable[[], float] = time.perf_counter) -> float:
     """:func:`paired_latency_ms` of one model."""
-    return paired_latency_ms({"model": model}, shape, repeats, device, budget_s)["model"]
+    return paired_latency_ms({"model": model}, shape, repeats, device, budget_s, clock)["model"]
 
 
 @torch.inference_mode()
