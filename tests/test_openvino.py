@@ -1,0 +1,59 @@
+"""A second runtime: the switchable ONNX file in OpenVINO gives onnxruntime's answer at every
+size, and the OpenVINO defect its routing avoids stays visible (optional extra: [openvino])."""
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+
+import sct_convert as sct
+
+ov = pytest.importorskip("openvino")
+
+
+def openvino_cpu(path):
+    # f32 for parity: the CPU plugin's default precision on bf16-capable CPUs differs by ~1e-3
+    return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def test_openvino_still_computes_int64_abs_of_a_negative_value_wrongly(tmp_path):
+    """Shape -> Mul -> Sub -> Abs on an 8x8 input: onnxruntime gives [960, 0], OpenVINO 2026.4's
+    CPU plugin [-960, 0]. The switchable file's routing squares the gap instead of Abs for this
+    reason; the day this test fails, OpenVINO fixed it (and the docs can say so)."""
+    import onnxruntime as ort
+
+    helper = onnx.helper
+    ints = lambda name, v: onnx.numpy_helper.from_array(np.asarray(v, dtype=np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "h_axis"], ["h"], axis=0),
+             helper.make_node("Gather", ["shape", "w_axis"], ["w"], axis=0),
+             helper.make_node("Mul", ["h", "w"], ["hw"]), helper.make_node("Sub", ["hw", "pixels"], ["diff"]),
+             helper.make_node("Abs", ["diff"], ["gap"])]
+    graph = helper.make_graph(nodes, "abs", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("gap", onnx.TensorProto.INT64, [2])],
+                              [ints("pixels", [1024, 64]), ints("h_axis", [2]), ints("w_axis", [3])])
+    path = tmp_path / "abs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    assert ort.InferenceSession(str(path)).run(None, {"x": x})[0].tolist() == [960, 0]
+    compiled = openvino_cpu(path)
+    assert compiled({"x": x})[compiled.output(0)].tolist() == [-960, 0]
+
+
+def test_the_switchable_file_gives_onnxruntimes_answer_in_openvino_at_every_size(tmp_path):
+    from sct_convert.runtime import open_session
+
+    torch.manual_seed(0)
+    # sizes whose last feature map is wider than one pixel: OpenVINO refuses a pooling kernel
+    # larger than its input, which a branch traced at a tiny size carries (as the plain model does)
+    model = sct.convert(timm.create_model("test_resnet", num_classes=10), [96, 64]).eval()
+    with torch.no_grad():  # branches that differ, so a wrong branch is a wrong answer
+        for _, layer in sct.scale_specific_layers(model):
+            layer.branches["64"].running_mean.add_(0.5)
+    path = sct.export_onnx(model, tmp_path / "m.onnx")
+    session, compiled = open_session(path), openvino_cpu(path)
+    for side in (96, 88, 80, 72, 64):  # sizes nearer the largest scale are the ones Abs got wrong
+        x = torch.randn(2, 3, side, side).numpy()
+        want = session.run(None, {"images": x})[0]
+        got = compiled({"images": x})[compiled.output(0)]
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), side
