@@ -149,7 +149,7 @@ def main() -> None:
     hashes = issues = 0
     for doc in docs:
         text = doc.read_text()
-        hashes += len(re.findall(r"(?<![\w/.#-])[0-9a-f]{7,40}(?![\w-])", text))
+        hashes += len(re.findall(r"(?<![\w/.#-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}(?![\w-])", text))
         issues += len(re.findall(r"\bissues? \d+", text, flags=re.I))
     if docs:
         print(f"docs: {hashes} commit hashes, {issues} 'issue N' mentions (README.md and docs/)")

@@ -25,6 +25,8 @@ CONFIDENCES = ("softmax", "margin")
 #: detector core's ``size`` input.
 DEPLOY_ROUTING = ("nearest", "interpolate", "fixed", "size_input")
 PARTS = ("model", "core")
+#: The ONNX exporters a detector file may have gone through.
+EXPORTERS = ("dynamo", "torchscript")
 
 
 def _bad(path: object, field: str, problem: str, value: Optional[str] = None) -> FileFormatError:
@@ -100,13 +102,13 @@ def read_int(meta: Mapping[str, str], field: str, path: object, minimum: int = 1
     return int(text)
 
 
-def read_text(meta: Mapping[str, str], field: str, path: object) -> Optional[str]:
-    """A field holding one line of printable text (a name), ``None`` when absent."""
+def read_text(meta: Mapping[str, str], field: str, path: object, limit: int = 256) -> Optional[str]:
+    """A field holding one line of printable text (a name, a note), ``None`` when absent."""
     if field not in meta:
         return None
     text = meta[field]
-    if not text.isprintable() or len(text) > 256:
-        raise _bad(path, field, "is not a name (one printable line, at most 256 characters)", text)
+    if not text.isprintable() or len(text) > limit:
+        raise _bad(path, field, f"is not one printable line of at most {limit} characters", text)
     return text
 
 
@@ -168,6 +170,29 @@ def read_cascade(meta: Mapping[str, str], path: object, scales: Sequence[Scale],
     return spec
 
 
+def read_error(meta: Mapping[str, str], field: str, path: object) -> Optional[float]:
+    """A measured error the export recorded: a finite number >= 0 (``None`` when absent)."""
+    if field not in meta:
+        return None
+    try:
+        value = float(meta[field])
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise _bad(path, field, "is not a number >= 0", meta[field])
+    return value
+
+
+def read_names(meta: Mapping[str, str], field: str, path: object) -> Optional[List[str]]:
+    """A comma-separated list of output names (``None`` when absent)."""
+    if field not in meta:
+        return None
+    names = meta[field].split(",")
+    if not all(n and n.isprintable() and len(n) <= 128 for n in names):
+        raise _bad(path, field, "is not a comma-separated list of names", meta[field])
+    return names
+
+
 def read_transform_sizes(meta: Mapping[str, str], path: object) -> Optional[Dict[str, Dict[str, Any]]]:
     """A detector file's transform settings per scale: a JSON object of objects (``None`` when absent)."""
     if "transform_sizes" not in meta:
@@ -206,6 +231,13 @@ DEPLOY_FIELDS: Dict[str, Callable[[Mapping[str, str], object], Any]] = {
     "part": lambda m, p: read_choice(m, "part", PARTS, p),
     "sides": read_sides,
     "transform_sizes": read_transform_sizes,
+    # what a detector file records of its export and its check (shown by sct-convert inspect)
+    "exporter": lambda m, p: read_choice(m, "exporter", EXPORTERS, p),
+    "outputs": lambda m, p: read_names(m, "outputs", p),
+    "max_error": lambda m, p: read_error(m, "max_error", p),
+    "max_core_error": lambda m, p: read_error(m, "max_core_error", p),
+    "checked_detections": lambda m, p: read_int(m, "checked_detections", p, minimum=0),
+    "routing_note": lambda m, p: read_text(m, "routing_note", p, limit=1024),
 }
 
 

@@ -100,6 +100,9 @@ ONNX_DAMAGE = [
     ("scales", "not json"), ("scales", "[64, 64]"), ("routing", "teleport"), ("input_name", "a\nb"),
     ("versions", "1.0"), ("num_classes", "many"), ("format", "something else"),
     ("cascade", "{"), ("cascade", stage_spec(size=[40, 40])), ("cascade", stage_spec(threshold=0)),
+    ("scale", "40"), ("part", "wheels"), ("opset", "-3"), ("sides", "[0]"), ("transform_sizes", "[1]"),
+    ("exporter", "magic"), ("outputs", "boxes,,scores"), ("max_error", "nan"), ("checked_detections", "x"),
+    ("routing_note", "a\x00b"),
 ]
 
 

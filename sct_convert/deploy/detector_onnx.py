@@ -32,13 +32,13 @@ from ..core.model import context_of, extract, unwrap
 from .._utils.files import PathLike, atomic_write
 from ..core.scales import HW, Scale, scale_key
 from ..runtime import open_session
+from ..metadata_fields import EXPORTERS
 from .onnx_trace import INPUT_NAME
 
 #: The second input of a switchable detector core: the side its batch was resized to.
 SIZE_INPUT = "size"
 
 #: The export routes, in the order they are tried.
-EXPORTERS = ("dynamo", "torchscript")
 
 #: Detections a check compares, in score order (the rest sit near the score threshold, where a
 #: last-bit difference may keep or drop one).
