@@ -42,16 +42,17 @@ def _steps(model, optimizer, scheduler, start, stop):
         scheduler.step()
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path):
-    torch.manual_seed(1234)
+def _run_until(stop):
+    """A fresh run from the same seed, trained up to ``stop``."""
     model, optimizer, scheduler = _build()
     torch.manual_seed(1234)
-    _steps(model, optimizer, scheduler, 0, STEPS)
-    want = model.state_dict()
+    _steps(model, optimizer, scheduler, 0, stop)
+    return model, optimizer, scheduler
 
-    model, optimizer, scheduler = _build()
-    torch.manual_seed(1234)
-    _steps(model, optimizer, scheduler, 0, STOP)
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    want = _run_until(STEPS)[0].state_dict()
+    model, optimizer, scheduler = _run_until(STOP)
     sct.save(model, tmp_path / "model.safetensors")  # what to save, as docs/training.md lists it
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": STOP,
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp_path / "state.pt")
@@ -75,14 +76,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path):
 
 def test_without_the_rng_state_the_resumed_run_differs(tmp_path):
     """The check above can fail: skip one item of the list and the weights differ."""
-    torch.manual_seed(1234)
-    model, optimizer, scheduler = _build()
-    torch.manual_seed(1234)
-    _steps(model, optimizer, scheduler, 0, STEPS)
-    want = model.state_dict()
-    model, optimizer, scheduler = _build()
-    torch.manual_seed(1234)
-    _steps(model, optimizer, scheduler, 0, STOP)
+    want = _run_until(STEPS)[0].state_dict()
+    model, optimizer, scheduler = _run_until(STOP)
     torch.manual_seed(999)  # RNG state not restored
     _steps(model, optimizer, scheduler, STOP, STEPS)
     assert any(not torch.equal(model.state_dict()[k], want[k]) for k in want)
