@@ -57,3 +57,22 @@ def test_the_switchable_file_gives_onnxruntimes_answer_in_openvino_at_every_size
         want = session.run(None, {"images": x})[0]
         got = compiled({"images": x})[compiled.output(0)]
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), side
+
+
+@pytest.mark.parametrize("family", ["segmentation", "video"])
+def test_segmentation_and_video_switchable_files_run_alike_in_openvino(tmp_path, family):
+    from _util import Clip, TinySegNet, perturb_branches
+
+    from sct_convert.runtime import open_session
+
+    torch.manual_seed(0)
+    net, scales, lead = (TinySegNet(), [64, 32], (2, 3)) if family == "segmentation" else (Clip(), [32, 16], (2, 3, 4))
+    model = sct.convert(net, scales).eval()
+    perturb_branches(model)  # a wrong branch would show
+    path = sct.export_onnx(model, tmp_path / "m.onnx")
+    session, compiled = open_session(path), openvino_cpu(path)
+    for side in (*scales, (scales[0] + scales[1]) // 2):
+        x = torch.randn(*lead, side, side).numpy()
+        want = session.run(None, {"images": x})[0]
+        got = compiled({"images": x})[compiled.output(0)]
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), side
