@@ -4,6 +4,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the same examples every time (a red run is reproducible); HYPOTHESIS_PROFILE=explore
+# draws new ones, to look for more failures before they reach CI.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False, max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # One thread per pytest-xdist worker (the suite runs one worker per core), else up to two.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))

@@ -8,18 +8,18 @@ What a file records is :mod:`sct_convert.checkpoints.format`; how weights go int
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..core.scales import Scale, normalize_scale, scale_key, scales_to_json, split_branch_key
+from ..core.scales import Scale, is_branched, normalize_scale, scale_key, scales_to_json, split_branch_key
 from .._utils.progress import Steps
 from .._utils.files import PathLike, atomic_save, atomic_save_model, writable_directory
 from ..errors import FileFormatError
 from ..metadata_fields import CHECKPOINT_FIELDS, check_fields
-from .format import (FORMAT, PLAIN_FORMAT, base_metadata, read_tensors, checked_metadata, file_scales, versions_of,
+from .format import (FORMAT, PLAIN_FORMAT, base_metadata, read_tensors, tensor_shapes, checked_metadata, file_scales, versions_of,
                        read_metadata)
 from .weights import load_state_dict_strict
 from ..conversion.rewrite import convert_in_order
@@ -161,6 +161,42 @@ def load_cascade(path: PathLike, model: Optional[nn.Module] = None, map_location
     return cascade_from_metadata(load(path, model=model, map_location=map_location).eval(), meta, path).eval()
 
 
+def _shape_mismatch(arch: str, source: str, kwargs: Dict[str, int],
+                    shapes: Dict[str, tuple]) -> Optional[Tuple[str, tuple]]:
+    """The first tensor ``(key, shape)`` of the model the metadata describes whose shape differs
+    from the file's (``None`` when all shared keys agree)."""
+    with torch.device("meta"):  # no memory: a hostile num_classes must not allocate gigabytes
+        built, _ = create_model(arch, source, **kwargs)
+    for key, value in built.state_dict().items():
+        if key in shapes and tuple(value.shape) != shapes[key]:
+            return key, tuple(value.shape)
+    return None
+
+
+def _check_against_tensors(path: PathLike, arch: str, source: str, kwargs: Dict[str, int],
+                           shapes: Dict[str, tuple]) -> None:
+    """Refuse metadata (``arch``, ``num_classes``, ``in_chans``) that disagrees with the file's own
+    tensor shapes before the model is built for real, naming the field at fault."""
+    try:
+        found = _shape_mismatch(arch, source, kwargs, shapes)
+    except ValueError as e:  # the zoo's "unknown model" (with close matches), or arguments it refuses
+        raise FileFormatError(f"{path}: metadata field 'arch' names a model {source} cannot build: {e}",
+                              path=path, field="arch") from None
+    if found is None:
+        return
+    key, shape = found
+    what = f"{key} is {shape} in {arch} built with {kwargs}, {shapes[key]} in the file"
+    for field in ("num_classes", "in_chans"):  # the field that tensor's shape follows is at fault
+        if field in kwargs:
+            moved = _shape_mismatch(arch, source, {**kwargs, field: kwargs[field] + 1}, {key: shapes[key]})
+            if moved is not None and moved[1] != shape:
+                raise FileFormatError(f"{path}: metadata field {field!r} ({kwargs[field]}) disagrees with the "
+                                      f"file's tensors ({what}): the metadata is damaged", path=path, field=field)
+    raise FileFormatError(f"{path}: metadata field 'arch' ({arch!r}) does not describe the file's tensors "
+                          f"({what}): the metadata is damaged, or pass the model: sct.load(path, model=my_net)",
+                          path=path, field="arch")
+
+
 def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = "cpu") -> nn.Module:
     """Rebuild a converted model from :func:`save`'s file, offline.
 
@@ -171,18 +207,28 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
         map_location: the device the weights are loaded to.
 
     Returns:
-        The converted model with every branch's weights. Raises ``ValueError`` when
-        the file is not a converted checkpoint or does not match ``model``.
+        The converted model with every branch's weights. Raises :class:`FileFormatError` (a
+        ``ValueError``) naming the field when the file is not a converted checkpoint or names no
+        architecture this function can build without ``model``, and
+        :class:`WeightsMismatchError` when it does not match ``model``.
     """
     meta = checked_metadata(path)
     fields = check_fields(meta, path, CHECKPOINT_FIELDS)
     scales = fields["scales"]
+    shapes = tensor_shapes(path)
+    shared = meta.get("scale_specific_bn", "1") == "0"
+    if is_branched(shapes) == shared and (shared or (fields.get("layers") or 0) > 0):
+        raise FileFormatError(f"{path}: metadata field 'scale_specific_bn' says {'shared' if shared else 'per-scale'} "
+                              f"BatchNorm, but the file's tensors are {'per-scale' if shared else 'shared'}: "
+                              "the metadata is damaged", path=path, field="scale_specific_bn")
     if model is None:
         arch, source = meta.get("arch"), meta.get("source")
         if not arch or source not in ("timm", "torchvision"):
-            raise ValueError(
+            # a custom model's file is not damaged, but the field that stops a rebuild is named all the same
+            raise FileFormatError(
                 f"{path} records no timm/torchvision architecture (arch={arch!r}, "
-                f"source={source!r}); pass the model: sct.load(path, model=my_net)"
+                f"source={source!r}); pass the model: sct.load(path, model=my_net)",
+                path=path, field="arch" if not arch else "source",
             )
         kwargs = {}
         if fields.get("num_classes"):
@@ -191,11 +237,8 @@ def load(path: PathLike, model: Optional[nn.Module] = None, map_location: str = 
             kwargs["in_chans"] = fields["in_chans"]
         if source == "torchvision" and meta.get("aux_loss") == "1":
             kwargs["aux_loss"] = True
-        try:
-            model, _ = create_model(arch, source, **kwargs)
-        except ValueError as e:  # the zoo's "unknown model" (with close matches), or arguments it refuses
-            raise FileFormatError(f"{path}: metadata field 'arch' names a model {source} cannot build: {e}",
-                                  path=path, field="arch") from None
+        _check_against_tensors(path, arch, source, kwargs, shapes)
+        model, _ = create_model(arch, source, **kwargs)
         if source == "torchvision":
             record_origin(model, arch, source)
     if not is_converted(model):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -158,6 +158,15 @@ def file_scales(meta: Dict[str, str], path: PathLike = "the file") -> List[Scale
 def versions_of(meta: Dict[str, str], path: PathLike = "the file") -> Dict[str, str]:
     """Inverse of :func:`versions_json` on a file's metadata (``{}`` where it records none)."""
     return read_versions(meta, path)
+
+
+def tensor_shapes(path: PathLike) -> Dict[str, Tuple[int, ...]]:
+    """Each tensor's shape from a safetensors file's header, without reading the data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise FileFormatError(f"{path}: the tensors cannot be read (truncated or corrupt?): {e}", path=path) from None
 
 
 def read_tensors(path: PathLike, map_location: str = "cpu") -> Dict[str, torch.Tensor]:
