@@ -35,7 +35,7 @@ _SOURCES = {
     "export": "checkpoints.files", "load": "checkpoints.files", "load_cascade": "checkpoints.files",
     "load_plain": "checkpoints.files", "save": "checkpoints.files",
     "save_per_scale": "checkpoints.files", "load_weights": "checkpoints.weights",
-    "export_onnx": "deploy.api", "export_program": "deploy.api",
+    "export_onnx": "deploy.api", "export_program": "deploy.api", "Int8": "deploy.int8",
     "EvaluationReport": "evaluation.report", "evaluate": "evaluation.run",
 }
 # public modules: sct.zoo (models by name), sct.diagnostics (branch statistics)
@@ -43,7 +43,7 @@ _MODULES = {"zoo": "checkpoints.zoo", "diagnostics": "training.diagnostics"}
 
 __all__ = [
     "Cascade", "CascadeReport", "CascadeResult", "ConversionError", "DetectorBatch", "DetectorCore",
-    "EvaluationReport", "FROZEN_BATCH_NORM_TYPES", "FileFormatError", "UnsafeCheckpointError",
+    "EvaluationReport", "FROZEN_BATCH_NORM_TYPES", "FileFormatError", "Int8", "UnsafeCheckpointError",
     "WeightsMismatchError", "SCTLoss", "ScaleContext", "ScaleOutputs",
     "ScaleSpecificBatchNorm", "StepResult", "add_scale", "calibrate", "context_of", "convert",
     "detector_core", "detector_postprocess", "detector_preprocess", "diagnostics", "evaluate",
@@ -84,6 +84,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
                              scales_of)
     from .core.sampling import ScaleOutputs, resize_to
     from .deploy.api import export_onnx, export_program
+    from .deploy.int8 import Int8
     from .detection.split import (DetectorBatch, DetectorCore, detector_core, detector_postprocess,
                                   detector_preprocess)
     from .evaluation.report import EvaluationReport

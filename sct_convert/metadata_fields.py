@@ -19,6 +19,8 @@ Scale = Union[int, Tuple[int, int]]
 
 ROUTING_POLICIES = ("nearest", "error", "interpolate")
 SOURCES = ("timm", "torchvision", "custom")
+#: A deployment file's numbers: float32, or int8 (QDQ) with float32 at its ends.
+PRECISIONS = ("float32", "int8")
 INPUT_LAYOUTS = ("(N, C, H, W)", "(N, C, T, H, W)", "list of (C, H, W) images")
 CONFIDENCES = ("softmax", "margin")
 #: How a deployment file routes: every scale in the graph (nearest or blended), one scale, or a
@@ -203,6 +205,26 @@ def read_transform_sizes(meta: Mapping[str, str], path: object) -> Optional[Dict
     return sizes
 
 
+def read_json_object(meta: Mapping[str, str], field: str, path: object) -> Optional[Dict[str, Any]]:
+    """A field holding a JSON object (``None`` when absent)."""
+    if field not in meta:
+        return None
+    value = _json(meta, field, path)
+    if not isinstance(value, dict):
+        raise _bad(path, field, "is not a JSON object", meta[field])
+    return value
+
+
+def read_int8_report(meta: Mapping[str, str], path: object) -> Optional[Dict[str, Any]]:
+    """An int8 file's accuracy report: per scale, top-1 in float and int8 (numbers)."""
+    report = read_json_object(meta, "int8_report", path)
+    if report is not None and not all(
+            isinstance(v, dict) and all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in v.values())
+            for v in report.values()):
+        raise _bad(path, "int8_report", "is not a JSON object of per-scale numbers", meta["int8_report"])
+    return report
+
+
 #: What each field of a combined checkpoint (``sct.save``) may hold; ``scales`` is required.
 CHECKPOINT_FIELDS: Dict[str, Callable[[Mapping[str, str], object], Any]] = {
     "scales": read_scales,
@@ -238,6 +260,10 @@ DEPLOY_FIELDS: Dict[str, Callable[[Mapping[str, str], object], Any]] = {
     "max_core_error": lambda m, p: read_error(m, "max_core_error", p),
     "checked_detections": lambda m, p: read_int(m, "checked_detections", p, minimum=0),
     "routing_note": lambda m, p: read_text(m, "routing_note", p, limit=1024),
+    "precision": lambda m, p: read_choice(m, "precision", PRECISIONS, p),
+    "int8": lambda m, p: read_json_object(m, "int8", p),
+    "int8_report": read_int8_report,
+    "checked_in": lambda m, p: read_text(m, "checked_in", p),
 }
 
 

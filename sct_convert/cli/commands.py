@@ -132,6 +132,8 @@ def inspect_cmd(file):
             click.echo(f"this file:       every scale, routed in the graph ({how})")
             if meta.get("routing_note"):
                 click.echo(f"note:            {meta['routing_note']}")
+        if str(file).endswith(".onnx"):
+            _precision_lines(file, meta)
         click.echo(f"num classes:     {meta.get('num_classes', '?')}")
         layout = meta.get("input_layout") or "(N, C, H, W)"
         click.echo(f"input:           {meta.get('input_name')} {layout.replace('C', meta.get('in_chans') or 'C', 1)}")
@@ -153,6 +155,27 @@ def inspect_cmd(file):
         f"+{human_bytes(info['bytes_per_extra_scale'])} on disk"
     )
     click.echo(f"written by:      {versions_text(info['versions'])}")
+
+
+def _precision_lines(file: str, meta: Dict[str, str]) -> None:
+    """Precision as read from the graph (per branch for a switchable file), not as claimed."""
+    import onnx
+
+    from ..deploy.int8 import branch_precision
+
+    precision = branch_precision(onnx.load(str(file), load_external_data=False))
+    if list(precision) == [""]:
+        click.echo(f"precision:       {precision['']}")
+    else:
+        click.echo("precision:       " + ", ".join(f"{label}: {p}" for label, p in precision.items()))
+    if meta.get("int8"):
+        settings = json.loads(meta["int8"])
+        click.echo(f"int8:            {settings.get('activations')} activations, {settings.get('weights')} weights, "
+                   f"ranges {settings.get('ranges')} ({settings.get('images')} calibration images)")
+    for label, row in json.loads(meta.get("int8_report", "{}")).items():
+        click.echo(f"int8 top-1:      scale {label}: {row.get('float_top1')}% float -> {row.get('int8_top1')}% int8")
+    if meta.get("checked_in"):
+        click.echo(f"checked in:      {meta['checked_in']}")
 
 
 def versions_text(versions: Dict[str, str]) -> str:
@@ -202,8 +225,21 @@ def _detector_check_text(meta: Dict[str, str]) -> str:
 @click.option("--part", type=click.Choice(["model", "core"]), default="model", show_default=True,
               help="Detectors, onnx: the whole detector of one scale, or its core (backbone and heads; "
                    "without --scale one file for every scale).")
+@click.option("--int8", is_flag=True, help="onnx: an int8 QDQ file (uint8 activations, int8 per-channel weights), "
+                                          "each scale calibrated on --calibration-images resized to it.")
+@click.option("--calibration-images", type=click.Path(file_okay=False), default=None,
+              help="--int8: ImageFolder-style directory of calibration images (labels unused).")
+@click.option("--calibration-count", default=256, show_default=True, type=click.IntRange(min=1),
+              help="--int8: calibration images per scale.")
+@click.option("--report-images", type=click.Path(file_okay=False), default=None,
+              help="--int8: labelled ImageFolder directory (as for evaluate): print each scale's top-1 in float and int8.")
+@click.option("--symmetric", is_flag=True, help="--int8: int8 symmetric activations (TensorRT's Q/DQ) instead of uint8.")
+@click.option("--reduce-range", is_flag=True, help="--int8: 7-bit weights, for CPUs without VNNI.")
+@click.option("--exclude-types", default="", help="--int8: comma list of op types left in float (e.g. Gemm).")
+@click.option("--exclude-nodes", default="", help="--int8: comma list of node names left in float.")
 @clean_errors
-def export_cmd(file, fmt, scale_option, out, model_name, part):
+def export_cmd(file, fmt, scale_option, out, model_name, part, int8, calibration_images, calibration_count,
+               report_images, symmetric, reduce_range, exclude_types, exclude_nodes):
     """Write FILE as a plain checkpoint of one scale, or as an ONNX / torch.export file.
 
     ONNX and pt2 files without --scale serve every trained scale: the branch is picked in the
@@ -235,6 +271,21 @@ def export_cmd(file, fmt, scale_option, out, model_name, part):
                          "scale); for every scale in one file use --format onnx or pt2")
     if part != "model" and fmt != "onnx":
         raise ValueError(f"--part {part} is for --format onnx (a detector's core as an ONNX file)")
+    int8_options = calibration_images or report_images or symmetric or reduce_range or exclude_types or exclude_nodes
+    if int8_options and not int8:
+        raise ValueError("--calibration-images, --report-images, --symmetric, --reduce-range and --exclude-* "
+                         "are --int8 options: add --int8")
+    if int8 and fmt != "onnx":
+        raise ValueError("--int8 writes an ONNX file: add --format onnx")
+    if int8 and not calibration_images:
+        raise ValueError("--int8 needs --calibration-images DIR: a folder of images like the ones the model "
+                         "will see (a few hundred are enough; labels unused)")
+    if int8:
+        from .._utils.files import existing_directory
+
+        existing_directory(calibration_images, "--calibration-images")
+        if report_images:
+            existing_directory(report_images, "--report-images")
     if fmt == "onnx":
         from ..deploy.onnx_trace import require_onnx
 
@@ -250,12 +301,57 @@ def export_cmd(file, fmt, scale_option, out, model_name, part):
         from ..deploy import api as deploy
 
         if fmt == "onnx":
-            path = deploy.export_onnx(converted, out, s, progress=True, part=part)
+            config = None
+            if int8:
+                config = _int8_config(converted, calibration_images, calibration_count, report_images, symmetric,
+                                      reduce_range, exclude_types, exclude_nodes)
+            path = deploy.export_onnx(converted, out, s, progress=True, part=part, int8=config)
+            if int8:
+                what = f"{what}, int8"
+                _echo_int8(path)
         else:
             path = deploy.export_program(converted, out, s, progress=True)
     if part == "core":
         what = f"core {what}"
     click.echo(f"wrote {path}: {meta.get('arch') or model_name} {what} ({fmt})")
+
+
+def _split(text: str) -> tuple:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _int8_config(model, calibration_images, count, report_images, symmetric, reduce_range, exclude_types,
+                 exclude_nodes):
+    """The CLI's :class:`~sct_convert.Int8`: images read as ``evaluate`` reads them (timm's data
+    config, at the largest scale), up to ``count`` of them in a seeded shuffle of the folder."""
+    import torch
+
+    from ..core.model import context_of
+    from ..core.scales import largest_index
+    from ..deploy.int8 import Int8
+    from ..evaluation.data import image_dataset, loader_at, resolve_data_config, split_indices
+
+    config = resolve_data_config(model)
+    largest = context_of(model).sizes[largest_index(context_of(model).sizes)]
+
+    def loader(root, what, limit):
+        dataset = image_dataset(root, config, what=what)
+        _, indices = split_indices(len(dataset), holdout=len(dataset), max_images=None)
+        return loader_at(dataset, indices[:limit], config, largest, 32, 0)
+
+    images = torch.cat([x for x, _ in loader(calibration_images, "--calibration-images", count)])
+    labelled = loader(report_images, "--report-images", None) if report_images else None
+    return Int8(images, symmetric=symmetric, reduce_range=reduce_range, exclude_types=_split(exclude_types),
+                exclude_nodes=_split(exclude_nodes), max_images=count, labelled=labelled)
+
+
+def _echo_int8(path) -> None:
+    from ..deploy.api import read_deploy_metadata
+
+    meta = read_deploy_metadata(path)
+    for label, row in json.loads(meta.get("int8_report", "{}")).items():
+        click.echo(f"scale {label}: top-1 {row['float_top1']:.2f}% float, {row['int8_top1']:.2f}% int8 "
+                   f"({row['change']:+.2f} points; same top-1 on {row['agreement']:.1f}% of {row['images']} images)")
 
 
 @cli.command("calibrate")

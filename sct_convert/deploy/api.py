@@ -24,7 +24,7 @@ import functools
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from ..errors import FileFormatError
 from ..metadata_fields import DEPLOY_FIELDS, check_fields
 from .._utils.progress import Steps
 from .onnx_trace import DEFAULT_OPSET, INPUT_NAME, missing_onnx, require_onnx, to_onnx, unfolded_onnx
+from .int8 import Int8, as_int8
+from .openvino_check import openvino_version
+from .._utils.environment import install_command
 from .program import (checked_program, example_for, export_program_object, probe_inputs, refuse_upstream_limits)
 
 if TYPE_CHECKING:
@@ -123,6 +126,73 @@ def _per_scale_onnx(model: nn.Module, scale: Scale, opset: int, example_input: O
     return externalized(proto, store)
 
 
+def _int8_per_scale(model: nn.Module, scale: Scale, opset: int, example_input: Optional[torch.Tensor],
+                    images: torch.Tensor, config: "Int8", on_step: Callable[[str], None],
+                    store: "ExternalTensors") -> "onnx.ModelProto":
+    from .int8 import images_at, quantize_graph
+    from .onnx_graph import externalized
+
+    ctx = context_of(model)
+    proto = to_onnx(export_program_object(model, scale, example_input), opset).model_proto
+    on_step(f"traced scale {scale_key(normalize_scale(scale))}")
+    quantized = quantize_graph(proto, images_at(images, ctx.sizes, ctx.index(scale), config), config)
+    on_step(f"quantized scale {scale_key(normalize_scale(scale))}")
+    return externalized(quantized, store)
+
+
+def _int8_switchable(model: nn.Module, opset: int, example_input: Optional[torch.Tensor], images: torch.Tensor,
+                     config: "Int8", on_step: Callable[[str], None], store: "ExternalTensors") -> "onnx.ModelProto":
+    from .int8 import images_at, quantize_graph
+    from .onnx_graph import switchable_model
+
+    sizes = context_of(model).sizes
+
+    def quantized() -> Iterator["onnx.ModelProto"]:  # one scale's graph at a time, as the float file
+        for i, proto in enumerate(onnx_branches(model, opset, example_input, on_step)):
+            graph = [quantize_graph(proto, images_at(images, sizes, i, config), config)]
+            del proto
+            on_step(f"quantized scale {scale_key(sizes[i])}")
+            yield graph.pop()
+
+    return switchable_model(quantized(), sizes, [scale_key(s) for s in sizes], INPUT_NAME, store)
+
+
+def _verify_onnx(model: nn.Module, probes: Sequence[Tuple[Scale, torch.Tensor]], config: Optional["Int8"],
+                 openvino: Optional[bool], switchable: bool, path: Path) -> Dict[str, str]:
+    """What is checked of a written (not yet renamed) ONNX file beyond running it: a file that
+    claims int8 quantized in every branch, the accuracy change when labels were given, and
+    OpenVINO's answer; returns the metadata it adds."""
+    from .int8 import accuracy_report, labelled_images, refuse_float_branches, report_json
+    from .openvino_check import openvino_problem, openvino_version
+    from .onnx_graph import will_check
+    import onnxruntime
+
+    props: Dict[str, str] = {}
+    refuse_float_branches(path, config is not None)
+    if config is not None:
+        data = labelled_images(config)
+        if data is not None:
+            session = open_session(path, quiet=True)
+            sizes = [normalize_scale(s) for s, _ in probes] or list(context_of(model).sizes)
+            report = accuracy_report(session, model, sizes, data)
+            props["sct_convert.int8_report"] = report_json(report)
+    if not will_check(probes):
+        return props
+    checked = [f"onnxruntime {onnxruntime.__version__}"]
+    version = openvino_version() if openvino is not False else None
+    if version is not None:
+        problem = openvino_problem(path, probes, int8=config is not None)
+        if problem is None:
+            checked.append(f"openvino {version}")
+        else:
+            advice = ("; OpenVINO may run the per-scale files (export_onnx(model, path, scale=s))"
+                      if switchable else "")
+            warnings.warn(f"sct_convert: {problem}; the file is written and onnxruntime runs it at every "
+                          f"scale{advice}", UserWarning, stacklevel=4)
+    props["sct_convert.checked_in"] = ", ".join(checked)
+    return props
+
+
 def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
                    example_input: Optional[torch.Tensor] = None, progress: bool = False) -> Path:
     """Write a ``torch.export`` program (``.pt2``) that serves every scale, or one.
@@ -157,7 +227,7 @@ def export_program(model: nn.Module, path: PathLike, scale: Optional[Scale] = No
 def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None, *,
                 opset: int = DEFAULT_OPSET, example_input: Optional[torch.Tensor] = None,
                 check: bool = True, progress: bool = False, exporter: Optional[str] = None,
-                part: str = "model") -> Path:
+                part: str = "model", int8: Any = None, openvino: Optional[bool] = None) -> Path:
     """Write an ONNX file that serves every scale, or one (needs the ``[onnx]`` extra).
 
     Args:
@@ -181,6 +251,16 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
             (:mod:`sct_convert.deploy.detector_onnx`).
         part: torchvision detectors only: ``"model"`` for the whole detector of one scale,
             ``"core"`` for its backbone and dense heads (:mod:`sct_convert.detection.split`).
+        int8: an :class:`~sct_convert.Int8` (or calibration images alone, for its defaults) to
+            write an int8 QDQ file: uint8 activations, int8 per-channel weights, each scale's
+            activation ranges calibrated on the images resized to that scale, each branch of a
+            switchable file quantized on its own (:mod:`sct_convert.deploy.int8`). A file with a
+            float branch is refused; with labelled images the metadata ``int8_report`` holds
+            each scale's top-1 in float and int8.
+        openvino: check the file in OpenVINO too, against onnxruntime (``None``: when OpenVINO is
+            installed; ``True`` requires it). A file OpenVINO cannot run or answers differently is
+            still written, with a one-line warning; ``checked_in`` in the metadata lists the
+            runtimes that ran it.
 
     A torchvision detector (a model whose transform resizes its input) exports either the whole
     detector of one scale (``scale=`` required): its plain detector, taking one ``(3, H, W)``
@@ -206,7 +286,13 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
         cascade_meta, model = model.metadata(), model.model
     if part not in PARTS:
         raise ValueError(f"part={part!r}: choose one of {', '.join(map(repr, PARTS))}")
+    config = as_int8(int8)
+    if openvino and openvino_version() is None:
+        raise ImportError(f"openvino=True needs OpenVINO: {install_command('openvino')} (or pip install openvino)")
     if context_of(model).resizer:
+        if config is not None:
+            raise ValueError("int8 export covers classifiers, segmentation and video models; a torchvision "
+                             "detector's file is float (its post-processing is not quantizable): drop int8=")
         return _detector_onnx(model, path, scale, opset, check, progress, exporter, part)
     if part != "model":
         raise ValueError("part='core' splits a torchvision detector (backbone and heads apart from its transform "
@@ -220,14 +306,29 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
 
     meta = deploy_metadata(model, scale, ONNX_FORMAT)
     meta["opset"] = str(opset)
+    meta["precision"] = "float32" if config is None else "int8"
+    images = None
+    if config is not None:
+        from .int8 import calibration_images
+
+        images = calibration_images(config)
+        meta["int8"] = json.dumps({**config.settings(), "images": len(images)}, separators=(",", ":"))
     meta.update(cascade_meta)
     props = {f"sct_convert.{k}": v for k, v in meta.items()}
     probes = probe_inputs(model, scale, example_input) if check else []
-    traces = len(context_of(model).scales) if scale is None else 1
+    traces = (len(context_of(model).scales) if scale is None else 1) * (1 if config is None else 2)
+    verify = functools.partial(_verify_onnx, model, probes, config, openvino, scale is None)
     with Steps(traces + 1 + (len(probes) if will_check(probes) else 0), "export onnx", progress) as steps:
-        build = (functools.partial(_switchable_onnx, model, opset, example_input, steps.advance) if scale is None
-                 else functools.partial(_per_scale_onnx, model, scale, opset, example_input, steps.advance))
-        return write_onnx(path, build, props, probes, steps.advance)
+        if config is not None:
+            build = (functools.partial(_int8_switchable, model, opset, example_input, images, config, steps.advance)
+                     if scale is None else
+                     functools.partial(_int8_per_scale, model, scale, opset, example_input, images, config,
+                                       steps.advance))
+        else:
+            build = (functools.partial(_switchable_onnx, model, opset, example_input, steps.advance)
+                     if scale is None else
+                     functools.partial(_per_scale_onnx, model, scale, opset, example_input, steps.advance))
+        return write_onnx(path, build, props, probes, steps.advance, verify)
 
 
 def _detector_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale], opset: int, check: bool,
