@@ -76,3 +76,44 @@ def test_segmentation_and_video_switchable_files_run_alike_in_openvino(tmp_path,
         want = session.run(None, {"images": x})[0]
         got = compiled({"images": x})[compiled.output(0)]
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), side
+
+
+def test_the_switchable_int8_file_runs_in_openvino_and_the_export_says_it_was_checked(tmp_path):
+    from sct_convert.deploy.int8 import branch_precision
+    from sct_convert.runtime import open_session
+
+    torch.manual_seed(0)
+    model = sct.convert(timm.create_model("test_resnet", num_classes=10), [96, 64])
+    images = torch.rand(32, 3, 96, 96)
+    sct.calibrate(model, [images])  # real activation statistics: outputs that vary with the input
+    path = sct.export_onnx(model.eval(), tmp_path / "m8.onnx", int8=images)
+    proto = onnx.load(str(path))
+    assert branch_precision(proto) == {"96": "int8", "64": "int8"}
+    checked = {p.key: p.value for p in proto.metadata_props}["sct_convert.checked_in"]
+    assert checked.startswith("onnxruntime ") and f"openvino {ov.get_version().split('-')[0]}" in checked
+    session, compiled = open_session(path), openvino_cpu(path)
+    for side in (96, 64):
+        x = sct.resize_to(torch.rand(64, 3, 96, 96), (side, side))  # drawn as the calibration images were
+        with torch.no_grad():
+            exact = sct.extract(model, side)(x).numpy()
+        ort_int8 = session.run(None, {"images": x.numpy()})[0]
+        ov_int8 = compiled({"images": x.numpy()})[compiled.output(0)]
+        # the two runtimes' int8 kernels round differently: OpenVINO's answer is as near the float
+        # model's as onnxruntime's, and mostly picks the same class
+        assert np.abs(ov_int8 - exact).max() <= 1.5 * np.abs(ort_int8 - exact).max() + 0.05, side
+        assert (ov_int8.argmax(1) == ort_int8.argmax(1)).mean() >= 0.6, side
+
+
+def test_a_file_openvino_cannot_run_is_written_with_one_line_naming_what_works(tmp_path):
+    """resnet10t at 16 px ends in a 1-pixel map that OpenVINO's AveragePool shape check refuses
+    (the plain model exported at 16 px is refused the same way); onnxruntime runs it."""
+    torch.manual_seed(0)
+    model = sct.convert(timm.create_model("resnet10t", num_classes=3), [32, 16]).eval()
+    with pytest.warns(UserWarning) as caught:
+        path = sct.export_onnx(model, tmp_path / "m.onnx")
+    lines = [str(w.message) for w in caught if "OpenVINO" in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "cannot run it at scale 16" in lines[0] and "matches onnxruntime at scale 32" in lines[0]
+    assert path.exists()
+    checked = {p.key: p.value for p in onnx.load(str(path)).metadata_props}["sct_convert.checked_in"]
+    assert "openvino" not in checked

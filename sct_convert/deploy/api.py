@@ -185,10 +185,9 @@ def _verify_onnx(model: nn.Module, probes: Sequence[Tuple[Scale, torch.Tensor]],
         if problem is None:
             checked.append(f"openvino {version}")
         else:
-            advice = ("; OpenVINO may run the per-scale files (export_onnx(model, path, scale=s))"
-                      if switchable else "")
-            warnings.warn(f"sct_convert: {problem}; the file is written and onnxruntime runs it at every "
-                          f"scale{advice}", UserWarning, stacklevel=4)
+            runs = "at every scale" if switchable else ""
+            warnings.warn(f"sct_convert: {problem}; the file is written: onnxruntime runs it {runs}".rstrip(),
+                          UserWarning, stacklevel=4)
     props["sct_convert.checked_in"] = ", ".join(checked)
     return props
 

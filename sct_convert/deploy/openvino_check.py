@@ -42,30 +42,43 @@ def _reason(e: BaseException) -> str:
     return (lines[-1] if lines else type(e).__name__)[:200]
 
 
+def _problem_at(compiled: Any, session: Any, name: str, x: torch.Tensor, where: str, int8: bool) -> Optional[str]:
+    feed = x.detach().cpu().numpy()
+    want = session.run(None, {name: feed})
+    try:
+        got = compiled({name: feed})
+    except Exception as e:  # noqa: BLE001 - any failure of the second runtime is reported, not raised
+        return f"cannot run it at {where}: {_reason(e)}"
+    for i, expected in enumerate(want):
+        answer = np.asarray(got[compiled.output(i)])
+        if answer.shape != expected.shape:
+            return f"answers {where} with shape {answer.shape}, onnxruntime {expected.shape}"
+        if int8 and expected.ndim == 2:  # logits: the same top-1 (int8 kernels round differently)
+            if (answer.argmax(1) != expected.argmax(1)).mean() > 0.5:
+                return f"disagrees with onnxruntime's int8 top-1 at {where} on most images"
+        elif not int8:
+            gap = float(np.abs(answer - expected).max()) if expected.size else 0.0
+            if gap > FLOAT_TOLERANCE * max(1.0, float(np.abs(expected).max())):
+                return f"differs from onnxruntime at {where} by {gap:.2g}"
+    return None
+
+
 def openvino_problem(path: Path, probes: Sequence[Tuple[Scale, torch.Tensor]], int8: bool = False) -> Optional[str]:
     """``None`` when OpenVINO runs ``path`` at every probe and agrees with onnxruntime, else one
-    line saying where and how it does not. Call only with OpenVINO installed."""
+    line saying where and how it does not, and where it does. Call only with OpenVINO installed."""
     session = open_session(path, quiet=True)
     name = session.get_inputs()[0].name
-    where = "loading it"
+    version = f"OpenVINO {openvino_version()}"
     try:
         compiled = compiled_on_cpu(path)
-        for scale, x in probes:
-            where = f"scale {scale_key(scale)}"
-            feed = x.detach().cpu().numpy()
-            want = session.run(None, {name: feed})
-            got = compiled({name: feed})
-            for i, expected in enumerate(want):
-                answer = np.asarray(got[compiled.output(i)])
-                if answer.shape != expected.shape:
-                    return f"OpenVINO answers {where} with shape {answer.shape}, onnxruntime {expected.shape}"
-                if int8 and expected.ndim == 2:  # logits: the same top-1
-                    if (answer.argmax(1) != expected.argmax(1)).mean() > 0.5:
-                        return f"OpenVINO's int8 top-1 at {where} disagrees with onnxruntime's on most images"
-                elif not int8:
-                    gap = float(np.abs(answer - expected).max()) if expected.size else 0.0
-                    if gap > FLOAT_TOLERANCE * max(1.0, float(np.abs(expected).max())):
-                        return f"OpenVINO's answer at {where} differs from onnxruntime's by {gap:.2g}"
     except Exception as e:  # noqa: BLE001 - any failure of the second runtime is reported, not raised
-        return f"OpenVINO cannot run it ({where}): {_reason(e)}"
-    return None
+        return f"{version} cannot load it: {_reason(e)}"
+    problems, fine = [], []
+    for scale, x in probes:
+        where = f"scale {scale_key(scale)}"
+        problem = _problem_at(compiled, session, name, x, where, int8)
+        (fine if problem is None else problems).append(where if problem is None else problem)
+    if not problems:
+        return None
+    works = f"; it matches onnxruntime at {', '.join(fine)}" if fine else ""
+    return f"{version} {'; '.join(problems)}{works}"
