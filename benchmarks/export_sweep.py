@@ -8,7 +8,10 @@ and compare onnxruntime with the eager converted model: the per-scale file at it
 switchable file at every scale and, apart, at one size between the two largest (a failure there
 says so). One CSV row per model,
 with export seconds, file size and the max relative error; a failure names the operator or the
-reason. Rows are appended as models finish and a rerun skips models already in the CSV.
+reason. With OpenVINO installed, each file is also run there against onnxruntime at the same
+sizes (``*_openvino`` columns: ``ok`` within 1e-4, else what differs or fails). ``--int8`` adds
+the int8 files (per-scale and switchable, calibrated on 16 random inputs; ``ok`` when onnxruntime
+runs every branch quantized) and their OpenVINO check (top-1 agreement). Rows are appended as models finish and a rerun skips models already in the CSV.
 
     python benchmarks/export_sweep.py --only @benchmarks/results/zoo_sample.txt
     python benchmarks/export_sweep.py --only torchvision/resnet18,timm/resnet50
@@ -27,7 +30,8 @@ from pathlib import Path
 
 FIELDS = ["model", "source", "scales", "per_scale", "per_scale_seconds", "per_scale_mb", "per_scale_max_rel_err",
           "switchable", "switchable_seconds", "switchable_mb", "switchable_max_rel_err", "commit", "torch",
-          "onnxruntime"]
+          "onnxruntime", "per_scale_openvino", "switchable_openvino", "int8_per_scale", "int8_per_scale_openvino",
+          "int8_switchable", "int8_switchable_openvino", "openvino"]
 TOL = 1e-4
 
 
@@ -52,8 +56,15 @@ def short(e: BaseException) -> str:
     return f"fail: {type(e).__name__}: {text}"
 
 
-def check(name: str, source: str, tmp: Path, threads: int) -> dict:
+def check(name: str, source: str, tmp: Path, threads: int, int8: bool = False) -> dict:
+    import onnx
     import torch
+
+    from sct_convert.deploy.int8 import branch_precision
+    from sct_convert.deploy.openvino_check import openvino_problem, openvino_version
+
+    if openvino_version() is None:
+        openvino_problem = None  # noqa: F811 - no second runtime: the columns stay empty
 
     sys.path.insert(0, str(Path(__file__).parent))
     from zoo_coverage import native_size, round8
@@ -79,14 +90,26 @@ def check(name: str, source: str, tmp: Path, threads: int) -> dict:
     between = ((sizes[0][0] + sizes[1][0]) // 2, (sizes[0][1] + sizes[1][1]) // 2)
     # the switchable file is checked at the trained sizes, then apart at the in-between size, so
     # that a failure says which of the two it is
-    for kind, scale, groups in (("per_scale", scales[-1], [[sizes[-1]]]),
-                                ("switchable", None, [sizes, [between]])):
+    jobs = [("per_scale", scales[-1], [[sizes[-1]]], None), ("switchable", None, [sizes, [between]], None)]
+    if int8:
+        calibration = torch.rand(16, 3, *sizes[0], generator=g)
+        jobs += [("int8_per_scale", scales[-1], [[sizes[-1]]], calibration), ("int8_switchable", None, [sizes], calibration)]
+    for kind, scale, groups, calibration in jobs:
         path = tmp / f"{name}_{kind}.onnx"
         start = time.perf_counter()
-        try:
-            sct.export_onnx(model, path, scale=scale)
+        try:  # OpenVINO apart, below: the export's seconds stay comparable with earlier sweeps
+            sct.export_onnx(model, path, scale=scale, openvino=False, int8=calibration)
         except Exception as e:  # noqa: BLE001 - recorded per model
             row[kind] = short(e)
+            continue
+        if openvino_problem is not None:
+            probes = [(hw, torch.rand(2, 3, *hw, generator=g)) for group in groups[:1] for hw in group]
+            problem = openvino_problem(path, probes, int8=calibration is not None)
+            row[f"{kind}_openvino"] = "ok" if problem is None else f"fail: {problem}"[:300]
+        if calibration is not None:
+            row[kind] = "ok" if all(p == "int8" for p in branch_precision(onnx.load(str(path))).values()) \
+                else f"partly int8: {branch_precision(onnx.load(str(path)))}"
+            path.unlink(missing_ok=True)
             continue
         row[f"{kind}_seconds"] = f"{time.perf_counter() - start:.1f}"
         files = [path, path.with_name(path.name + ".data")]  # the weights of a file over 2 GB
@@ -110,7 +133,7 @@ def check(name: str, source: str, tmp: Path, threads: int) -> dict:
 
 def run_one(job: tuple) -> dict:
     """One model in its own worker process (a crash or leak stays there)."""
-    name, source, threads, commit = job
+    name, source, threads, commit, int8 = job
     import onnxruntime
     import torch
 
@@ -118,10 +141,13 @@ def run_one(job: tuple) -> dict:
     warnings.filterwarnings("ignore")
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            row = check(name, source, Path(tmp), threads)
+            row = check(name, source, Path(tmp), threads, int8)
     except Exception as e:  # noqa: BLE001 - conversion or model creation failed
         row = {"model": name, "source": source, "per_scale": short(e), "switchable": short(e)}
-    row.update(commit=commit, torch=torch.__version__, onnxruntime=onnxruntime.__version__)
+    from sct_convert.deploy.openvino_check import openvino_version
+
+    row.update(commit=commit, torch=torch.__version__, onnxruntime=onnxruntime.__version__,
+               openvino=openvino_version() or "")
     return row
 
 
@@ -147,9 +173,22 @@ def summary(path: Path) -> None:
               f"| {statistics.median(num(r['per_scale_seconds'] for r in part)):.1f} / "
               f"{statistics.median(num(r['switchable_seconds'] for r in part)):.1f} "
               f"| {statistics.median(size_ratio):.2f}, {max(size_ratio):.2f} |")
+    extra = [k for k in ("per_scale_openvino", "switchable_openvino", "int8_per_scale", "int8_switchable",
+                         "int8_per_scale_openvino", "int8_switchable_openvino") if any(r.get(k) for r in rows)]
+    if extra:
+        print()
+        print("| source | " + " | ".join(k.replace("_", " ") + " ok" for k in extra) + " |")
+        print("|---|" + "---|" * len(extra))
+        for source in sorted({r["source"] for r in rows}) + ["all"]:
+            part = [r for r in rows if source in ("all", r["source"])]
+            print(f"| {source} | " + " | ".join(f"{sum(r.get(k) == 'ok' for r in part)} of "
+                                              f"{sum(bool(r.get(k)) for r in part)}" for k in extra) + " |")
     for r in rows:
         if r["per_scale"] != "ok" or r["switchable"] != "ok":
             print(f"- {r['source']}/{r['model']}: per-scale {r['per_scale']}; switchable {r['switchable']}")
+        for k in extra:
+            if r.get(k) and r[k] != "ok":
+                print(f"- {r['source']}/{r['model']}: {k.replace('_', ' ')} {r[k]}")
 
 
 def main() -> None:
@@ -159,6 +198,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/export_sweep.csv")
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads per model")
     p.add_argument("--workers", type=int, default=1, help="models exported in parallel processes")
+    p.add_argument("--int8", action="store_true", help="also the int8 files (per-scale and switchable)")
     args = p.parse_args()
     if args.summary:
         return summary(Path(args.out))
@@ -176,7 +216,7 @@ def main() -> None:
             done = {(r["model"], r["source"]) for r in csv.DictReader(f)}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
-    jobs = [(name, source, args.threads, commit) for name, source in pairs if (name, source) not in done]
+    jobs = [(name, source, args.threads, commit, args.int8) for name, source in pairs if (name, source) not in done]
     context = multiprocessing.get_context("spawn")
     with open(out, "a", newline="") as f, context.Pool(args.workers, maxtasksperchild=1) as pool:
         writer = csv.DictWriter(f, fieldnames=FIELDS)

@@ -7,11 +7,13 @@ length); one SCT training step (``SCTLoss`` over a train-mode forward; segmentat
 torchvision's reference criterion and label maps at the input's size; backward); eval routing
 at every scale equals ``sct.extract`` at that scale; each scale's ``sct.save_per_scale`` file
 loads strictly into a freshly built plain model; a switchable ``torch.export`` program, a
-switchable ONNX file and a per-scale ONNX file (smallest scale), each run (``torch.export.load``,
-onnxruntime) against the eager model on every output tensor, at every scale and one in-between
-size (video: clips of 6 frames, not the probe's length); a detector's per-scale file and its
-switchable core (``part="core"``, with ``sct.detector_preprocess`` / ``detector_postprocess``)
-against the eager model's detections. A file that cannot be written must be refused with no
+switchable ONNX file and a per-scale ONNX file (smallest scale), float and int8 (calibrated on
+8 random inputs), each run (``torch.export.load``, onnxruntime) against the eager model on every
+output tensor, at every scale and one in-between size (video: clips of 6 frames, not the probe's
+length); a detector's per-scale file and its switchable core (``part="core"``, with
+``sct.detector_preprocess`` / ``detector_postprocess``) against the eager model's detections.
+Every ONNX file is also run in OpenVINO (CPU, f32 inference precision) against onnxruntime on
+the same inputs (columns ``... OpenVINO``; float files must agree within 1e-4). A file that cannot be written must be refused with no
 file left behind.
 
     python benchmarks/family_check.py                      # every family, ~15 min on 2 CPU cores
@@ -117,13 +119,46 @@ def train_step(family, model, lead, scales) -> str:
     return f"ok ({len(out)} scales, losses {[round(v.item(), 2) for v in criterion.last_losses.values()]})"
 
 
-FORMATS = ("per-scale ckpt", "pt2", "onnx", "onnx per-scale", "onnx core")
+FORMATS = ("per-scale ckpt", "pt2", "onnx", "onnx per-scale", "onnx core", "onnx int8", "onnx int8 per-scale")
+
+
+def openvino_cpu(path):
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return lambda feeds: [np.asarray(v) for v in compiled(feeds).values()]
+
+
+def openvino_row(path, feeds_at, int8=False) -> str:
+    """The file in OpenVINO against onnxruntime on the same inputs: worst relative error over every
+    output (int8: also the share of argmax that agree, the runtimes' int8 kernels round differently)."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ov = openvino_cpu(path)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return f"OpenVINO FAIL to load: {' '.join(str(e).split())[-200:]}"
+    errs, agree = [], []
+    for label, feeds in feeds_at:
+        try:
+            got, want = ov(feeds), session.run(None, feeds)
+        except Exception as e:  # noqa: BLE001
+            return f"OpenVINO RUN FAIL at {label}: {' '.join(str(e).split())[-200:]}"
+        errs.append(rel([torch.as_tensor(w) for w in want], got))
+        if int8:
+            agree.append(float((want[0].reshape(len(want[0]), -1).argmax(1) == got[0].reshape(len(got[0]), -1).argmax(1)).mean()))
+    tail = f", argmax agree {min(agree):.0%}" if int8 else ""
+    ok = "ok" if int8 or max(errs) <= 1e-4 else "DIFFERS"
+    return f"{ok} at {[label for label, _ in feeds_at]}, max rel err vs onnxruntime {max(errs):.1e}{tail}"
 
 
 def check_files(model, build, scales, lead, sizes, d, formats=FORMATS) -> dict:
     row = {}
     if sct.context_of(model).resizer and "onnx core" in formats:
         row["onnx core"] = detector_core_row(model, os.path.join(d, "m_core.onnx"))
+        if os.path.exists(os.path.join(d, "m_core.onnx")):
+            row["onnx core OpenVINO"] = detector_core_openvino_row(model, os.path.join(d, "m_core.onnx"))
     try:
         if "per-scale ckpt" in formats:
             paths = sct.save_per_scale(model, d, arch="m")
@@ -134,20 +169,26 @@ def check_files(model, build, scales, lead, sizes, d, formats=FORMATS) -> dict:
         row["per-scale ckpt"] = f"FAIL {type(e).__name__}: {str(e)[:100]}"
     example = torch.randn(2, *lead[1:], scales[0], scales[0])
     small = min(scales)
+    calibration = torch.randn(8, *lead[1:], scales[0], scales[0])
+    detector = bool(sct.context_of(model).resizer)
     for fmt, write, scale in (("pt2", sct.export_program, None), ("onnx", sct.export_onnx, None),
-                              ("onnx per-scale", sct.export_onnx, small)):
-        if fmt not in formats:
+                              ("onnx per-scale", sct.export_onnx, small), ("onnx int8", sct.export_onnx, None),
+                              ("onnx int8 per-scale", sct.export_onnx, small)):
+        if fmt not in formats or (detector and "int8" in fmt):
             continue
         path = os.path.join(d, f"m_{fmt.replace(' ', '_')}.{fmt.split()[0]}")
+        extra = {"int8": calibration} if "int8" in fmt else {}
         try:
             write(model, path, scale, example_input=example if scale is None else
-                  torch.randn(2, *lead[1:], small, small))
+                  torch.randn(2, *lead[1:], small, small), **extra)
         except Exception as e:  # noqa: BLE001
             left = [f for f in os.listdir(d) if f.startswith(os.path.basename(path))]
             row[fmt] = f"refused ({type(e).__name__}: {' '.join(str(e).split())[:600]}); files left: {left or 'none'}"
             continue
-        if fmt == "onnx per-scale" and sct.context_of(model).resizer:  # one image in, detections out
+        if fmt == "onnx per-scale" and detector:  # one image in, detections out
             row[fmt] = detector_file_row(model, path, scale)
+            image = detection_batch()[0][0]
+            row[f"{fmt} OpenVINO"] = openvino_row(path, [("200x260", {"image": image.numpy()})])
             continue
         if fmt == "pt2":
             call = torch.export.load(path).module()
@@ -162,9 +203,12 @@ def check_files(model, build, scales, lead, sizes, d, formats=FORMATS) -> dict:
                 for s in at:
                     x = torch.randn(2, *lead[1:], s, s)
                     errs.append(rel(model(x), call(x)))
-            row[fmt] = f"ok at {at}, max rel err {max(errs):.1e}"
+            row[fmt] = f"ok at {at}, max rel err {max(errs):.1e}" + (" (int8 vs float)" if "int8" in fmt else "")
         except Exception as e:  # noqa: BLE001
             row[fmt] = f"RUN FAIL at size {at[len(errs)]}: {type(e).__name__}: {str(e)[:100]}"
+        if fmt != "pt2":
+            feeds = [(s, {"images": torch.randn(2, *lead[1:], s, s).numpy()}) for s in at]
+            row[f"{fmt} OpenVINO"] = openvino_row(path, feeds, int8="int8" in fmt)
     return row
 
 
@@ -224,6 +268,17 @@ def detector_core_row(model, path) -> str:
                 worst, matched = max(worst, error), matched + n
     return (f"ok via {meta['exporter']}, {len(names)} outputs, max error {worst:.1e} over {matched} detections at "
             f"every scale, images 280x360, 400x300, 200x420 (the export's own check: {meta.get('max_error')})")
+
+
+def detector_core_openvino_row(model, path) -> str:
+    """The switchable core in OpenVINO against onnxruntime, on the batch ``sct.detector_preprocess``
+    builds at every scale."""
+    from sct_convert.deploy.detector_onnx import structured_image
+
+    images = [structured_image(hw, 10 + seed) for seed, hw in enumerate([(280, 360), (400, 300)])]
+    feeds = [(s, {k: np.asarray(v) for k, v in sct.detector_preprocess(model, images, s).feeds().items()})
+             for s in sct.scales_of(model)]
+    return openvino_row(path, feeds)
 
 
 def check(family, name, build, scales, lead, formats=FORMATS) -> dict:

@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh checks     # CUDA/NCCL tests, overhead, train cost, compile (~8 min)
 #   bash benchmarks/gpu_session.sh reproduce  # reproduce.py --preset gpu, resumable (9 min a call)
 #   bash benchmarks/gpu_session.sh zoo        # zoo_coverage.py --contract, resumable (9 min a call)
+#   bash benchmarks/gpu_session.sh tensorrt   # per-scale float and int8 (symmetric Q/DQ) files in TensorRT (~3 min)
 #
 # The resumable parts read and extend their job files in $OUT: copy the previous call's files
 # back into $OUT before the next call. Carry .whl/ (a newer timm wheel, when the GPU host's is
@@ -40,8 +41,11 @@ case "${1:-checks}" in
       --only @benchmarks/results/zoo_ok_models.txt --out "$OUT/zoo_contract.csv" --deadline 420 --grace 60 \
       > "$OUT/zoo_log.txt" 2>&1
     ;;
+  tensorrt)  # stops before the engine build (and says why) where tensorrt is not installed
+    timeout 300 python benchmarks/tensorrt_check.py --model resnet18 --scales 224,160 > "$OUT/tensorrt_check.txt" 2>&1
+    ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh checks|reproduce|zoo" >&2
+    echo "usage: bash benchmarks/gpu_session.sh checks|reproduce|zoo|tensorrt" >&2
     exit 2
     ;;
 esac

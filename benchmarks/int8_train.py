@@ -4,7 +4,7 @@ SCT at {32, 16} and at {32, 24, 16}, the drop-in loop of ``benchmarks/fmnist_sct
 nesterov, one-cycle LR, flip + translate), one checkpoint per preset and seed, written with
 ``sct.save`` to ``--out`` (skipped when it is already there, so a stopped run resumes):
 
-    python benchmarks/int8_train.py                                   # CPU: 20,000 images, 4 epochs
+    python benchmarks/int8_train.py                                   # CPU: 10,000 images, 3 epochs, ~20 min
     python benchmarks/int8_train.py --limit 0 --epochs 15 --device cuda   # full set on a GPU
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ def train(scales, seed, x_train, y_train, epochs, lr=0.1, batch_size=128, device
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--limit", type=int, default=20000, help="train on the first N images (0: all 60,000)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--limit", type=int, default=10000, help="train on the first N images (0: all 60,000)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="benchmarks/results/int8_models")
     args = p.parse_args()
