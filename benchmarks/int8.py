@@ -43,6 +43,12 @@ from sct_convert.runtime import CascadeSession, open_session  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def resnet20():
+    from cifar_resnet import CifarResNet
+
+    return CifarResNet(20, num_classes=10, in_chans=1)
+
+
 def openvino_model(path, threads=None, exact=False):
     import openvino as ov
 
@@ -79,12 +85,18 @@ def accuracy(args) -> None:
     warnings.filterwarnings("ignore")
     x_train, _ = fashion_mnist.load("train")
     x_test, y_test = fashion_mnist.load("test")
+    if args.test_limit:
+        x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
     calib = x_train[:256]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset, scales in PRESETS.items():
             for seed in (int(s) for s in args.seeds.split(",")):
-                model = sct.load(Path(args.models) / checkpoint_name(preset, seed)).eval()
+                path = Path(args.models) / checkpoint_name(preset, seed)
+                if not path.exists():
+                    print(f"skipped: {path} not trained (python benchmarks/int8_train.py)", flush=True)
+                    continue
+                model = sct.load(path, model=resnet20()).eval()
                 switch = sct.export_onnx(model, Path(tmp) / "switch8.onnx", int8=sct.Int8(calib))
                 ort_switch, ov_switch = ort_model(switch), openvino_model(switch, exact=True)
                 for s in scales:
@@ -108,7 +120,7 @@ def accuracy(args) -> None:
 
 def cascade_rows(args, x_test, y_test, calib, tmp: Path):
     """Fit on the first 2,000 test images, serve the other 8,000 from the float and int8 files."""
-    model = sct.load(Path(args.models) / checkpoint_name("32,16", 0)).eval()
+    model = sct.load(Path(args.models) / checkpoint_name("32,16", 0), model=resnet20()).eval()
     fit = [(x_test[i:i + 500], y_test[i:i + 500]) for i in range(0, 2000, 500)]
     cascade = sct.fit_cascade(model, fit, max_drop=0.5)
     x, y = x_test[2000:].numpy(), y_test[2000:].numpy()
@@ -262,6 +274,7 @@ def main() -> None:
     a = sub.add_parser("accuracy")
     a.add_argument("--models", default=str(RESULTS / "int8_models"))
     a.add_argument("--seeds", default="0,1,2")
+    a.add_argument("--test-limit", type=int, default=None, help="test on the first N images (smoke runs)")
     t = sub.add_parser("latency")
     t.add_argument("--models", default="resnet50,mobilenetv3_large_100")
     t.add_argument("--scales", default="224,192,128")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -127,7 +128,7 @@ def _per_scale_onnx(model: nn.Module, scale: Scale, opset: int, example_input: O
 
 
 def _int8_per_scale(model: nn.Module, scale: Scale, opset: int, example_input: Optional[torch.Tensor],
-                    images: torch.Tensor, config: "Int8", on_step: Callable[[str], None],
+                    images: torch.Tensor, config: "Int8", ranges: Optional[Path], on_step: Callable[[str], None],
                     store: "ExternalTensors") -> "onnx.ModelProto":
     from .int8 import images_at, quantize_graph
     from .onnx_graph import externalized
@@ -135,13 +136,14 @@ def _int8_per_scale(model: nn.Module, scale: Scale, opset: int, example_input: O
     ctx = context_of(model)
     proto = to_onnx(export_program_object(model, scale, example_input), opset).model_proto
     on_step(f"traced scale {scale_key(normalize_scale(scale))}")
-    quantized = quantize_graph(proto, images_at(images, ctx.sizes, ctx.index(scale), config), config)
+    quantized = quantize_graph(proto, images_at(images, ctx.sizes, ctx.index(scale)), config, ranges)
     on_step(f"quantized scale {scale_key(normalize_scale(scale))}")
     return externalized(quantized, store)
 
 
 def _int8_switchable(model: nn.Module, opset: int, example_input: Optional[torch.Tensor], images: torch.Tensor,
-                     config: "Int8", on_step: Callable[[str], None], store: "ExternalTensors") -> "onnx.ModelProto":
+                     config: "Int8", ranges: Optional[Path], on_step: Callable[[str], None],
+                     store: "ExternalTensors") -> "onnx.ModelProto":
     from .int8 import images_at, quantize_graph
     from .onnx_graph import switchable_model
 
@@ -149,7 +151,7 @@ def _int8_switchable(model: nn.Module, opset: int, example_input: Optional[torch
 
     def quantized() -> Iterator["onnx.ModelProto"]:  # one scale's graph at a time, as the float file
         for i, proto in enumerate(onnx_branches(model, opset, example_input, on_step)):
-            graph = [quantize_graph(proto, images_at(images, sizes, i, config), config)]
+            graph = [quantize_graph(proto, images_at(images, sizes, i), config, ranges)]
             del proto
             on_step(f"quantized scale {scale_key(sizes[i])}")
             yield graph.pop()
@@ -317,11 +319,17 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
     probes = probe_inputs(model, scale, example_input) if check else []
     traces = (len(context_of(model).scales) if scale is None else 1) * (1 if config is None else 2)
     verify = functools.partial(_verify_onnx, model, probes, config, openvino, scale is None)
-    with Steps(traces + 1 + (len(probes) if will_check(probes) else 0), "export onnx", progress) as steps:
+    with Steps(traces + 1 + (len(probes) if will_check(probes) else 0), "export onnx", progress) as steps, \
+            tempfile.TemporaryDirectory(prefix="sct-ranges-") as tmp:
         if config is not None:
-            build = (functools.partial(_int8_switchable, model, opset, example_input, images, config, steps.advance)
+            from .int8 import largest_ranges
+
+            ranges = (largest_ranges(model, opset, images, config, Path(tmp) / "ranges.json")
+                      if config.ranges == "largest" else None)
+            build = (functools.partial(_int8_switchable, model, opset, example_input, images, config, ranges,
+                                       steps.advance)
                      if scale is None else
-                     functools.partial(_int8_per_scale, model, scale, opset, example_input, images, config,
+                     functools.partial(_int8_per_scale, model, scale, opset, example_input, images, config, ranges,
                                        steps.advance))
         else:
             build = (functools.partial(_switchable_onnx, model, opset, example_input, steps.advance)

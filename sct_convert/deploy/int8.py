@@ -163,12 +163,19 @@ def _op_types(exclude: Sequence[str]) -> Optional[List[str]]:
     return sorted(set(QDQRegistry) - set(exclude))
 
 
-def quantize_graph(proto: Any, images: torch.Tensor, config: Int8) -> Any:
+def quantize_graph(proto: Any, images: Optional[torch.Tensor], config: Int8,
+                   ranges: Optional[Path] = None, keep_ranges: Optional[Path] = None) -> Any:
     """``proto`` (one scale's float graph, one input) as a QDQ int8 graph calibrated on ``images``.
 
     BN is folded into the convs first (onnxruntime's pre-processing), so each conv gets one
-    per-channel int8 weight; the returned graph holds its own weights.
+    per-channel int8 weight; the returned graph holds its own weights. ``ranges``: activation
+    ranges measured on another graph of the same architecture (onnxruntime's calibration cache,
+    by tensor name) instead of ``images``; ``keep_ranges``: where to save this graph's ranges.
     """
+    import contextlib
+    import io
+    import shutil
+
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -176,27 +183,47 @@ def quantize_graph(proto: Any, images: torch.Tensor, config: Int8) -> Any:
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[config.method]
     with tempfile.TemporaryDirectory(prefix="sct-int8-") as tmp:
-        source, folded, quantized = (str(Path(tmp) / n) for n in ("float.onnx", "folded.onnx", "int8.onnx"))
+        source, folded, quantized, cache = (str(Path(tmp) / n) for n in
+                                            ("float.onnx", "folded.onnx", "int8.onnx", "ranges.json"))
         onnx.save_model(proto, source)
         quant_pre_process(source, folded, skip_symbolic_shape=True)
-        quantize_static(
-            folded, quantized, _Reader(proto.graph.input[0].name, images),
-            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=config.reduce_range,
-            activation_type=QuantType.QInt8 if config.symmetric else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=method,
-            op_types_to_quantize=_op_types(config.exclude_types),
-            nodes_to_exclude=list(config.exclude_nodes) or None,
-            extra_options={"ActivationSymmetric": config.symmetric, "WeightSymmetric": True},
-        )
+        if ranges is not None:
+            shutil.copy(ranges, cache)
+        reader = None if ranges is not None else _Reader(proto.graph.input[0].name, images)
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            quantize_static(
+                folded, quantized, reader,
+                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=config.reduce_range,
+                activation_type=QuantType.QInt8 if config.symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, calibrate_method=method,
+                op_types_to_quantize=_op_types(config.exclude_types),
+                nodes_to_exclude=list(config.exclude_nodes) or None,
+                extra_options={"ActivationSymmetric": config.symmetric, "WeightSymmetric": True},
+                calibration_cache_path=cache,
+            )
+        if keep_ranges is not None:
+            shutil.copy(cache, keep_ranges)
         return onnx.load(quantized)
 
 
-def images_at(images: torch.Tensor, sizes: Sequence[HW], index: int, config: Int8) -> torch.Tensor:
-    """The calibration images for branch ``index``: at its size, or at the largest's
-    (``ranges="largest"``, resized again to the branch's size so that the graph accepts them)."""
-    if config.ranges == "largest":
-        largest = sizes[largest_index(sizes)]
-        return resize_to(resize_to(images, largest), sizes[index])
+def largest_ranges(model: torch.nn.Module, opset: int, images: torch.Tensor, config: Int8, path: Path) -> Path:
+    """``ranges="largest"``: the activation ranges of the largest scale's graph on the images at
+    that scale, saved at ``path`` for :func:`quantize_graph` to apply to every branch (the tensor
+    names of one architecture's graphs agree from scale to scale)."""
+    from ..core.model import context_of, extract
+    from .onnx_trace import unfolded_onnx
+    from .program import example_for
+
+    ctx = context_of(model)
+    largest = ctx.sizes[largest_index(ctx.sizes)]
+    x = example_for(model, ctx.scales[largest_index(ctx.sizes)], None)
+    quantize_graph(unfolded_onnx(extract(model, largest), x, opset), resize_to(images, largest), config,
+                   keep_ranges=path)
+    return path
+
+
+def images_at(images: torch.Tensor, sizes: Sequence[HW], index: int) -> torch.Tensor:
+    """The calibration images for branch ``index``: resized to its size as SCT's sampling does."""
     return resize_to(images, sizes[index])
 
 
