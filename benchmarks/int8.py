@@ -38,7 +38,7 @@ from _host import write_atomic  # noqa: E402
 from int8_train import PRESETS, checkpoint_name  # noqa: E402
 
 import sct_convert as sct  # noqa: E402
-from sct_convert.runtime import CascadeSession, open_session  # noqa: E402
+from sct_convert.runtime import CascadeSession  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -103,7 +103,7 @@ def accuracy(args) -> None:
                     x = fashion_mnist.resize(x_test, s)
                     with torch.no_grad():
                         plain = sct.extract(model, s)
-                        fp = top1(lambda a: plain(torch.from_numpy(a)).numpy(), x, y_test)
+                        fp = top1(lambda a, net=plain: net(torch.from_numpy(a)).numpy(), x, y_test)
                     own = sct.export_onnx(model, Path(tmp) / "own.onnx", scale=s, int8=sct.Int8(calib))
                     largest = sct.export_onnx(model, Path(tmp) / "largest.onnx", scale=s,
                                               int8=sct.Int8(calib, ranges="largest"))

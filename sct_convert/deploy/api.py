@@ -167,7 +167,6 @@ def _verify_onnx(model: nn.Module, probes: Sequence[Tuple[Scale, torch.Tensor]],
     from .int8 import accuracy_report, labelled_images, refuse_float_branches, report_json
     from .openvino_check import openvino_problem, openvino_version
     from .onnx_graph import will_check
-    import onnxruntime
 
     props: Dict[str, str] = {}
     refuse_float_branches(path, config is not None)
@@ -180,6 +179,8 @@ def _verify_onnx(model: nn.Module, probes: Sequence[Tuple[Scale, torch.Tensor]],
             props["sct_convert.int8_report"] = report_json(report)
     if not will_check(probes):
         return props
+    import onnxruntime  # will_check found it
+
     checked = [f"onnxruntime {onnxruntime.__version__}"]
     version = openvino_version() if openvino is not False else None
     if version is not None:

@@ -38,7 +38,7 @@ METHODS = ("minmax", "percentile", "entropy")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds tensors and loaders: compared by identity
 class Int8:
     """How to quantize an export to int8 (``sct.export_onnx(..., int8=sct.Int8(images))``).
 
