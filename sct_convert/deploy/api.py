@@ -286,22 +286,10 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
             raise ValueError("a cascade exports as its model's switchable file, which serves every stage: "
                              "export_onnx(cascade, path) without scale= or part=")
         cascade_meta, model = model.metadata(), model.model
-    if part not in PARTS:
-        raise ValueError(f"part={part!r}: choose one of {', '.join(map(repr, PARTS))}")
     config = as_int8(int8)
-    if openvino and openvino_version() is None:
-        raise ImportError(f"openvino=True needs OpenVINO: {install_command('openvino')} (or pip install openvino)")
+    _refuse_onnx_request(model, scale, part, exporter, config, openvino)
     if context_of(model).resizer:
-        if config is not None:
-            raise ValueError("int8 export covers classifiers, segmentation and video models; a torchvision "
-                             "detector's file is float (its post-processing is not quantizable): drop int8=")
         return _detector_onnx(model, path, scale, opset, check, progress, exporter, part)
-    if part != "model":
-        raise ValueError("part='core' splits a torchvision detector (backbone and heads apart from its transform "
-                         "and post-processing); this model exports whole (part='model')")
-    if exporter is not None:
-        raise ValueError("exporter= chooses the route of a torchvision detector's file; other models "
-                         "export through torch.export only")
     if scale is None:  # a per-scale file traces through export_program_object, which checks this
         refuse_upstream_limits(model, example_input)
     from .onnx_graph import will_check, write_onnx
@@ -322,21 +310,43 @@ def export_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale] = None,
     verify = functools.partial(_verify_onnx, model, probes, config, openvino, scale is None)
     with Steps(traces + 1 + (len(probes) if will_check(probes) else 0), "export onnx", progress) as steps, \
             tempfile.TemporaryDirectory(prefix="sct-ranges-") as tmp:
-        if config is not None:
-            from .int8 import largest_ranges
-
-            ranges = (largest_ranges(model, opset, images, config, Path(tmp) / "ranges.json")
-                      if config.ranges == "largest" else None)
-            build = (functools.partial(_int8_switchable, model, opset, example_input, images, config, ranges,
-                                       steps.advance)
-                     if scale is None else
-                     functools.partial(_int8_per_scale, model, scale, opset, example_input, images, config, ranges,
-                                       steps.advance))
-        else:
-            build = (functools.partial(_switchable_onnx, model, opset, example_input, steps.advance)
-                     if scale is None else
-                     functools.partial(_per_scale_onnx, model, scale, opset, example_input, steps.advance))
+        build = _onnx_builder(model, scale, opset, example_input, config, images, Path(tmp), steps.advance)
         return write_onnx(path, build, props, probes, steps.advance, verify)
+
+
+def _refuse_onnx_request(model: nn.Module, scale: Optional[Scale], part: str, exporter: Optional[str],
+                         config: Optional["Int8"], openvino: Optional[bool]) -> None:
+    """The argument combinations :func:`export_onnx` refuses, before anything is traced."""
+    if part not in PARTS:
+        raise ValueError(f"part={part!r}: choose one of {', '.join(map(repr, PARTS))}")
+    if openvino and openvino_version() is None:
+        raise ImportError(f"openvino=True needs OpenVINO: {install_command('openvino')} (or pip install openvino)")
+    if context_of(model).resizer:
+        if config is not None:
+            raise ValueError("int8 export covers classifiers, segmentation and video models; a torchvision "
+                             "detector's file is float (its post-processing is not quantizable): drop int8=")
+        return
+    if part != "model":
+        raise ValueError("part='core' splits a torchvision detector (backbone and heads apart from its transform "
+                         "and post-processing); this model exports whole (part='model')")
+    if exporter is not None:
+        raise ValueError("exporter= chooses the route of a torchvision detector's file; other models "
+                         "export through torch.export only")
+
+
+def _onnx_builder(model: nn.Module, scale: Optional[Scale], opset: int, example_input: Optional[torch.Tensor],
+                  config: Optional["Int8"], images: Optional[torch.Tensor], tmp: Path,
+                  advance: Callable[[str], None]) -> Callable[["ExternalTensors"], "onnx.ModelProto"]:
+    """The call that builds the file's graph: float or int8, switchable or one scale."""
+    if config is None:
+        return (functools.partial(_switchable_onnx, model, opset, example_input, advance) if scale is None else
+                functools.partial(_per_scale_onnx, model, scale, opset, example_input, advance))
+    from .int8 import largest_ranges
+
+    ranges = largest_ranges(model, opset, images, config, tmp / "ranges.json") if config.ranges == "largest" else None
+    if scale is None:
+        return functools.partial(_int8_switchable, model, opset, example_input, images, config, ranges, advance)
+    return functools.partial(_int8_per_scale, model, scale, opset, example_input, images, config, ranges, advance)
 
 
 def _detector_onnx(model: nn.Module, path: PathLike, scale: Optional[Scale], opset: int, check: bool,
