@@ -40,19 +40,54 @@ def test_openvino_still_computes_int64_abs_of_a_negative_value_wrongly(tmp_path)
     assert compiled({"x": x})[compiled.output(0)].tolist() == [-960, 0]
 
 
+def test_openvino_still_computes_int64_in_int32_so_a_squared_pixel_gap_overflows(tmp_path):
+    """The same graph with ``diff * diff`` (the routing's previous form) at 256 px against a scale
+    of 128 px: 49,152 squared is 2,415,919,104 in onnxruntime and wraps to -1,879,048,192 in
+    OpenVINO 2026.4's CPU plugin, which computes int64 as int32. ``Max(diff, -diff)``, the form
+    the routing uses, is right in both. The day the first assertion fails, OpenVINO fixed it."""
+    import onnxruntime as ort
+
+    from sct_convert.core.rule import absolute_nodes
+
+    helper = onnx.helper
+    ints = lambda name, v: onnx.numpy_helper.from_array(np.asarray(v, dtype=np.int64), name)  # noqa: E731
+    head = [helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "h_axis"], ["h"], axis=0),
+            helper.make_node("Gather", ["shape", "w_axis"], ["w"], axis=0),
+            helper.make_node("Mul", ["h", "w"], ["hw"]), helper.make_node("Sub", ["hw", "pixels"], ["diff"])]
+    x = np.zeros((1, 1, 256, 256), np.float32)
+    answers = {}
+    for form, tail in (("square", [helper.make_node("Mul", ["diff", "diff"], ["gap"])]),
+                       ("max", absolute_nodes("diff", "gap"))):
+        graph = helper.make_graph(head + tail, form, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, "h", "w"])],
+                                  [helper.make_tensor_value_info("gap", onnx.TensorProto.INT64, [2])],
+                                  [ints("pixels", [128 * 128, 256 * 256]), ints("h_axis", [2]), ints("w_axis", [3])])
+        path = tmp_path / f"{form}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+        compiled = openvino_cpu(path)
+        answers[form] = (ort.InferenceSession(str(path)).run(None, {"x": x})[0].tolist(),
+                         compiled({"x": x})[compiled.output(0)].tolist())
+    assert answers["square"] == ([2415919104, 0], [-1879048192, 0])
+    assert answers["max"] == ([49152, 0], [49152, 0])
+
+
 def test_the_switchable_file_gives_onnxruntimes_answer_in_openvino_at_every_size(tmp_path):
     from sct_convert.runtime import open_session
 
     torch.manual_seed(0)
     # sizes whose last feature map is wider than one pixel: OpenVINO refuses a pooling kernel
     # larger than its input, which a branch traced at a tiny size carries (as the plain model does)
-    model = sct.convert(timm.create_model("test_resnet", num_classes=10), [96, 64]).eval()
+    # 256 against 128: a pixel-count gap of 49,152, whose square overflows the int32 that the
+    # CPU plugin computes int64 in (the squared gap routed 256 px to 128's branch and back)
+    model = sct.convert(timm.create_model("test_resnet", num_classes=10), [256, 192, 128]).eval()
     with torch.no_grad():  # branches that differ, so a wrong branch is a wrong answer
         for _, layer in sct.scale_specific_layers(model):
-            layer.branches["64"].running_mean.add_(0.5)
+            layer.branches["192"].running_mean.add_(0.5)
+            layer.branches["128"].running_mean.sub_(0.5)
     path = sct.export_onnx(model, tmp_path / "m.onnx")
     session, compiled = open_session(path), openvino_cpu(path)
-    for side in (96, 88, 80, 72, 64):  # sizes nearer the largest scale are the ones Abs got wrong
+    # sizes nearer the largest scale are the ones Abs got wrong; 256 and 128 the ones d * d did
+    for side in (256, 240, 224, 192, 160, 128):
         x = torch.randn(2, 3, side, side).numpy()
         want = session.run(None, {"images": x})[0]
         got = compiled({"images": x})[compiled.output(0)]

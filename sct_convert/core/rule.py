@@ -199,6 +199,18 @@ def script_choose(h: int, w: int, sizes: List[List[int]], nearest: bool = True) 
     return index
 
 
+def absolute_nodes(value: str, out: str) -> list:
+    """ONNX nodes for ``out = |value|`` on int64 as ``Max(value, -value)``, the one form both
+    onnxruntime and OpenVINO 2026.4's CPU plugin compute right: that plugin runs int64 as int32
+    and leaves ``Abs`` of a negative value negative, and ``value * value`` overflows there for
+    pixel-count gaps over 46,340 (256 px against 128 px), either of which routes an input to the
+    wrong branch with no error."""
+    from onnx import helper
+
+    return [helper.make_node("Neg", [value], [out + "_neg"], name=out + "_neg"),
+            helper.make_node("Max", [value, out + "_neg"], [out], name=out)]
+
+
 def onnx_route_nodes(input_name: str, sizes: Sequence[HW], prefix: str) -> Tuple[list, list]:
     """ONNX nodes computing ``<prefix>index`` (0-d int64) from the input's last two dims: exact
     size first, else nearest by pixel count (``ArgMin`` keeps the first of equal gaps)."""
@@ -221,9 +233,7 @@ def onnx_route_nodes(input_name: str, sizes: Sequence[HW], prefix: str) -> Tuple
         node("Gather", [r + "shape", r + "w_axis"], [r + "w"], axis=0, name=r + "w"),
         node("Mul", [r + "h", r + "w"], [r + "hw"], name=r + "hw"),
         node("Sub", [r + "pixels", r + "hw"], [r + "diff"], name=r + "diff"),
-        # the squared difference, not Abs: OpenVINO 2026.4's CPU plugin leaves int64 Abs of a
-        # negative value negative, which routed every size nearer the largest scale wrongly
-        node("Mul", [r + "diff", r + "diff"], [r + "gap"], name=r + "gap"),
+        *absolute_nodes(r + "diff", r + "gap"),
         node("Equal", [r + "heights", r + "h"], [r + "same_h"], name=r + "same_h"),
         node("Equal", [r + "widths", r + "w"], [r + "same_w"], name=r + "same_w"),
         node("And", [r + "same_h", r + "same_w"], [r + "exact"], name=r + "exact"),
@@ -250,9 +260,7 @@ def onnx_core_route_nodes(size_input: str, sides: Sequence[int], prefix: str) ->
     node = helper.make_node
     nodes = [
         node("Sub", [r + "sides", size_input], [r + "diff"], name=r + "diff"),
-        # the squared difference, not Abs: OpenVINO 2026.4's CPU plugin leaves int64 Abs of a
-        # negative value negative, which routed every size nearer the largest scale wrongly
-        node("Mul", [r + "diff", r + "diff"], [r + "gap"], name=r + "gap"),
+        *absolute_nodes(r + "diff", r + "gap"),
         node("ArgMin", [r + "gap"], [r + "index"], axis=0, keepdims=0, name=r + "index"),
     ]
     return nodes, constants
