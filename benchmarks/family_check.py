@@ -191,7 +191,7 @@ def check_files(model, build, scales, lead, sizes, d, formats=FORMATS) -> dict:
         if fmt == "onnx per-scale" and detector:  # one image in, detections out
             row[fmt] = detector_file_row(model, path, scale)
             image = detection_batch()[0][0]
-            row[f"{fmt} OpenVINO"] = openvino_row(path, [("200x260", {"image": image.numpy()})])
+            row[f"{fmt} OpenVINO"] = openvino_row(path, [("200x260", {"images": image.numpy()})])
             continue
         if fmt == "pt2":
             call = torch.export.load(path).module()
